@@ -1,0 +1,686 @@
+"""Typed configuration: one dataclass per section, a YAML file, then `--section.key=value` overrides.
+
+    python graph_grpo.py configs/base.yaml
+    python graph_grpo.py configs/tiny.yaml --rl.lr=1e-4 --run.out_dir=runs/try1 --no-resume
+    python graph_grpo.py --help            # every field, its type, default and docstring
+
+Precedence: dataclass defaults < the YAML file (nested sections, any subset of keys) < overrides
+(values parsed as YAML, so 3, 0.1, 1e-4, true, [a, b] are typed; str fields take the text as is).
+The string literal under each field is its documentation; `--help` reads it from this source
+with `ast`, so it is written once. A field whose values are a closed set is typed
+`Literal[...]`, and any other value is refused with the list of valid ones.
+
+Errors are one line and name where the problem is, e.g.
+    configs/x.yaml:12: unknown key 'rl.lrr' (did you mean 'rl.lr'?)
+    override --rl.steps=abc: rl.steps: expected int, got str 'abc'
+
+To add a knob: a field with a type, a default and a docstring in its section. To add a section:
+a dataclass and a field of `Config`. Nothing else needs to know.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import functools
+import inspect
+import os
+import re
+import sys
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class RunConfig:
+    """Run identity, device and checkpointing."""
+
+    name: str = ""
+    """run name; empty: the config file's stem"""
+    out_dir: str = ""
+    """run directory (metrics, checkpoints, resolved config); empty: runs/<name>"""
+    seed: int = 0
+    """global seed; each DDP rank adds its rank"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: cuda when available, else cpu"""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """compute dtype; auto: bfloat16 on CUDA, float32 on CPU"""
+    resume: bool = True
+    """resume when the run directory holds a checkpoint (--resume / --no-resume)"""
+    log_every: int = 1
+    """write a metrics line every N steps"""
+    save_every: int = 50
+    """write a checkpoint every N steps (and at the end)"""
+    keep_last: int = 2
+    """number of step checkpoints kept in the run directory"""
+    num_threads: int = 0
+    """torch CPU threads per process; 0: cores // world size"""
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from (DESIGN section 2)."""
+
+    source: Literal["synthetic", "jsonl"] = "synthetic"
+    """synthetic: generate the splits into data.dir when missing; jsonl: read them from data.dir"""
+    dir: str = "data/synthetic"
+    """directory the synthetic generator writes to, or that holds the jsonl files"""
+    seed: int = 1234
+    """seed of the synthetic catalogue generator"""
+    n_sft: int = 1000
+    """CoT-annotated SFT examples generated"""
+    n_rl: int = 20000
+    """label-only RL pool examples generated"""
+    n_test_id: int = 1000
+    """in-distribution test examples generated"""
+    n_test_longtail: int = 1000
+    """long-tail test examples generated"""
+    sft_file: str = "sft.jsonl"
+    """SFT split, relative to data.dir"""
+    rl_file: str = "rl.jsonl"
+    """RL pool, relative to data.dir"""
+    test_files: list[str] = field(default_factory=lambda: ["test_id.jsonl", "test_longtail.jsonl"])
+    """test splits, relative to data.dir; each is evaluated and reported separately"""
+    label_names: list[str] = field(default_factory=lambda: ["irrelevant", "mismatch", "related", "excellent"])
+    """names of the relevance levels 0..3, lowest first"""
+    longtail_in_sft: float = 0.03
+    """share of long-tail surface forms in the synthetic SFT split"""
+    longtail_in_rl: float = 0.5
+    """share of long-tail surface forms in the synthetic RL pool"""
+
+
+@dataclass
+class GraphConfig:
+    """Reasoning-graph schema (DESIGN section 1)."""
+
+    facets: list[str] = field(default_factory=lambda: ["category", "brand", "color", "size"])
+    """product facets a query can mention; one F node per mentioned facet"""
+    nodes: list[str] = field(default_factory=lambda: ["q", "p", "f", "y"])
+    """node types (CoT span tags): query, product, facet match, label"""
+    edges: list[list[str]] = field(default_factory=lambda: [["q", "f"], ["p", "f"], ["f", "y"]])
+    """edge types [parent, child] between node types; one alpha per edge type (Eq. 1b)"""
+
+
+@dataclass
+class ModelConfig:
+    """Policy model; the size fields describe the embedded tiny model only."""
+
+    name_or_path: str = ""
+    """Hugging Face checkpoint directory or hub id; empty: the embedded tiny model below"""
+    hidden_size: int = 128
+    """tiny model: width of the residual stream"""
+    num_layers: int = 2
+    """tiny model: transformer blocks"""
+    num_heads: int = 4
+    """tiny model: attention heads"""
+    num_kv_heads: int = 2
+    """tiny model: key/value heads (grouped-query attention)"""
+    intermediate_size: int = 512
+    """tiny model: width of the MLP"""
+    max_positions: int = 512
+    """tiny model: longest prompt + completion in tokens"""
+    tie_embeddings: bool = False
+    """tiny model: share the input embedding and output layer weights"""
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning on prompt + gold CoT (DESIGN section 9)."""
+
+    steps: int = 600
+    """optimizer steps"""
+    batch_size: int = 32
+    """examples per step (global, over all ranks)"""
+    lr: float = 1e-3
+    """peak AdamW learning rate"""
+    warmup: int = 50
+    """linear warm-up steps, then cosine decay to 0"""
+    weight_decay: float = 0.01
+    """AdamW weight decay"""
+    grad_clip: float = 1.0
+    """clip the global gradient norm to this; 0: no clipping"""
+    log_every: int = 20
+    """write an SFT metrics line every N steps"""
+
+
+@dataclass
+class MaskConfig:
+    """CoT random masking during SFT (DESIGN section 9)."""
+
+    enabled: bool = True
+    """corrupt the CoT input side with mask tokens; the targets stay the originals"""
+    p_node: float = 0.15
+    """probability that a whole node span is masked (the label span never is)"""
+    p_tok: float = 0.05
+    """probability that a single CoT token is masked"""
+
+
+@dataclass
+class RLConfig:
+    """GRPO / Graph-GRPO training (DESIGN sections 6-7)."""
+
+    steps: int = 150
+    """policy-update steps (one batch of rollouts each)"""
+    prompts_per_step: int = 16
+    """distinct (query, product) prompts per step, global over all ranks"""
+    num_generations: int = 8
+    """rollouts per prompt: the group size G"""
+    temperature: float = 1.0
+    """sampling temperature; log-probs are taken at the same temperature"""
+    max_new_tokens: int = 64
+    """longest completion sampled"""
+    lr: float = 2e-4
+    """AdamW learning rate"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    grad_clip: float = 1.0
+    """clip the global gradient norm to this; 0: no clipping"""
+    warmup: int = 0
+    """linear warm-up steps of the learning rate"""
+    beta: float = 0.0
+    """coefficient of the k3 KL to the frozen SFT reference (section 6); 0: no reference model"""
+    eps_low: float = 0.2
+    """lower clip range: the ratio is clipped below at 1 - eps_low"""
+    eps_high: float = 0.2
+    """upper clip range: the ratio is clipped above at 1 + eps_high"""
+    aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
+    """loss reduction: global token mean | GRPO per-sequence mean | Dr. GRPO sum / max length"""
+    num_iterations: int = 1
+    """policy updates per batch of rollouts (pi_old is stored at sampling time)"""
+    micro_batch_size: int = 32
+    """rollouts per forward/backward pass (memory only: the loss does not depend on it)"""
+    drop_zero_std: bool = False
+    """drop groups whose rewards are all equal (they are always counted)"""
+    init_from: str = ""
+    """SFT checkpoint RL starts from; empty: <run.out_dir>/sft/checkpoint, made by the SFT stage if missing"""
+    max_bad_steps: int = 5
+    """stop after this many consecutive steps with a non-finite loss or gradient"""
+    eval_every: int = 0
+    """evaluate on the test splits every N steps; 0: only at the end"""
+    n_samples_logged: int = 4
+    """sample completions, with their node advantages, logged per logged step"""
+
+
+@dataclass
+class RewardConfig:
+    """Outcome reward and local node scores (DESIGN section 3)."""
+
+    kind: Literal["exact", "graded"] = "exact"
+    """exact: 1 if the label is right, else 0; graded: 1 - |y_hat - y| / 3"""
+    format_penalty: float = 0.0
+    """reward of a rollout whose label does not parse"""
+    require_consistent: bool = True
+    """a label counts only when it follows from the rollout's own facet verdicts under the rule"""
+    local_scores: Literal["verifier", "gold", "none"] = "verifier"
+    """source of the node scores s_{i,v}: heuristic verifiers, gold node labels, or none"""
+
+
+@dataclass
+class CreditConfig:
+    """Credit assignment: node advantages (DESIGN sections 4 and 8)."""
+
+    mode: Literal["outcome", "process", "stepwise", "rule_shaped", "graph"] = "outcome"
+    """outcome: GRPO; process: step rewards; stepwise: TaoSR-SHE; rule_shaped: TaoSR-AGRL; graph: Graph-GRPO"""
+    scale: Literal["group", "batch", "node", "none"] = "group"
+    """advantage scale (Eq. 2): group: std_j R_j + eps per group; batch: batch std (outcome only); node: per-node std (graph only); none: 1"""
+    evidence: Literal["baseline", "group", "verifier", "both"] = "group"
+    """own evidence a_{i,v}: baseline R - V; group Eq. 1a; verifier s - mean s; both: group + verifier"""
+    gate: Literal["rule", "none"] = "rule"
+    """instance gate g in Eq. 1b: rule: counterfactual under the business rule; none: g = 1"""
+    alpha_init: float = 1.0
+    """initial alpha of every edge type (Eq. 1b); 1 behaves like the `baseline` form"""
+    alpha_min: float = 0.0
+    """alpha is clipped to [alpha_min, alpha_max]"""
+    alpha_max: float = 2.0
+    """alpha is kept in [alpha_min, alpha_max] (credit.EdgeController: projected, not a sigmoid)"""
+    eps: float = 1e-4
+    """added to the std in Eq. 2 (TRL's value)"""
+    verifier_weights: list[float] = field(default_factory=lambda: [0.5, 0.5])
+    """trust weights beta of the grounding and comparator verifier scores (evidence verifier | both)"""
+    verifier_weight_max: float = 2.0
+    """the learned trust weights are kept in [0, verifier_weight_max]"""
+
+
+@dataclass
+class ControllerConfig:
+    """Main-loss-driven alpha controller (DESIGN section 5, Eq. 3)."""
+
+    mode: Literal["fixed", "meta"] = "fixed"
+    """fixed: alpha stays at credit.alpha_init; meta: one-step look-ahead on the main loss (Eq. 3)"""
+    main_batch: Literal["previous", "same"] = "previous"
+    """batch the main loss L_main is taken on: the previous step's rollouts, or this step's"""
+    step_size: float = 0.05
+    """normalised step on phi each time the gate opens"""
+    accumulate: int = 8
+    """steps K of phi gradient accumulated before the signal-to-noise gate is tested"""
+    snr_z: float = 2.0
+    """the gate opens when |mean| exceeds snr_z standard errors of the accumulated gradient"""
+    learn_weights: bool = False
+    """also move the verifier trust weights by Eq. 3 (evidence verifier | both)"""
+
+
+@dataclass
+class EvalConfig:
+    """Generation-based evaluation (DESIGN section 11)."""
+
+    batch_size: int = 128
+    """prompts per generation batch"""
+    max_new_tokens: int = 64
+    """longest completion generated (greedy)"""
+    max_items: int = 0
+    """evaluate the first N items of each test file; 0: all"""
+
+
+@dataclass
+class DistillConfig:
+    """Graph-node multi-head distillation into an encoder (DESIGN section 10)."""
+
+    teacher: str = ""
+    """checkpoint of the teacher (the RL policy)"""
+    steps: int = 1000
+    """optimizer steps"""
+    batch_size: int = 64
+    """examples per step"""
+    lr: float = 5e-4
+    """AdamW learning rate"""
+    tau: float = 2.0
+    """distillation temperature; each head's KL is scaled by tau^2"""
+    heads: Literal["all", "label_only"] = "all"
+    """all: one head per graph node type; label_only: the label head only"""
+    label_ce_weight: float = 1.0
+    """weight of the label head's cross-entropy on the gold label"""
+    hidden_size: int = 128
+    """student encoder width"""
+    num_layers: int = 2
+    """student encoder blocks"""
+
+
+@dataclass
+class Config:
+    """Every setting of a run; each field is a section of the YAML file."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    """run identity, device, checkpointing"""
+    data: DataConfig = field(default_factory=DataConfig)
+    """data source and synthetic splits (DESIGN 2)"""
+    graph: GraphConfig = field(default_factory=GraphConfig)
+    """reasoning-graph schema (DESIGN 1)"""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """policy model"""
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    """supervised fine-tuning (DESIGN 9)"""
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    """CoT random masking during SFT (DESIGN 9)"""
+    rl: RLConfig = field(default_factory=RLConfig)
+    """GRPO / Graph-GRPO training (DESIGN 6-7)"""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """outcome reward and node scores (DESIGN 3)"""
+    credit: CreditConfig = field(default_factory=CreditConfig)
+    """node advantages (DESIGN 4, 8)"""
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    """alpha controller (DESIGN 5)"""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """evaluation (DESIGN 11)"""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """multi-head distillation (DESIGN 10)"""
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema: sections, keys and their types, read from the dataclasses above
+# ---------------------------------------------------------------------------------------------
+
+class ConfigError(ValueError):
+    """A bad config file, key, value or override. The message is one line that names where."""
+
+    def __init__(self, message: str):
+        super().__init__(str(message).replace("\r", " ").replace("\n", " "))
+
+
+def _schema() -> dict[str, tuple[type, dict[str, Any]]]:
+    """{section: (dataclass, {key: annotation})}, in declaration order."""
+    section_types = typing.get_type_hints(Config)
+    schema = {}
+    for sec in dataclasses.fields(Config):
+        cls = section_types[sec.name]
+        hints = typing.get_type_hints(cls)
+        schema[sec.name] = (cls, {f.name: hints[f.name] for f in dataclasses.fields(cls)})
+    return schema
+
+
+@functools.lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """{field name: docstring} of a dataclass: the string literal right under each field."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for stmt, nxt in zip(body, body[1:]):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[stmt.target.id] = inspect.cleandoc(nxt.value.value)
+    return docs
+
+
+def _did_you_mean(name: str, candidates: list[str]) -> str:
+    """' (did you mean ...?)': the same key in other sections, else the closest name by difflib."""
+    leaf = name.rpartition(".")[2]
+    matches = [c for c in candidates if c.rpartition(".")[2] == leaf and c != name]
+    matches = matches or difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    return f" (did you mean {' or '.join(map(repr, matches))}?)" if matches else ""
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(tp)))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
+    if tp is type(None):
+        return "None"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _show(value: Any) -> str:
+    """'str 'abc'': the type and a short repr of a value, for error messages."""
+    text = repr(value)
+    text = text if len(text) <= 80 else text[:77] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def check_value(value: Any, tp: Any, key: str) -> Any:
+    """`value` checked against the annotation `tp`; returns it (an int becomes a float for a float
+    field). Raises ConfigError('key: expected ..., got ...'). bool is not an int here."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if any(type(value) is type(c) and value == c for c in choices):
+            return value
+        hint = _did_you_mean(value, [c for c in choices if isinstance(c, str)]) if isinstance(value, str) else ""
+        raise ConfigError(f"{key}: invalid choice {value!r} (choose from {', '.join(map(repr, choices))}){hint}")
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return check_value(value, arg, key)
+            except ConfigError:
+                pass
+    elif origin is list or tp is list:
+        if isinstance(value, list):
+            (elem,) = typing.get_args(tp) or (Any,)
+            return [check_value(v, elem, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif origin is dict or tp is dict:
+        if isinstance(value, dict):
+            k_tp, v_tp = typing.get_args(tp) or (Any, Any)
+            return {check_value(k, k_tp, f"{key} key"): check_value(v, v_tp, f"{key}[{k!r}]")
+                    for k, v in value.items()}
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is type(None):
+        if value is None:
+            return value
+    elif isinstance(value, tp):
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_show(value)}")
+
+
+def _is_text(tp: Any) -> bool:
+    """A field whose override value is taken as typed, not parsed as YAML."""
+    if typing.get_origin(tp) is Literal:
+        return all(isinstance(c, str) for c in typing.get_args(tp))
+    return tp is str
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML with line numbers
+# ---------------------------------------------------------------------------------------------
+
+# YAML 1.1 reads 1e-4 as a string (its floats need a dot); a config reads it as the float it means.
+_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+for _cls in (_Loader, _Dumper):  # the dumper must quote what the loader would read as a float
+    _cls.yaml_implicit_resolvers = {k: list(v) for k, v in _cls.yaml_implicit_resolvers.items()}
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+# sections and keys one per line, list values on one line: [q, f]
+_Dumper.add_representer(list, lambda dumper, value: dumper.represent_sequence(
+    "tag:yaml.org,2002:seq", value, flow_style=True))
+
+
+def _yaml_problem(err: yaml.YAMLError, path: str) -> str:
+    """'file:line: invalid YAML: problem (context at line N)' from a PyYAML error."""
+    problem, mark = getattr(err, "problem", None), getattr(err, "problem_mark", None)
+    context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+    where = f"{path}:{mark.line + 1}" if mark is not None else path
+    text = f"{where}: invalid YAML: {problem or err}"
+    if context:
+        text += f" ({context}" + (f" at line {context_mark.line + 1})" if context_mark else ")")
+    return text
+
+
+def _read_sections(path: str) -> list[tuple[str, int, list[tuple[str, int, Any]]]]:
+    """[(section, line, [(key, line, value), ...]), ...] from a YAML file, with 1-based lines."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
+    loader = _Loader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:  # empty file, or only comments
+            return []
+        if not isinstance(root, yaml.MappingNode):
+            raise ConfigError(f"{path}:{root.start_mark.line + 1}: expected sections (run:, rl:, ...) at the "
+                              f"top level, got {_show(loader.construct_object(root, deep=True))}")
+        loader.flatten_mapping(root)  # resolve `<<: *anchor` merges
+        sections, seen = [], {}
+        for key_node, value_node in root.value:
+            name, line = str(loader.construct_object(key_node)), key_node.start_mark.line + 1
+            if name in seen:
+                raise ConfigError(f"{path}:{line}: duplicate section {name!r} (first at line {seen[name]})")
+            seen[name] = line
+            value = loader.construct_object(value_node, deep=True)
+            if value is None:  # a section whose keys are all commented out
+                sections.append((name, line, []))
+                continue
+            if not isinstance(value_node, yaml.MappingNode):
+                raise ConfigError(f"{path}:{line}: section {name!r} must hold key: value lines, got {_show(value)}")
+            loader.flatten_mapping(value_node)
+            keys, seen_keys = [], {}
+            for k_node, v_node in value_node.value:
+                key, k_line = str(loader.construct_object(k_node)), k_node.start_mark.line + 1
+                if key in seen_keys:
+                    raise ConfigError(f"{path}:{k_line}: duplicate key '{name}.{key}' (first at line {seen_keys[key]})")
+                seen_keys[key] = k_line
+                keys.append((key, k_line, loader.construct_object(v_node, deep=True)))
+            sections.append((name, line, keys))
+        return sections
+    except yaml.YAMLError as err:
+        raise ConfigError(_yaml_problem(err, path)) from None
+    finally:
+        loader.dispose()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides, saving
+# ---------------------------------------------------------------------------------------------
+
+def _check_key(schema, section: str, key: str) -> Any:
+    """The annotation of section.key; ConfigError (no location) when there is no such key."""
+    all_keys = [f"{s}.{k}" for s, (_, keys) in schema.items() for k in keys]
+    if section not in schema:
+        raise ConfigError(f"unknown section {section!r}{_did_you_mean(section, list(schema))}")
+    if key not in schema[section][1]:
+        raise ConfigError(f"unknown key '{section}.{key}'{_did_you_mean(f'{section}.{key}', all_keys)}")
+    return schema[section][1][key]
+
+
+def parse_override(item: str, schema=None) -> tuple[str, str, Any]:
+    """'--section.key=value' -> (section, key, value); the value parsed as YAML unless the field is
+    text (str or a Literal of strings), whose value is the text as typed."""
+    schema = schema or _schema()
+    usage = f"malformed override {item!r}: expected --section.key=value"
+    if not item.startswith("--"):
+        raise ConfigError(usage)
+    name, eq, text = item[2:].partition("=")
+    if not eq:
+        raise ConfigError(f"{usage} (missing '=')")
+    section, dot, key = name.partition(".")
+    if not dot or not section or not key or "." in key:
+        all_keys = [f"{s}.{k}" for s, (_, keys) in schema.items() for k in keys]
+        raise ConfigError(usage + _did_you_mean(name, all_keys))
+    where = f"override {item}"
+    try:
+        tp = _check_key(schema, section, key)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    if _is_text(tp):
+        return section, key, text
+    try:
+        return section, key, yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: cannot parse {text!r} as a YAML value") from None
+
+
+def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Config from the dataclass defaults, the YAML file at `path`, then `--section.key=value`
+    overrides (later ones win), with the derived defaults filled in (`resolve`)."""
+    schema = _schema()
+    values = config_to_dict(Config())
+
+    def assign(section: str, key: str, value: Any, where: str) -> None:
+        try:
+            values[section][key] = check_value(value, _check_key(schema, section, key), f"{section}.{key}")
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+
+    for section, line, keys in _read_sections(path):
+        if section not in schema:
+            all_keys = [f"{s}.{k}" for s, (_, ks) in schema.items() for k in ks]
+            raise ConfigError(f"{path}:{line}: unknown section {section!r}"
+                              f"{_did_you_mean(section, list(schema) + all_keys)}")
+        for key, k_line, value in keys:
+            assign(section, key, value, f"{path}:{k_line}")
+    for item in overrides:
+        section, key, value = parse_override(item, schema)
+        assign(section, key, value, f"override {item}")
+    cfg = Config(**{s: cls(**values[s]) for s, (cls, _) in schema.items()})
+    return resolve(cfg, path)
+
+
+def resolve(cfg: Config, config_path: str | None) -> Config:
+    """A copy of `cfg` with the derived defaults: run.name = the config file's stem, and
+    run.out_dir = runs/<name>, where they are empty."""
+    name = cfg.run.name or (Path(config_path).stem if config_path else "")
+    if not name:
+        raise ConfigError("run.name is empty and there is no config file to name the run after")
+    out_dir = cfg.run.out_dir or os.path.join("runs", name)
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=name, out_dir=out_dir))
+
+
+def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    """{section: {key: value}}, plain Python values (a deep copy)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str) -> None:
+    """Write `cfg` as YAML such that load_config(path) == cfg; atomic (temp file + rename)."""
+    text = yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=False,
+                     allow_unicode=True, width=100)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("# resolved config (config.save_config); load_config(this file) gives the same run\n"
+                   + text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+def _yaml_inline(value: Any) -> str:
+    text = yaml.dump(value, Dumper=_Dumper, default_flow_style=True, width=10**9).strip()
+    return text.removesuffix("...").strip()
+
+
+def _prog() -> str:
+    return os.path.basename(sys.argv[0]) or "script.py"
+
+
+def format_help(prog: str = "") -> str:
+    """Usage and every field: --section.key=default, its type, and its docstring."""
+    prog = prog or _prog()
+    lines = [f"usage: {prog} CONFIG.yaml [--section.key=value ...] [--resume | --no-resume]",
+             "",
+             "Settings: dataclass defaults < CONFIG.yaml < overrides (values read as YAML).",
+             "--resume / --no-resume are --run.resume=true / false.", ""]
+    section_docs = field_docs(Config)
+    defaults = config_to_dict(Config())
+    for section, (cls, keys) in _schema().items():
+        lines.append(f"{section}: {section_docs.get(section, '')}".rstrip())
+        docs = field_docs(cls)
+        for key, tp in keys.items():
+            lines.append(f"  --{section}.{key}={_yaml_inline(defaults[section][key])}  ({_type_name(tp)})")
+            lines.extend("      " + doc_line for doc_line in docs.get(key, "").splitlines())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None, prog: str = "") -> tuple[Config, str]:
+    """(Config, config path) from `CONFIG.yaml [--section.key=value ...] [--resume|--no-resume]`.
+    --help / -h prints every field and exits 0; a bad argument prints one line and exits 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--help" in argv or "-h" in argv:
+        print(format_help(prog))
+        raise SystemExit(0)
+    paths, overrides = [], []
+    for arg in argv:
+        if arg == "--resume":
+            overrides.append("--run.resume=true")
+        elif arg == "--no-resume":
+            overrides.append("--run.resume=false")
+        elif arg.startswith("-") or "=" in arg:
+            overrides.append(arg)
+        else:
+            paths.append(arg)
+    try:
+        if len(paths) != 1:
+            raise ConfigError(f"expected one config file, got {len(paths)}: {' '.join(paths) or '(none)'}"
+                              f" (usage: {prog or _prog()} CONFIG.yaml [--section.key=value ...])")
+        return load_config(paths[0], overrides), paths[0]
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":  # python config.py CONFIG.yaml [overrides]: print the resolved config
+    _cfg, _ = parse_args()
+    print(yaml.dump(config_to_dict(_cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=False), end="")

@@ -1,0 +1,283 @@
+"""Evaluation (DESIGN section 11): label metrics, then generation-based evaluation of runs.
+
+The metric functions at the top are pure (numpy and plain Python); the generation-based evaluation below
+them runs a policy greedily on the test splits, parses its CoTs and scores them.
+
+    python eval.py runs/base/sft              # a run directory (config.yaml + checkpoint/) or a checkpoint
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+import data
+import policy
+from config import load_config
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------
+# Conventions, the same everywhere below:
+# - labels are ints 0..K-1; a prediction of None or -1 is unparseable ("invalid");
+# - the confusion matrix is (K, K + 1): rows gold, columns predicted, the last column invalid;
+# - an invalid prediction is wrong: it counts against accuracy and, as a false negative of its
+#   gold class, against that class's recall and hence macro-F1. It is a false positive of no
+#   class, so no precision changes. This equals sklearn's
+#   f1_score(gold, pred_with_invalid_as_K, labels=range(K), average="macro", zero_division=0).
+# - a ratio whose denominator is 0 is 0 (sklearn's zero_division=0).
+
+INVALID = -1
+
+
+def _is_invalid(p: Any) -> bool:
+    return p is None or p == INVALID
+
+
+def confusion_matrix(gold: Sequence[int], pred: Sequence[int | None], num_classes: int) -> np.ndarray:
+    """(K, K + 1) int64 counts: cm[g, p] = #items with gold g predicted p; cm[g, K] = #items with
+    gold g whose prediction is invalid (None or -1)."""
+    if len(gold) != len(pred):
+        raise ValueError(f"gold has {len(gold)} items, pred has {len(pred)}")
+    cm = np.zeros((num_classes, num_classes + 1), dtype=np.int64)
+    for i, (g, p) in enumerate(zip(gold, pred)):
+        if g is None or not 0 <= g < num_classes:
+            raise ValueError(f"gold[{i}] = {g!r}: expected a label in 0..{num_classes - 1}")
+        if _is_invalid(p):
+            cm[g, num_classes] += 1
+        elif 0 <= p < num_classes:
+            cm[g, p] += 1
+        else:
+            raise ValueError(f"pred[{i}] = {p!r}: expected a label in 0..{num_classes - 1}, None or -1")
+    return cm
+
+
+def accuracy(gold: Sequence[int], pred: Sequence[int | None]) -> float:
+    """Share of items whose prediction equals the gold label (invalid predictions are wrong);
+    nan for no items."""
+    if len(gold) != len(pred):
+        raise ValueError(f"gold has {len(gold)} items, pred has {len(pred)}")
+    if len(gold) == 0:
+        return math.nan
+    return sum(not _is_invalid(p) and p == g for g, p in zip(gold, pred)) / len(gold)
+
+
+def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    return np.divide(num, den, out=np.zeros(len(num), dtype=np.float64), where=den > 0)
+
+
+def per_class_prf(cm: np.ndarray) -> dict[str, np.ndarray]:
+    """Per class k of a (K, K + 1) confusion matrix: precision = tp / predicted k, recall =
+    tp / gold k (invalid predictions included), f1 = 2 tp / (2 tp + fp + fn), support = gold k.
+    Each (K,); 0 where the denominator is 0."""
+    num_classes = cm.shape[0]
+    tp = np.diag(cm[:, :num_classes]).astype(np.float64)  # (K,)
+    predicted = cm[:, :num_classes].sum(axis=0)  # (K,) invalid predictions belong to no class
+    support = cm.sum(axis=1)  # (K,) includes the invalid column
+    fp, fn = predicted - tp, support - tp
+    return {
+        "precision": _safe_div(tp, predicted),
+        "recall": _safe_div(tp, support),
+        "f1": _safe_div(2 * tp, 2 * tp + fp + fn),
+        "support": support,
+    }
+
+
+def macro_f1(cm: np.ndarray) -> float:
+    """Unweighted mean of the per-class F1 over all K classes; a class absent from both gold and
+    predictions counts 0. Invalid predictions are wrong (they lower their gold class's recall)."""
+    return float(per_class_prf(cm)["f1"].mean())
+
+
+def summarize_predictions(gold: Sequence[int], pred: Sequence[int | None], num_classes: int,
+                          label_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """All label metrics of one test set as plain Python (JSON-ready):
+    n, accuracy, macro_f1, invalid_rate, per_class {name: {precision, recall, f1, support}},
+    confusion_matrix (rows gold, columns predicted + invalid) and confusion_columns."""
+    names = list(label_names) if label_names is not None else [str(k) for k in range(num_classes)]
+    if len(names) != num_classes:
+        raise ValueError(f"{len(names)} label names for {num_classes} classes: {names}")
+    cm = confusion_matrix(gold, pred, num_classes)
+    prf = per_class_prf(cm)
+    n = int(cm.sum())
+    return {
+        "n": n,
+        "accuracy": accuracy(gold, pred),
+        "macro_f1": macro_f1(cm),
+        "invalid_rate": int(cm[:, num_classes].sum()) / n if n else math.nan,
+        "per_class": {name: {"precision": float(prf["precision"][k]), "recall": float(prf["recall"][k]),
+                             "f1": float(prf["f1"][k]), "support": int(prf["support"][k])}
+                      for k, name in enumerate(names)},
+        "confusion_matrix": cm.tolist(),
+        "confusion_columns": names + ["invalid"],
+    }
+
+
+def _cell(value: Any, digits: int) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    if isinstance(value, np.floating):
+        return f"{float(value):.{digits}f}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], digits: int = 3) -> str:
+    """Markdown table of `rows` (dicts) over `columns` (keys, used as headers): floats with
+    `digits` decimals, missing or None values as '-'; numeric columns right-aligned."""
+    cells = [[_cell(row.get(c), digits) for c in columns] for row in rows]
+    numeric = [all(isinstance(row.get(c), (int, float, np.number)) and not isinstance(row.get(c), bool)
+                   for row in rows if row.get(c) is not None) and any(row.get(c) is not None for row in rows)
+               for c in columns]
+    widths = [max([len(str(c)), 3] + [len(r[j]) for r in cells]) for j, c in enumerate(columns)]
+
+    def line(values: Sequence[str]) -> str:
+        return "| " + " | ".join(v.rjust(w) if num else v.ljust(w)
+                                 for v, w, num in zip(values, widths, numeric)) + " |"
+
+    rule = "| " + " | ".join("-" * (w - 1) + ":" if num else "-" * w for w, num in zip(widths, numeric)) + " |"
+    return "\n".join([line([str(c) for c in columns]), rule] + [line(r) for r in cells])
+
+
+def format_confusion_matrix(cm: np.ndarray, label_names: Sequence[str]) -> str:
+    """Markdown table of a (K, K + 1) confusion matrix: one row per gold label, one column per
+    predicted label plus 'invalid'."""
+    columns = ["gold \\ pred"] + list(label_names) + ["invalid"]
+    rows = [dict(zip(columns, [name] + [int(x) for x in cm[k]])) for k, name in enumerate(label_names)]
+    return format_table(rows, columns)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Generation-based evaluation (DESIGN §11): greedy CoT, parse, score
+
+LONGTAIL_VERDICT_KEY = "longtail_verdicts"
+
+
+def score_completions(examples, completions, vocab, schema) -> dict:
+    """Metrics of parsed completions against gold: label metrics (an invalid completion is a wrong
+    prediction), format-valid and rule-consistency rates, per-node accuracy where gold nodes exist, and on
+    long-tail examples the facet accuracy and the share of each verdict on the long-tail facet."""
+    n = len(examples)
+    parsed = [data.parse_completion(c, vocab, schema) for c in completions]
+    gold = [ex.label for ex in examples]
+    pred = [p.label if p.valid else None for p in parsed]
+    out = summarize_predictions(gold, pred, len(schema.label_names), list(schema.label_names))
+    out["n"] = n
+    out["format_valid"] = sum(p.valid for p in parsed) / max(1, n)
+    out["rule_consistency"] = sum(p.consistent for p in parsed) / max(1, n)
+    node_hits: dict[str, list[int]] = {}
+    lt_hits, lt_shares = [], {v: 0 for v in data.VERDICTS + ("missing",)}
+    by_kind: dict[str, list[int]] = {}
+    for ex, p, y in zip(examples, parsed, pred):
+        if ex.cot is not None:
+            for name in ("q", "p"):
+                gold_c, _ = data.parse_node_content(name, ex.cot[name].split(), schema)
+                got = p.nodes.get(name)
+                node_hits.setdefault(name, []).append(int(got is not None and not got.broken and got.content == gold_c))
+        for facet, verdict in (ex.nodes or {}).items():
+            node_hits.setdefault("f:" + facet, []).append(int(p.verdicts.get(facet) == verdict))
+        node_hits.setdefault("y", []).append(int(y == ex.label))
+        kind = ex.meta.get("longtail")
+        if kind:
+            facet = ex.meta["longtail_facet"]
+            got = p.verdicts.get(facet, "missing")
+            lt_hits.append(int(got == ex.nodes[facet]))
+            lt_shares[got] += 1
+            by_kind.setdefault(kind, []).append(int(y == ex.label))
+    out["node_accuracy"] = {k: sum(v) / len(v) for k, v in node_hits.items()}
+    if lt_hits:
+        out["longtail_facet_accuracy"] = sum(lt_hits) / len(lt_hits)
+        out[LONGTAIL_VERDICT_KEY] = {k: v / len(lt_hits) for k, v in lt_shares.items()}
+        out["accuracy_by_longtail_kind"] = {k: sum(v) / len(v) for k, v in sorted(by_kind.items())}
+    return out
+
+
+def generate_greedy(model, tokenizer, examples, batch_size: int, max_new_tokens: int, strict: bool):
+    """Greedy CoT for each example, batched, with a KV cache (policy.sample)."""
+    prompts = [policy.encode(tokenizer, data.format_prompt(ex.query, ex.product), strict) for ex in examples]
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        out += policy.sample(model, prompts[i:i + batch_size], 1, max_new_tokens, 1.0, tokenizer.eos_token_id,
+                             tokenizer.pad_token_id, seed=0, greedy=True)
+    return out
+
+
+def evaluate_policy(model, tokenizer, schema, splits: dict, eval_cfg, strict: bool) -> dict:
+    """{split name: metrics} for every given split (DESIGN §11)."""
+    vocab = data.TagVocab.from_tokenizer(tokenizer, schema)
+    results = {}
+    for name, examples in splits.items():
+        if eval_cfg.max_items:
+            examples = examples[:eval_cfg.max_items]
+        completions = generate_greedy(model, tokenizer, examples, eval_cfg.batch_size, eval_cfg.max_new_tokens, strict)
+        results[name] = score_completions(examples, completions, vocab, schema)
+    return results
+
+
+def results_table(results: dict, label_names) -> str:
+    """Markdown: one row per split with the headline numbers, then per-class P/R/F1 and node accuracy."""
+    rows = []
+    for split, m in results.items():
+        row = {"split": split, "n": m["n"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
+               "format_valid": m["format_valid"], "rule_consistency": m["rule_consistency"]}
+        row.update({f"node/{k}": v for k, v in m["node_accuracy"].items()})
+        if "longtail_facet_accuracy" in m:
+            row["longtail_facet_acc"] = m["longtail_facet_accuracy"]
+        rows.append(row)
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    return format_table(rows, cols)
+
+
+def evaluate_run(cfg, checkpoint: str, out_dir: str, print_table: bool = True) -> dict:
+    """Load the policy from `checkpoint`, evaluate every test split of cfg, write out_dir/eval.json."""
+    device = policy.resolve_device(cfg.run.device)
+    schema, splits = data.load_splits(cfg)
+    model, tokenizer = policy.load_policy(checkpoint, data.vocabulary(schema), dtype=cfg.run.dtype, device=device)
+    tests = {s: splits[s] for s in data.test_split_names(splits)}
+    results = evaluate_policy(model, tokenizer, schema, tests, cfg.eval, strict=cfg.data.source == "synthetic")
+    with open(os.path.join(out_dir, "eval.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    if print_table:
+        print(results_table(results, schema.label_names))
+        for split, m in results.items():
+            print(f"\n{split}: confusion matrix (rows gold, columns predicted, last column invalid)")
+            print(format_confusion_matrix(np.array(m["confusion_matrix"]), schema.label_names))
+    return results
+
+
+def find_run(path: str) -> tuple[str, str]:
+    """A run directory (config.yaml + checkpoint/) or a checkpoint inside one -> (config path, checkpoint)."""
+    path = path.rstrip("/")
+    if os.path.isfile(os.path.join(path, "config.yaml")) and os.path.isdir(os.path.join(path, "checkpoint")):
+        return os.path.join(path, "config.yaml"), os.path.join(path, "checkpoint")
+    parent = os.path.dirname(path)
+    for up in (parent, os.path.dirname(parent)):
+        if os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(up, "config.yaml")):
+            return os.path.join(up, "config.yaml"), path
+    raise FileNotFoundError(f"{path}: not a run directory (config.yaml + checkpoint/) or a checkpoint inside one")
+
+
+def main(argv=None):
+    import argparse
+    ap = argparse.ArgumentParser(description="Evaluate run directories or checkpoints on their config's test splits.")
+    ap.add_argument("paths", nargs="+", help="run directories (runs/<name>) or checkpoint directories")
+    ap.add_argument("--max-items", type=int, default=None, help="evaluate the first N items of each split")
+    args = ap.parse_args(argv)
+    for path in args.paths:
+        cfg_path, ckpt = find_run(path)
+        cfg = load_config(cfg_path)
+        if args.max_items is not None:
+            cfg.eval.max_items = args.max_items
+        out_dir = path if os.path.isfile(os.path.join(path, "config.yaml")) else os.path.dirname(cfg_path)
+        print(f"# {path}")
+        evaluate_run(cfg, ckpt, out_dir, print_table=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,441 @@
+"""
+Everything that touches the language model: the word-level tokenizer, building and loading
+the causal LM, batched sampling with a shared KV cache, and per-token log-probs.
+
+Used by sft_mask.py (tokenizer, model, save), eval.py (greedy sampling), graph_grpo.py
+(G rollouts per prompt, log-probs at the sampling temperature for the loss of DESIGN.md
+section 6, hidden states and logits for the Eq. 3 controller) and distill.py (teacher
+forcing on the teacher's own CoT).
+
+Sequence layout shared by sampling and the loss (DESIGN.md section 7):
+
+    [left pad][prompt][completion][right pad]
+
+position ids come from the attention mask (cumsum - 1), so a left-padded row sees exactly the
+positions it would see alone.
+
+Sampling is deterministic and independent of batching: the Gumbel noise of output row r at
+step s and vocabulary entry v is a counter-based hash of (seed, r, s, v), so row r's sample
+depends only on (seed, r, its own prefix). `sample` (shared prompt cache, finished rows
+dropped) and `sample_reference` (one row at a time, no cache) therefore give the same tokens;
+the reference is the readable spec and the test oracle.
+"""
+import contextlib
+import os
+import re
+from typing import Iterable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerFast,
+                          Qwen2Config, Qwen2ForCausalLM)
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+SPECIAL_TOKENS = {
+    "pad_token": "<pad>",
+    "unk_token": "<unk>",
+    "bos_token": "<bos>",
+    "eos_token": "<eos>",
+    "mask_token": "<mask>",  # CoT random masking (DESIGN.md section 9)
+}
+_TAG = re.compile(r"^<[^<>\s]+>$")
+
+
+def is_tag_token(word: str) -> bool:
+    """`<q>`, `</q>`, `<f:brand>`, `<mask>`: words that must stay one token in any tokenizer."""
+    return bool(_TAG.match(word))
+
+
+def build_word_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer: ids 0..4 are SPECIAL_TOKENS (in dict order), then `words` sorted.
+
+    Tags (`<q>`, `<f:brand>`, ...) are plain words of the vocabulary. Text splits on
+    whitespace; decoding joins tokens with single spaces (the tokenizers library's default
+    when no decoder is set). save_pretrained + AutoTokenizer.from_pretrained round-trips ids.
+    """
+    specials = list(SPECIAL_TOKENS.values())
+    words = sorted(set(words) - set(specials))
+    bad = [w for w in words if not w or any(c.isspace() for c in w)]
+    if bad:
+        raise ValueError(f"build_word_tokenizer: words must be non-empty and contain no whitespace: {bad[:5]!r}")
+    vocab = {w: i for i, w in enumerate(specials + words)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIAL_TOKENS)
+
+
+def encode(tokenizer, text: str, strict: bool) -> list[int]:
+    """Token ids of `text`, no special tokens added. strict: an unknown word is a ValueError."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    unk = tokenizer.unk_token_id
+    if strict and unk is not None and unk in ids:
+        unknown = [w for w in text.split() if tokenizer.convert_tokens_to_ids(w) == unk]
+        raise ValueError(f"encode: word(s) not in the vocabulary: {sorted(set(unknown))!r} in {text[:80]!r}")
+    return ids
+
+
+def count_unknown(tokenizer, ids: list[int]) -> int:
+    """Number of <unk> ids in `ids` (0 for tokenizers without an unk token, e.g. byte-level BPE)."""
+    unk = tokenizer.unk_token_id
+    return 0 if unk is None else sum(1 for i in ids if i == unk)
+
+
+def add_graph_tokens(tokenizer, model, tokens: Iterable[str]) -> int:
+    """Make every tag in `tokens` (and the mask token) one token id of a pretrained tokenizer.
+
+    Adds the missing tags as (non-special, so decode keeps them) added tokens, a `<mask>` mask
+    token and a `<eos>` eos token where the tokenizer has none, sets pad = eos where pad is
+    missing, and grows the model's embeddings when the new ids do not fit. Tokens already in
+    the vocabulary are left alone, so on our own word-level checkpoints this adds nothing.
+    Returns the number of tokens added.
+    """
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in dict.fromkeys(tokens) if t not in vocab and t != SPECIAL_TOKENS["mask_token"]]
+    added = tokenizer.add_tokens(missing, special_tokens=False)
+    if tokenizer.mask_token is None:
+        added += tokenizer.add_special_tokens({"mask_token": SPECIAL_TOKENS["mask_token"]})
+    if tokenizer.eos_token is None:
+        added += tokenizer.add_special_tokens({"eos_token": SPECIAL_TOKENS["eos_token"]})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # Some checkpoints (Qwen) ship more embedding rows than tokenizer entries: never shrink.
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        model.resize_token_embeddings(len(tokenizer))
+    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        value = getattr(tokenizer, key)
+        if value is not None:
+            setattr(model.config, key, value)
+    return added
+
+
+# -----------------------------------------------------------------------------
+# model
+
+
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """'auto' -> cuda:<local_rank> when CUDA is available, else cpu; 'cuda' -> cuda:<local_rank>."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("run.device: 'cuda' requested but CUDA is not available")
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def tiny_kwargs(model_cfg, seed: int = 0) -> dict:
+    """build_tiny_model's arguments from the config's model section."""
+    return dict(hidden_size=model_cfg.hidden_size, num_layers=model_cfg.num_layers, num_heads=model_cfg.num_heads,
+                num_kv_heads=model_cfg.num_kv_heads, intermediate_size=model_cfg.intermediate_size,
+                max_positions=model_cfg.max_positions, tie_embeddings=model_cfg.tie_embeddings, seed=seed)
+
+
+def resolve_dtype(dtype, device) -> torch.dtype:
+    """'auto' -> bf16 on CUDA, fp32 elsewhere; also accepts torch dtypes and 'fp32'/'bf16'/'fp16' spellings."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"dtype: unknown value {dtype!r}, expected 'auto' or one of {sorted(names)}")
+    return names[dtype]
+
+
+def build_tiny_model(vocab_size: int, pad_id: int, bos_id: int, eos_id: int, hidden_size: int = 128,
+                     num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 512,
+                     max_positions: int = 512, tie_embeddings: bool = False, seed: int = 0) -> Qwen2ForCausalLM:
+    """A randomly initialised Qwen2 causal LM; the same seed gives the same weights, global RNG untouched."""
+    config = Qwen2Config(
+        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, intermediate_size=intermediate_size,
+        max_position_embeddings=max_positions, tie_word_embeddings=tie_embeddings,
+        pad_token_id=pad_id, bos_token_id=bos_id, eos_token_id=eos_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    return model
+
+
+def load_policy(name_or_path: str | None, tokenizer_words: Iterable[str], dtype="auto", device="cpu",
+                tiny_kwargs: dict | None = None):
+    """(model, tokenizer) on `device`.
+
+    None: a fresh word tokenizer over `tokenizer_words` and a tiny Qwen2 (`tiny_kwargs` go to
+    build_tiny_model). A local directory: any HF causal LM checkpoint (ours from save_policy, or
+    a pretrained one); the tag-shaped words of `tokenizer_words` (`<...>`, see is_tag_token)
+    are added as single tokens where missing (add_graph_tokens). Never downloads.
+    """
+    dtype = resolve_dtype(dtype, device)
+    words = list(tokenizer_words)
+    if name_or_path is None:
+        tokenizer = build_word_tokenizer(words)
+        model = build_tiny_model(len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id,
+                                 tokenizer.eos_token_id, **(tiny_kwargs or {}))
+        return model.to(device=device, dtype=dtype), tokenizer
+    if not os.path.isdir(name_or_path):
+        raise FileNotFoundError(f"load_policy: model directory not found: {name_or_path}")
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, local_files_only=True, dtype=dtype)
+    add_graph_tokens(tokenizer, model, [w for w in words if is_tag_token(w)])
+    return model.to(device=device, dtype=dtype), tokenizer
+
+
+def save_policy(model, tokenizer, out_dir: str) -> None:
+    """save_pretrained of model and tokenizer into one directory; load_policy(out_dir) reads it back."""
+    model = getattr(model, "module", model)  # DDP
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+# -----------------------------------------------------------------------------
+# batching helpers
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) mask -> (B, T) positions: 0 at the first real token; pads get 0 (never attended to)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists to the longest one: (input_ids (B, P), attention_mask (B, P))."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("left_pad: every prompt needs at least one token")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def build_sequences(prompts: list[list[int]], completions: list[list[int]], pad_id: int, device=None):
+    """[left pad][prompt][completion][right pad] -> input_ids, attention_mask, completion_mask, all (N, P + C).
+
+    len(completions) may be a multiple k of len(prompts): completions are then group-contiguous
+    (k per prompt, prompt 0's first), the layout `sample` returns.
+    """
+    if len(prompts) == 0 or len(completions) % len(prompts) != 0:
+        raise ValueError(f"build_sequences: {len(completions)} completions is not a multiple of {len(prompts)} prompts")
+    k = len(completions) // len(prompts)
+    prompt_ids, prompt_mask = left_pad([p for p in prompts for _ in range(k)], pad_id)  # (N, P)
+    width = max([len(c) for c in completions] + [0])
+    comp_ids = torch.full((len(completions), width), pad_id, dtype=torch.long)
+    comp_mask = torch.zeros((len(completions), width), dtype=torch.long)
+    for i, c in enumerate(completions):
+        comp_ids[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+        comp_mask[i, :len(c)] = 1
+    input_ids = torch.cat([prompt_ids, comp_ids], 1)
+    attention_mask = torch.cat([prompt_mask, comp_mask], 1)
+    completion_mask = torch.cat([torch.zeros_like(prompt_mask), comp_mask], 1)
+    return input_ids.to(device), attention_mask.to(device), completion_mask.to(device)
+
+
+# -----------------------------------------------------------------------------
+# log-probs
+
+
+class TokenLogprobs(NamedTuple):
+    """Per-position outputs of token_logprobs, all aligned with input_ids (B, L): entry t belongs
+    to the prediction of input_ids[:, t] from input_ids[:, :t]; 0 where completion_mask is 0."""
+    logprobs: torch.Tensor  # (B, L) float32, log softmax(logits / T)[token]
+    entropy: torch.Tensor | None  # (B, L) float32, entropy of softmax(logits / T)
+    hidden: torch.Tensor | None  # (B, L, H) model dtype, input of the lm head that produced the prediction
+    logits: torch.Tensor | None  # (B, L, V) float32, logits / T (softmax of it is pi at temperature T)
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
+                   temperature: float, return_entropy: bool = False, return_hidden: bool = False) -> TokenLogprobs:
+    """log pi_theta(o_t | prefix) at temperature T for every completion position (DESIGN.md section 6).
+
+    Differentiable; `model` may be DDP-wrapped (the forward goes through the wrapper). Logits are
+    computed only from the first completion column on (logits_to_keep), log-softmax in float32
+    even under bf16. return_hidden also returns the tempered logits: the closed form of d_t in
+    Eq. 3 needs h_t and p_t = softmax(logits_t).
+    """
+    if temperature <= 0:
+        raise ValueError(f"token_logprobs: temperature must be > 0, got {temperature}")
+    B, L = input_ids.shape
+    completion_mask = completion_mask.bool()
+    if completion_mask[:, 0].any():
+        raise ValueError("token_logprobs: position 0 has no prefix and cannot be a completion token")
+    cols = completion_mask.any(0).nonzero()
+    first = int(cols[0]) if len(cols) else L  # first column holding any completion token
+    keep = L - first + 1  # logits at first-1 .. L-1; the last one predicts nothing and is dropped
+
+    raw = getattr(model, "module", model)
+    captured = {}
+    hook = None
+    if return_hidden:
+        hook = raw.get_output_embeddings().register_forward_hook(
+            lambda module, args, output: captured.__setitem__("hidden", args[0]))
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask,
+                    position_ids=position_ids_from_mask(attention_mask), use_cache=False,
+                    logits_to_keep=min(keep, L))
+    finally:
+        if hook is not None:
+            hook.remove()
+    logits = out.logits[:, -keep:-1].float() / temperature  # (B, L - first, V), predicts input_ids[:, first:]
+    logp_all = F.log_softmax(logits, dim=-1)
+    targets = input_ids[:, first:]
+    mask = completion_mask[:, first:]
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * mask  # (B, L - first)
+
+    def aligned(x):  # (B, L - first, ...) -> (B, L, ...) with zeros before `first`
+        pad = x.new_zeros((B, first) + tuple(x.shape[2:]))
+        return torch.cat([pad, x], 1)
+
+    entropy = hidden = tempered = None
+    if return_entropy:
+        entropy = aligned(-(logp_all.exp() * logp_all).sum(-1) * mask)
+    if return_hidden:
+        h = captured["hidden"][:, -keep:-1]
+        hidden = aligned(h * mask.unsqueeze(-1).to(h.dtype))
+        tempered = aligned(logits * mask.unsqueeze(-1))
+    return TokenLogprobs(aligned(logp), entropy, hidden, tempered)
+
+
+# -----------------------------------------------------------------------------
+# sampling
+
+_GAMMA = -0x61C8864680B583EB  # 0x9E3779B97F4A7C15 (golden-ratio increment of splitmix64) as int64
+_MIX1 = -0x40A7B892E31B1A47  # 0xBF58476D1CE4E5B9
+_MIX2 = -0x6B2FB644ECCEEE15  # 0x94D049BB133111EB
+
+
+def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """The splitmix64 finaliser on int64 tensors (multiplication wraps modulo 2^64)."""
+    x = (x ^ _shr(x, 30)) * _MIX1
+    x = (x ^ _shr(x, 27)) * _MIX2
+    return x ^ _shr(x, 31)
+
+
+def uniform_noise(seed: int, rows: torch.Tensor, step: int, vocab_size: int) -> torch.Tensor:
+    """(n, V) float32 uniforms in (0, 1): a hash of (seed, output row, step, vocab index), nothing else."""
+    key = splitmix64(torch.full_like(rows, seed) * _GAMMA + _GAMMA)
+    key = splitmix64((key ^ rows) * _GAMMA + _GAMMA)
+    key = splitmix64((key ^ step) * _GAMMA + _GAMMA)  # (n,)
+    vocab = torch.arange(1, vocab_size + 1, device=rows.device, dtype=torch.long)
+    bits = splitmix64(key.unsqueeze(1) + vocab * _GAMMA)  # (n, V), splitmix64's own counter stream
+    return (_shr(bits, 40).float() + 0.5) * 2.0 ** -24  # top 24 bits, centred: never 0 or 1
+
+
+def next_tokens(logits: torch.Tensor, temperature: float, seed: int, rows: torch.Tensor, step: int,
+                greedy: bool) -> torch.Tensor:
+    """(n, V) logits -> (n,) tokens: Gumbel-max, argmax(logits / T + g), g = -log(-log(u)) ~ Gumbel(0, 1),
+    which samples softmax(logits / T) exactly; greedy is plain argmax."""
+    logits = logits.float()
+    if greedy:
+        return logits.argmax(-1)
+    u = uniform_noise(seed, rows, step, logits.shape[-1])
+    return (logits / temperature - torch.log(-torch.log(u))).argmax(-1)
+
+
+# cuDNN attention builds a plan for every new shape, and dropping finished rows makes a new shape
+# at almost every step: on an H100 (torch 2.11) that made sample() 10x slower. The other kernels
+# have no per-shape cost.
+_SAMPLING_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+@contextlib.contextmanager
+def sampling_mode(model):
+    """eval mode (no dropout) and no cuDNN attention while sampling; the train flag is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with sdpa_kernel(_SAMPLING_SDPA_BACKENDS):
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _check_sampling_args(num_samples, max_new_tokens, temperature, greedy):
+    if num_samples < 1 or max_new_tokens < 0:
+        raise ValueError(f"sample: need num_samples >= 1 and max_new_tokens >= 0, got {num_samples}, {max_new_tokens}")
+    if not greedy and temperature <= 0:
+        raise ValueError(f"sample: temperature must be > 0 (use greedy=True for argmax), got {temperature}")
+
+
+@torch.no_grad()
+def sample(model, prompts: list[list[int]], num_samples: int, max_new_tokens: int, temperature: float,
+           eos_id: int, pad_id: int, seed: int, greedy: bool = False) -> list[list[int]]:
+    """len(prompts) * num_samples completions, group-contiguous (prompt 0's samples first); each
+    ends with eos if produced, else has max_new_tokens tokens.
+
+    Each prompt is prefilled once and its KV cache repeated for its samples; rows that produced
+    eos leave the batch. Call on the raw model (model.module under DDP); dropout is off while
+    sampling. Row r equals sample_reference's row r (same seed) up to floating-point ties.
+    """
+    _check_sampling_args(num_samples, max_new_tokens, temperature, greedy)
+    completions = [[] for _ in range(len(prompts) * num_samples)]
+    if max_new_tokens == 0:
+        return completions
+    device = model.device
+    with sampling_mode(model):
+        input_ids, attention_mask = left_pad(prompts, pad_id, device)  # (B, P)
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=input_ids, attention_mask=attention_mask,
+                    position_ids=position_ids_from_mask(attention_mask), past_key_values=cache,
+                    use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(num_samples)  # (B * G, ...) rows, group-contiguous
+        logits = out.logits[:, -1].repeat_interleave(num_samples, 0)  # (N, V)
+        attention_mask = attention_mask.repeat_interleave(num_samples, 0)  # (N, P)
+        rows = torch.arange(len(completions), device=device)  # output row of each active row
+        for step in range(max_new_tokens):
+            tokens = next_tokens(logits, temperature, seed, rows, step, greedy)  # (n,)
+            for r, t in zip(rows.tolist(), tokens.tolist()):
+                completions[r].append(t)
+            if step == max_new_tokens - 1:
+                break
+            alive = tokens != eos_id
+            if not bool(alive.all()):
+                keep = alive.nonzero().squeeze(1)
+                if keep.numel() == 0:
+                    break
+                cache.batch_select_indices(keep)
+                rows, tokens, attention_mask = rows[keep], tokens[keep], attention_mask[keep]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], 1)
+            out = model(input_ids=tokens.unsqueeze(1), attention_mask=attention_mask,
+                        position_ids=attention_mask.sum(1, keepdim=True) - 1, past_key_values=cache,
+                        use_cache=True)
+            logits = out.logits[:, -1]
+    return completions
+
+
+@torch.no_grad()
+def sample_reference(model, prompts: list[list[int]], num_samples: int, max_new_tokens: int, temperature: float,
+                     eos_id: int, pad_id: int, seed: int, greedy: bool = False) -> list[list[int]]:
+    """The spec of `sample`: one row at a time, full forward over the whole prefix every step, no
+    padding, no cache. Slow; for tests and for reading. pad_id is unused (no padding)."""
+    _check_sampling_args(num_samples, max_new_tokens, temperature, greedy)
+    completions = []
+    with sampling_mode(model):
+        for i, prompt in enumerate(prompts):
+            for g in range(num_samples):
+                row = torch.tensor([i * num_samples + g], device=model.device)
+                ids = list(prompt)
+                completion = []
+                for step in range(max_new_tokens):
+                    logits = model(input_ids=torch.tensor([ids], device=model.device), use_cache=False).logits[:, -1]
+                    token = int(next_tokens(logits, temperature, seed, row, step, greedy)[0])
+                    completion.append(token)
+                    ids.append(token)
+                    if token == eos_id:
+                        break
+                completions.append(completion)
+    return completions

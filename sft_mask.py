@@ -1,0 +1,170 @@
+"""SFT with CoT random masking (DESIGN.md §9): the policy's initialisation before RL.
+
+    python sft_mask.py configs/base.yaml                     # tiny policy on the synthetic testbed (CPU, minutes)
+    python sft_mask.py configs/base.yaml --mask.enabled=false   # plain SFT, the ablation's row 1
+
+Teacher forcing on prompt + gold CoT with the loss on the completion only. Random masking corrupts the INPUT
+side of the CoT while the targets stay the originals, so the model learns to write later steps from imperfect
+earlier ones, which is what it meets at sampling time. Writes <out_dir>/checkpoint (save_pretrained: model +
+tokenizer), config.yaml, metrics.jsonl and eval.json under <run.out_dir>/sft/ (the SFT stage's own run
+directory; graph_grpo.py starts from <run.out_dir>/sft/checkpoint by default), and prints the evaluation table.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import policy
+from config import parse_args, save_config
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CoT random masking (DESIGN §9)
+
+def cot_mask_positions(spans: list[tuple[str, int, int]], length: int, p_node: float, p_tok: float,
+                       gen: torch.Generator) -> torch.Tensor:
+    """Which completion positions get the mask token as INPUT (DESIGN §9) -> (length,) bool.
+
+    spans: (node name, start, end) with [start, end) covering the node's tags. A whole node's content is masked
+    with probability p_node; any other content token with probability p_tok. Choices (DESIGN leaves them open):
+    tags are never masked (the policy writes the structure reliably; what is imperfect at sampling time is the
+    content), and the label node 'y' is never masked (it is the output every other step serves).
+    """
+    mask = torch.zeros(length, dtype=torch.bool)
+    for name, start, end in spans:
+        if name == "y" or end - start <= 2:
+            continue
+        content = slice(start + 1, end - 1)
+        if torch.rand((), generator=gen).item() < p_node:
+            mask[content] = True
+        else:
+            mask[content] = torch.rand(end - start - 2, generator=gen) < p_tok
+    return mask
+
+
+def node_spans_of(completion: list[int], vocab: data.TagVocab, schema: data.GraphSchema):
+    parsed = data.parse_completion(completion, vocab, schema)
+    return [(n, s.start, s.end) for n, s in parsed.nodes.items()]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batching: [left pad][prompt][completion + eos][right pad], targets = the original completion tokens
+
+def encode_sft_examples(examples, tokenizer, schema, strict: bool):
+    """(prompt ids, completion ids ending with eos, node spans) per example that has a gold CoT."""
+    vocab = data.TagVocab.from_tokenizer(tokenizer, schema)
+    out = []
+    for ex in examples:
+        if ex.cot is None:
+            continue
+        prompt = policy.encode(tokenizer, data.format_prompt(ex.query, ex.product), strict)
+        completion = policy.encode(tokenizer, data.serialize_cot(ex.cot, schema), strict) + [tokenizer.eos_token_id]
+        out.append((prompt, completion, node_spans_of(completion, vocab, schema)))
+    if not out:
+        raise ValueError("no SFT example has a gold 'cot' field")
+    return out
+
+
+def sft_batch(items, tokenizer, mask_cfg, gen: torch.Generator):
+    """-> input_ids (masked inputs), attention_mask, targets (original ids, -100 outside the completion)."""
+    prompts, completions = [p for p, _, _ in items], [c for _, c, _ in items]
+    input_ids, attn, comp_mask = policy.build_sequences(prompts, completions, tokenizer.pad_token_id)
+    targets = torch.where(comp_mask.bool(), input_ids, torch.full_like(input_ids, -100))
+    if mask_cfg.enabled:
+        mask_id = tokenizer.convert_tokens_to_ids(policy.SPECIAL_TOKENS["mask_token"])
+        for b, (prompt, completion, spans) in enumerate(items):
+            pos = cot_mask_positions(spans, len(completion), mask_cfg.p_node, mask_cfg.p_tok, gen)
+            start = int(comp_mask[b].nonzero()[0])
+            row = input_ids[b, start:start + len(completion)]
+            input_ids[b, start:start + len(completion)] = torch.where(pos, torch.full_like(row, mask_id), row)
+    return input_ids, attn, targets
+
+
+def completion_loss(model, input_ids, attn, targets) -> torch.Tensor:
+    """Token-mean cross-entropy of the completion given the (possibly masked) inputs."""
+    pos = (attn.long().cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attn, position_ids=pos).logits[:, :-1]
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets[:, 1:].reshape(-1), ignore_index=-100)
+
+
+def lr_at(step: int, total: int, warmup: int, lr: float) -> float:
+    """Linear warm-up, then cosine decay to 10% of lr."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def train_sft(cfg, out_dir: str, show_progress: bool = True) -> str:
+    """Run SFT per cfg.sft / cfg.mask and save out_dir/checkpoint (atomically). Returns its path."""
+    torch.manual_seed(cfg.run.seed)
+    device = policy.resolve_device(cfg.run.device)
+    schema, splits = data.load_splits(cfg)
+    model, tokenizer = policy.load_policy(cfg.model.name_or_path or None, data.vocabulary(schema, sum(splits.values(), [])),
+                                          dtype=policy.resolve_dtype(cfg.run.dtype, device), device=device,
+                                          tiny_kwargs=policy.tiny_kwargs(cfg.model, seed=cfg.run.seed))
+    strict = cfg.data.source == "synthetic"
+    items = encode_sft_examples(splits["sft"], tokenizer, schema, strict)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft.lr, weight_decay=cfg.sft.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.run.seed)
+    os.makedirs(out_dir, exist_ok=True)
+    log = open(os.path.join(out_dir, "metrics.jsonl"), "a")
+    model.train()
+    bar = tqdm(range(cfg.sft.steps), desc="sft", disable=not show_progress)
+    t0, tokens = time.time(), 0
+    for step in bar:
+        idx = torch.randint(len(items), (cfg.sft.batch_size,), generator=gen).tolist()
+        input_ids, attn, targets = sft_batch([items[i] for i in idx], tokenizer, cfg.mask, gen)
+        input_ids, attn, targets = input_ids.to(device), attn.to(device), targets.to(device)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg.sft.steps, cfg.sft.warmup, cfg.sft.lr)
+        loss = completion_loss(model, input_ids, attn, targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.sft.grad_clip)
+        opt.step()
+        tokens += int((targets != -100).sum())
+        if step % cfg.sft.log_every == 0 or step == cfg.sft.steps - 1:
+            rec = {"step": step, "sft/loss": loss.item(), "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
+                   "tokens_per_s": tokens / (time.time() - t0)}
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    log.close()
+    ckpt = os.path.join(out_dir, "checkpoint")
+    model.eval()
+    policy.save_policy(model, tokenizer, ckpt + ".tmp")
+    shutil.rmtree(ckpt, ignore_errors=True)
+    os.replace(ckpt + ".tmp", ckpt)
+    return ckpt
+
+
+def run_sft(cfg, out_dir: str, print_table: bool = True) -> str:
+    """The SFT stage as a run directory: config.yaml, metrics.jsonl, checkpoint/, eval.json."""
+    import eval as evaluation
+    os.makedirs(out_dir, exist_ok=True)
+    save_config(cfg, os.path.join(out_dir, "config.yaml"))
+    ckpt = train_sft(cfg, out_dir)
+    print(f"saved SFT checkpoint to {ckpt}")
+    evaluation.evaluate_run(cfg, ckpt, out_dir, print_table=print_table)
+    return ckpt
+
+
+def main(argv=None):
+    cfg, _ = parse_args(sys.argv[1:] if argv is None else argv)
+    run_sft(cfg, os.path.join(cfg.run.out_dir, "sft"))
+
+
+if __name__ == "__main__":
+    main()

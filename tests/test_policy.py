@@ -1,0 +1,337 @@
+"""policy.py: tokenizer and checkpoint round trips, log-probs under left padding, sampling equal
+to the per-row reference, sampling distribution, pretrained checkpoints of another architecture."""
+import json
+import math
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+                          PreTrainedTokenizerFast)
+
+import policy as P
+
+WORDS = ["<q>", "</q>", "<p>", "</p>", "<f:brand>", "</f:brand>", "<y>", "</y>", "brand", "nike", "adidas",
+         "match", "mismatch", "red"]
+TEXT = "<q> brand nike </q> <p> brand adidas </p> <f:brand> nike adidas mismatch </f:brand> <y> mismatch </y>"
+
+
+def tiny(words=WORDS, seed=0, **kw):
+    kw = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64, seed=seed, **kw)
+    return P.load_policy(None, words, "float32", "cpu", kw)
+
+
+def sharp(model):
+    """At init (std 0.02) attention is near uniform and positions barely matter; sharpen it so a
+    wrong position id or a wrong mask changes the samples."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if any(k in name for k in ("q_proj.weight", "k_proj.weight", "c_attn.weight")):
+                param.mul_(30)
+    return model
+
+
+def policy_model(arch, seed):
+    """(model, tokenizer) of a tiny Qwen2 (RoPE) or GPT-2 (absolute positions: wrong position ids
+    under left padding change every logit) over WORDS."""
+    model, tok = tiny(seed=seed)
+    if arch == "gpt2":
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    return sharp(model).eval(), tok
+
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+
+def test_word_tokenizer_ids_are_specials_then_sorted_words():
+    tok = P.build_word_tokenizer(["b", "a", "<q>", "a"])
+    assert [tok.convert_ids_to_tokens(i) for i in range(len(tok))] == \
+        ["<pad>", "<unk>", "<bos>", "<eos>", "<mask>", "<q>", "a", "b"]
+    assert (tok.pad_token_id, tok.unk_token_id, tok.bos_token_id, tok.eos_token_id, tok.mask_token_id) == (0, 1, 2, 3, 4)
+    assert P.encode(tok, "<q>  a\tb", strict=True) == [5, 6, 7]
+    assert tok.decode([5, 6, 7]) == "<q> a b"
+
+
+def test_tokenizer_round_trip_and_strict_encode(tmp_path):
+    tok = P.build_word_tokenizer(WORDS)
+    tok.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    assert loaded.get_vocab() == tok.get_vocab()
+    ids = P.encode(tok, TEXT, strict=True)
+    assert P.encode(loaded, TEXT, strict=True) == ids
+    assert len(ids) == len(TEXT.split())  # every tag is one token
+    assert loaded.decode(ids) == TEXT
+    for name in ("pad", "unk", "bos", "eos", "mask"):
+        assert getattr(loaded, f"{name}_token_id") == getattr(tok, f"{name}_token_id")
+
+    with pytest.raises(ValueError, match="puma"):
+        P.encode(loaded, "brand puma nike", strict=True)
+    ids = P.encode(loaded, "brand puma nike zzz", strict=False)
+    assert P.count_unknown(loaded, ids) == 2
+
+
+# -----------------------------------------------------------------------------
+# model loading
+
+
+def test_build_tiny_model_is_deterministic_and_leaves_global_rng_alone():
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = P.build_tiny_model(20, 0, 2, 3, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                           intermediate_size=32, seed=7)
+    assert torch.rand(1) == before
+    b = P.build_tiny_model(20, 0, 2, 3, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                           intermediate_size=32, seed=7)
+    c = P.build_tiny_model(20, 0, 2, 3, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                           intermediate_size=32, seed=8)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(sa["lm_head.weight"], sc["lm_head.weight"])
+    assert (a.config.pad_token_id, a.config.bos_token_id, a.config.eos_token_id) == (0, 2, 3)
+
+
+def test_model_round_trip_through_load_policy(tmp_path):
+    model, tok = tiny()
+    P.save_policy(model, tok, str(tmp_path))
+    model2, tok2 = P.load_policy(str(tmp_path), WORDS, "float32", "cpu", None)
+    assert tok2.get_vocab() == tok.get_vocab()
+    assert type(model2).__name__ == "Qwen2ForCausalLM"
+    ids = torch.tensor([P.encode(tok, TEXT, strict=True)])
+    assert torch.equal(model(input_ids=ids).logits, model2(input_ids=ids).logits)
+
+
+def test_load_policy_missing_path_names_it(tmp_path):
+    missing = str(tmp_path / "no_such_checkpoint")
+    with pytest.raises(FileNotFoundError, match="no_such_checkpoint"):
+        P.load_policy(missing, WORDS, "float32", "cpu", None)
+
+
+def test_load_policy_pretrained_other_architecture_gets_tags_as_single_tokens(tmp_path):
+    # A "pretrained" Llama with its own word-level tokenizer: no tags, no mask, no pad.
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "brand", "nike", "adidas", "<", ">", "q"])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    llama_tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, intermediate_size=32, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(config)
+    llama.save_pretrained(tmp_path)
+    llama_tok.save_pretrained(tmp_path)
+    old_ids = torch.tensor([[3, 4, 5]])
+    old_logits = llama(input_ids=old_ids).logits
+
+    model, tok = P.load_policy(str(tmp_path), WORDS, "float32", "cpu", None)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    tags = [w for w in WORDS if P.is_tag_token(w)]
+    assert len(tags) == 8
+    assert len(tok) == len(vocab) + len(tags) + 1  # tags + <mask>
+    assert model.get_input_embeddings().weight.shape[0] == len(tok)
+    assert model.get_output_embeddings().weight.shape[0] == len(tok)
+    ids = P.encode(tok, "<q> brand nike </q> <f:brand> adidas </f:brand>", strict=True)
+    assert len(ids) == 7 and all(i >= len(vocab) for i in (ids[0], ids[3], ids[4], ids[6]))
+    assert tok.decode(ids).split() == "<q> brand nike </q> <f:brand> adidas </f:brand>".split()
+    assert tok.mask_token == "<mask>" and tok.pad_token_id == tok.eos_token_id == 2
+    assert model.config.pad_token_id == 2
+    # old rows untouched by the resize; new ids run through the model
+    assert torch.allclose(model(input_ids=old_ids).logits[..., :len(vocab)], old_logits, atol=1e-6)
+    assert model(input_ids=torch.tensor([ids])).logits.shape == (1, 7, len(tok))
+
+
+def test_resolve_dtype():
+    assert P.resolve_dtype("auto", "cpu") == torch.float32
+    assert P.resolve_dtype("auto", "cuda") == torch.bfloat16
+    assert P.resolve_dtype("bf16", "cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match="float33"):
+        P.resolve_dtype("float33", "cpu")
+
+
+# -----------------------------------------------------------------------------
+# log-probs
+
+
+def test_build_sequences_layout():
+    ids, attn, comp = P.build_sequences([[5, 6], [7]], [[8], [9, 10], [11, 12], []], pad_id=0)
+    assert ids.tolist() == [[5, 6, 8, 0], [5, 6, 9, 10], [0, 7, 11, 12], [0, 7, 0, 0]]
+    assert attn.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1], [0, 1, 1, 1], [0, 1, 0, 0]]
+    assert comp.tolist() == [[0, 0, 1, 0], [0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 0, 0]]
+    assert P.position_ids_from_mask(attn).tolist() == [[0, 1, 2, 2], [0, 1, 2, 3], [0, 0, 1, 2], [0, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+def test_token_logprobs_with_padding_equals_naive_per_row_forward(arch):
+    model, tok = policy_model(arch, seed=3)
+    T = 0.7
+    prompts = [[5, 6, 7, 8, 9], [10], [11, 12, 13]]
+    completions = [[14, 15, 3], [16, 17, 18, 5, 6], [7]]
+    ids, attn, comp = P.build_sequences(prompts, completions, tok.pad_token_id)
+    out = P.token_logprobs(model, ids, attn, comp, T, return_entropy=True, return_hidden=True)
+    assert out.logprobs.shape == ids.shape and out.entropy.shape == ids.shape
+    assert out.hidden.shape == ids.shape + (32,) and out.logits.shape == ids.shape + (len(tok),)
+    assert torch.all(out.logprobs[comp == 0] == 0) and torch.all(out.entropy[comp == 0] == 0)
+    assert torch.all(out.logprobs[comp == 1] < 0)
+
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        seq = torch.tensor([p + c])
+        logp_all = torch.log_softmax(model(input_ids=seq).logits[0].double() / T, -1)  # (len, V)
+        want = logp_all[len(p) - 1:-1].gather(-1, torch.tensor(c)[:, None]).squeeze(-1)
+        want_entropy = -(logp_all.exp() * logp_all).sum(-1)[len(p) - 1:-1]
+        got = out.logprobs[i][comp[i] == 1]
+        got_entropy = out.entropy[i][comp[i] == 1]
+        assert torch.allclose(got.double(), want, atol=1e-5, rtol=0)
+        assert torch.allclose(got_entropy.double(), want_entropy, atol=1e-5, rtol=0)
+    # hidden states are the lm-head input of the same prediction; logits are tempered
+    lm = model.get_output_embeddings().weight
+    sel = comp == 1
+    assert torch.allclose(out.hidden[sel] @ lm.T / T, out.logits[sel], atol=1e-5)
+    assert torch.allclose(torch.log_softmax(out.logits[sel], -1).gather(-1, ids[sel][:, None]).squeeze(-1),
+                          out.logprobs[sel], atol=1e-6)
+
+
+def test_token_logprobs_temperature_one_is_plain_log_softmax_and_gradients_flow():
+    model, tok = tiny(seed=4)
+    ids, attn, comp = P.build_sequences([[5, 6]], [[7, 8]], tok.pad_token_id)
+    logp = P.token_logprobs(model, ids, attn, comp, 1.0).logprobs
+    ref = torch.log_softmax(model(input_ids=ids).logits[0], -1)
+    assert torch.allclose(logp[0, 2:], torch.stack([ref[1, 7], ref[2, 8]]), atol=1e-6)
+    logp.sum().backward()
+    assert model.get_output_embeddings().weight.grad.abs().sum() > 0
+
+
+# -----------------------------------------------------------------------------
+# sampling
+
+
+def test_uniform_noise_is_sane_and_counter_based():
+    rows = torch.arange(2000)
+    u = P.uniform_noise(0, rows, 0, 257)  # (2000, 257)
+    assert u.dtype == torch.float32 and u.min() > 0 and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.005
+    assert abs(u.var().item() - 1 / 12) < 0.002
+    v = P.uniform_noise(0, rows, 1, 257)
+    w = P.uniform_noise(1, rows, 0, 257)
+    for a, b in [(u[:-1], u[1:]), (u[:, :-1], u[:, 1:]), (u, v), (u, w)]:  # rows, vocab, steps, seeds
+        corr = torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1]
+        assert abs(corr) < 0.01
+    # the noise of a row depends on (seed, row, step, vocab index) only, not on the batch around it
+    assert torch.equal(P.uniform_noise(0, torch.tensor([1234]), 0, 257)[0], u[1234])
+
+
+def splitmix64_python(x: int) -> int:
+    """Reference finaliser on Python ints mod 2^64 (Steele, Lea, Flood 2014)."""
+    m = (1 << 64) - 1
+    x &= m
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & m
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & m
+    return x ^ (x >> 31)
+
+
+def test_splitmix64_matches_python_reference_mod_2_64():
+    xs = [0, 1, 12345, -1, -(1 << 63), (1 << 63) - 1, P._GAMMA, P._MIX1]
+    got = P.splitmix64(torch.tensor(xs)).tolist()
+    assert [g % (1 << 64) for g in got] == [splitmix64_python(x) for x in xs]
+    # the first output of splitmix64 seeded with 0: a published constant
+    assert splitmix64_python(P._GAMMA) == 0xE220A8397B1DCDAF
+
+
+def test_next_tokens_frequencies_match_softmax_at_temperature():
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    T, n = 0.8, 40000
+    rows = torch.arange(n)
+    tokens = P.next_tokens(logits.expand(n, -1), T, seed=5, rows=rows, step=0, greedy=False)
+    counts = torch.bincount(tokens, minlength=6).double()
+
+    def chi2(p):
+        expected = n * p.double()
+        return ((counts - expected) ** 2 / expected).sum().item()
+
+    dof = 5  # mean 5, std sqrt(10): 5 + 6 sd is far out for the right law, far in for a wrong one
+    assert chi2(torch.softmax(logits / T, -1)) < dof + 6 * math.sqrt(2 * dof)
+    assert chi2(torch.softmax(logits, -1)) > 100  # the test can tell T = 0.8 from T = 1
+    assert torch.equal(P.next_tokens(logits.expand(3, -1), T, 5, rows[:3], 0, greedy=True), torch.zeros(3).long())
+
+
+def test_sample_one_step_frequencies_match_model_softmax():
+    model, tok = tiny(seed=6)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(60)  # a peaked, non-uniform next-token law
+    T, n = 1.5, 8000
+    prompt = [5, 9, 12]
+    p = torch.softmax(model(input_ids=torch.tensor([prompt])).logits[0, -1].double() / T, -1)
+    assert p.max() > 0.1 and p.min() < 0.01
+    samples = P.sample(model, [prompt], n, 1, T, tok.eos_token_id, tok.pad_token_id, seed=11)
+    counts = torch.bincount(torch.tensor([s[0] for s in samples]), minlength=len(p)).double()
+    big = n * p >= 5  # pool the rare tokens into one cell
+    observed = torch.cat([counts[big], counts[~big].sum()[None]])
+    expected = torch.cat([n * p[big], n * p[~big].sum()[None]])
+    stat = ((observed - expected) ** 2 / expected).sum().item()
+    dof = len(observed) - 1
+    assert stat < dof + 6 * math.sqrt(2 * dof)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+def test_sample_equals_reference_with_shared_cache_and_row_dropping(arch):
+    model, tok = policy_model(arch, seed=2)
+    eos = tok.eos_token_id
+    with torch.no_grad():
+        model.get_output_embeddings().weight[eos] += 0.3 * model.get_output_embeddings().weight.mean(0) \
+            + 0.05 * torch.randn(32, generator=torch.Generator().manual_seed(0))
+    prompts = [[5, 6, 7, 8, 9, 10], [11], [12, 13, 14]]
+    G, max_new, T = 5, 12, 1.3
+    calls = []
+    hook = model.register_forward_hook(lambda m, args, kwargs, out: calls.append(tuple(kwargs["input_ids"].shape)),
+                                       with_kwargs=True)
+    got = P.sample(model, prompts, G, max_new, T, eos, tok.pad_token_id, seed=42)
+    hook.remove()
+    want = P.sample_reference(model, prompts, G, max_new, T, eos, tok.pad_token_id, seed=42)
+    assert got == want
+    assert len(got) == len(prompts) * G
+    lengths = [len(c) for c in got]
+    early = [c for c in got if c[-1] == eos and len(c) < max_new]
+    assert len(early) >= 3 and any(len(c) == max_new and eos not in c for c in got), lengths
+    assert all(eos not in c[:-1] for c in got)
+    # one prefill for all prompts, then decode steps on the rows still running only
+    assert calls[0] == (len(prompts), 6)
+    alive = [sum(1 for c in got if len(c) > s) for s in range(1, max_new)]
+    assert calls[1:] == [(a, 1) for a in alive if a > 0]
+    assert alive[0] < len(got)  # some rows really left the batch
+    # a different seed gives different samples; the same seed the same
+    assert P.sample(model, prompts, G, max_new, T, eos, tok.pad_token_id, seed=43) != got
+    assert P.sample(model, prompts, G, max_new, T, eos, tok.pad_token_id, seed=42) == got
+
+
+def test_sample_row_does_not_depend_on_batch():
+    model, tok = tiny(seed=5)
+    prompts = [[5, 6, 7], [8, 9]]
+    both = P.sample(model, prompts, 3, 8, 1.0, tok.eos_token_id, tok.pad_token_id, seed=1)
+    first = P.sample(model, prompts[:1], 3, 8, 1.0, tok.eos_token_id, tok.pad_token_id, seed=1)
+    assert both[:3] == first
+
+
+def test_greedy_is_argmax_per_row():
+    model, tok = tiny(seed=7)
+    prompts = [[5, 6, 7, 8], [9], [10, 11]]
+    got = P.sample(model, prompts, 2, 6, 0.0, eos_id=-1, pad_id=tok.pad_token_id, seed=0, greedy=True)
+    for i, p in enumerate(prompts):
+        ids = list(p)
+        for _ in range(6):
+            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+        assert got[2 * i] == got[2 * i + 1] == ids[len(p):]
+    assert P.sample_reference(model, prompts, 2, 6, 0.0, -1, tok.pad_token_id, 0, greedy=True) == got
+
+
+def test_sample_rejects_bad_arguments_and_restores_train_mode():
+    model, tok = tiny()
+    model.train()
+    P.sample(model, [[5]], 1, 2, 1.0, tok.eos_token_id, tok.pad_token_id, seed=0)
+    assert model.training
+    with pytest.raises(ValueError, match="temperature"):
+        P.sample(model, [[5]], 1, 2, 0.0, tok.eos_token_id, tok.pad_token_id, seed=0)
+    with pytest.raises(ValueError, match="at least one token"):
+        P.sample(model, [[]], 1, 2, 1.0, tok.eos_token_id, tok.pad_token_id, seed=0)
+    assert P.sample(model, [[5], [6]], 2, 0, 1.0, tok.eos_token_id, tok.pad_token_id, seed=0) == [[]] * 4

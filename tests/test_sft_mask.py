@@ -1,0 +1,62 @@
+"""sft_mask.py: CoT random masking statistics and the SFT batch (DESIGN §9)."""
+import types
+
+import torch
+
+import data
+import policy
+import sft_mask
+
+SCHEMA = data.GraphSchema()
+
+
+def _items(n=200, seed=3):
+    splits = data.generate_splits(SCHEMA, seed, n, 0, 0, 0, 0.05, 0.5)
+    tok = policy.build_word_tokenizer(data.vocabulary(SCHEMA))
+    return tok, sft_mask.encode_sft_examples(splits["sft"], tok, SCHEMA, strict=True)
+
+
+def test_mask_rates_within_tolerance_and_label_never_masked():
+    gen = torch.Generator().manual_seed(0)
+    spans = [("q", 0, 10), ("p", 10, 20), ("f:brand", 20, 25), ("y", 25, 28)]
+    node_hits, tok_hits, tok_total = 0, 0, 0
+    trials = 4000
+    for _ in range(trials):
+        m = sft_mask.cot_mask_positions(spans, 28, p_node=0.2, p_tok=0.1, gen=gen)
+        assert not m[25:28].any()                      # label span never masked
+        assert not m[[0, 9, 10, 19, 20, 24]].any()     # tags never masked
+        for _, s, e in spans[:3]:
+            content = m[s + 1:e - 1]
+            if content.all():
+                node_hits += 1
+            else:
+                tok_hits += int(content.sum())
+                tok_total += content.numel()
+    p_all = node_hits / (3 * trials)
+    # a whole node is masked with p_node, plus the tiny chance that p_tok masks every token of it
+    assert abs(p_all - 0.2) < 0.02, p_all
+    assert abs(tok_hits / tok_total - 0.1) < 0.01
+
+
+def test_batch_targets_are_the_originals_and_mask_only_touches_inputs():
+    tok, items = _items()
+    gen = torch.Generator().manual_seed(1)
+    on = types.SimpleNamespace(enabled=True, p_node=0.5, p_tok=0.2)
+    off = types.SimpleNamespace(enabled=False, p_node=0.5, p_tok=0.2)
+    ids_on, attn_on, tgt_on = sft_mask.sft_batch(items[:16], tok, on, gen)
+    ids_off, attn_off, tgt_off = sft_mask.sft_batch(items[:16], tok, off, gen)
+    assert torch.equal(tgt_on, tgt_off) and torch.equal(attn_on, attn_off)
+    mask_id = tok.convert_tokens_to_ids("<mask>")
+    changed = ids_on != ids_off
+    assert changed.any()
+    assert (ids_on[changed] == mask_id).all()
+    # only completion positions change; prompt and padding untouched; targets only on the completion
+    assert (tgt_on[changed] != -100).all()
+    n_completion = sum(len(c) for _, c, _ in items[:16])
+    assert int((tgt_on != -100).sum()) == n_completion
+
+
+def test_lr_schedule():
+    assert sft_mask.lr_at(0, 100, 10, 1.0) == 0.1
+    assert abs(sft_mask.lr_at(10, 100, 10, 1.0) - 1.0) < 1e-9
+    assert abs(sft_mask.lr_at(100, 100, 10, 1.0) - 0.1) < 1e-9
