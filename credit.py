@@ -133,9 +133,9 @@ def schema_children(parents: list[list[int]], edge_types: list[list[int]] | None
     return children
 
 
-def sink_slots(parents: list[list[int]]) -> Tensor:
+def sink_slots(parents: list[list[int]], device: torch.device | str = "cpu") -> Tensor:
     """(N,) bool: slots without children in the schema graph (the label Y in the default schema)."""
-    has_child = torch.zeros(len(parents), dtype=torch.bool)
+    has_child = torch.zeros(len(parents), dtype=torch.bool, device=device)
     for ps in parents:
         for p in ps:
             has_child[p] = True
@@ -236,7 +236,7 @@ def group_own_evidence(rewards: Tensor, keys: Tensor, present: Tensor, parents: 
     exactly 0: Q and V then average the same rollouts.
     """
     q_dev, v_dev = group_values(rewards, keys, present, parents, group_size)
-    a = torch.where(sink_slots(parents)[None, :], -v_dev, q_dev - v_dev)
+    a = torch.where(sink_slots(parents, rewards.device)[None, :], -v_dev, q_dev - v_dev)
     return torch.where(present, a, torch.zeros_like(a))
 
 
@@ -272,7 +272,7 @@ def verifier_evidence(scores: Tensor, present: Tensor, group_size: int, weights:
     vg = valid.view(-1, group_size, N, S).to(s.dtype)
     mean = sg.sum(1, keepdim=True) / vg.sum(1, keepdim=True).clamp(min=1)  # (n, 1, N, S)
     centred = torch.where(valid, (sg - mean).view(B, N, S), torch.zeros_like(s))
-    return (centred * weights.to(s.dtype)).sum(-1)
+    return (centred * weights.to(device=s.device, dtype=s.dtype)).sum(-1)
 
 
 # -----------------------------------------------------------------------------
@@ -288,10 +288,10 @@ def propagate_credit(a: Tensor, alpha: Tensor, gate: Tensor, parents: list[list[
     in a list and stacked at the end, with no in-place writes.
     """
     B, N = a.shape
-    alpha = alpha.to(a.dtype)
+    alpha = alpha.to(device=a.device, dtype=a.dtype)  # the controller keeps alpha on the CPU in float64
     gate = gate.to(a.dtype)
     children = schema_children(parents, edge_types)
-    zero = torch.zeros(B, dtype=a.dtype)
+    zero = torch.zeros(B, dtype=a.dtype, device=a.device)
     c: list[Tensor | None] = [None] * N
     for v in reversed(topological_order(parents)):
         cv = a[:, v]
@@ -344,7 +344,7 @@ def token_advantages(node_adv: Tensor, spans: Tensor, parsed: Tensor, outcome_ad
     Spans with start < 0 are absent; overlapping spans are an error.
     """
     B, N = node_adv.shape
-    t = torch.arange(num_tokens)
+    t = torch.arange(num_tokens, device=spans.device)
     start, end = spans[..., 0:1], spans[..., 1:2]  # (B, N, 1)
     in_span = (t >= start) & (t < end) & (start >= 0) & parsed[:, None, None]  # (B, N, T)
     count = in_span.sum(1)  # (B, T)
@@ -384,8 +384,8 @@ def graph_node_advantages(batch: CreditBatch, *, evidence: str = "group", gate: 
     else:
         r = b.rewards.view(-1, G)
         outcome = (r - r.mean(1, keepdim=True)).reshape(-1)  # (B,)
-        sink = sink_slots(b.parents)[None, :] & b.present
-        a = torch.where(sink, outcome[:, None].expand_as(sink).to(b.rewards.dtype), torch.zeros_like(b.rewards)[:, None])
+        sink = sink_slots(b.parents, r.device)[None, :] & b.present  # (B, N)
+        a = outcome[:, None] * sink.to(r.dtype)
     if evidence in ("verifier", "both"):
         if b.scores is None or verifier_weights is None:
             raise ValueError(f"evidence={evidence!r} needs batch.scores and verifier_weights")
@@ -404,7 +404,8 @@ def credit_stats(batch: CreditBatch, node_adv: Tensor, own_evidence: Tensor | No
 
     credit/node_abs_adv: per slot, mean |A_{i,v}| over rollouts that have v (0.0 where none has it);
     credit/zero_evidence_rate: share of present nodes with |a| <= ZERO_EVIDENCE_TOL;
-    credit/gate_open_rate: share of schema edges v -> u present at both ends whose gate is 1;
+    credit/gate_open_rate: share of schema edges v -> u present at both ends whose rule gate (batch.gate)
+        is 1, whatever gate form the step used: how often the rule would mask;
     credit/key_repeat_rate: share of present nodes whose key another rollout of the group shares.
     """
     b = batch
@@ -416,7 +417,7 @@ def credit_stats(batch: CreditBatch, node_adv: Tensor, own_evidence: Tensor | No
     if own_evidence is not None:
         zero = (own_evidence.detach().abs() <= ZERO_EVIDENCE_TOL) & pres
         stats["credit/zero_evidence_rate"] = float(zero.sum()) / n_present
-    edge = torch.zeros(b.num_slots, b.num_slots, dtype=torch.bool)  # edge[v, u]: schema edge v -> u
+    edge = torch.zeros(b.num_slots, b.num_slots, dtype=torch.bool, device=pres.device)  # edge[v, u]: schema edge v -> u
     for u, ps in enumerate(b.parents):
         for p in ps:
             edge[p, u] = True
@@ -424,7 +425,7 @@ def credit_stats(batch: CreditBatch, node_adv: Tensor, own_evidence: Tensor | No
     stats["credit/gate_open_rate"] = float((b.gate.detach() * live).sum()) / max(int(live.sum()), 1)
     same = _same_content(b.keys, pres, b.group_size)  # (n, G, G, N)
     G = b.group_size
-    others = same & ~torch.eye(G, dtype=torch.bool)[None, :, :, None]
+    others = same & ~torch.eye(G, dtype=torch.bool, device=pres.device)[None, :, :, None]
     repeated = others.any(2).reshape(-1, b.num_slots) & pres  # (B, N)
     stats["credit/key_repeat_rate"] = float(repeated.sum()) / n_present
     return stats
@@ -509,7 +510,9 @@ class EdgeController:
     alpha = alpha_max * sigmoid(phi); with a normalised (sign) step only the step geometry depends on
     the parameterisation, and a sigmoid cannot hold the default init alpha = 1 = alpha_max (phi = +inf)
     and makes steps vanish near the bounds, so the projected form is the one that can leave the init.
-    The gradient w.r.t. phi is then the gradient w.r.t. alpha.
+    The gradient w.r.t. phi is then the gradient w.r.t. alpha. phi and psi live on the CPU in float64
+    (compute_advantages moves them to the batch's device); reduce_fn receives CPU float64 tensors, so
+    under nccl it must move them to the GPU and back.
 
     Update rule (mode 'meta'): reduce_fn(grad) (DDP mean over ranks, identity by default) is stored each
     step; after `window` = K steps, per coordinate, the gate opens if |mean| > z * std / sqrt(K)

@@ -391,7 +391,6 @@ def train(cfg) -> str:
             grad_W = main_loss_output_grad(model, held_out, cfg)
         # ---- 4. update: num_iterations passes over the step's rollouts, micro-batched, DDP-synced on the last
         t1 = time.time()
-        sums = torch.zeros(8, dtype=torch.float64)  # loss, kl, clip low/high/region, entropy, tokens, nonfinite
         d_tok = torch.zeros_like(ro.adv) if grad_W is not None else None
         lr = lr_at(step, rl)
         for g in opt.param_groups:
@@ -399,26 +398,10 @@ def train(cfg) -> str:
         skipped = False
         for it in range(rl.num_iterations):
             opt.zero_grad(set_to_none=True)
-            mbs = list(range(0, len(completions), rl.micro_batch_size))
-            for j, s in enumerate(mbs):
-                sl = slice(s, s + rl.micro_batch_size)
-                mb, mmask = ro.rows(sl), mask[sl]
-                sync = j == len(mbs) - 1 or world == 1
-                ctx = ddp_model.no_sync() if (world > 1 and not sync) else _null()
-                with ctx:
-                    out = logprobs_of(ddp_model, mb, rl.temperature, entropy=True, hidden=grad_W is not None and it == 0)
-                    old = mb.old_logp if mb.old_logp is not None else out.logprobs.detach()
-                    loss, ls = grpo_loss(out.logprobs, old, mb.adv, mmask, rl, n_tokens, n_seqs, mb.ref_logp)
-                    (loss * world).backward()  # DDP averages gradients over ranks; the loss is already global
-                if it == 0:
-                    sums += torch.tensor([loss.item() * world, ls["kl"].item(), ls["clip_ratio/low_mean"].item(),
-                                          ls["clip_ratio/high_mean"].item(), ls["clip_ratio/region_mean"].item(),
-                                          (out.entropy.detach() * mmask).sum().item(), mmask.sum().item(),
-                                          float(not torch.isfinite(loss))], dtype=torch.float64)
-                    if d_tok is not None:
-                        d_tok[sl] = credit.output_layer_token_dots(out.hidden[:, ro.prompt_len:].detach(),
-                                                                   out.logits[:, ro.prompt_len:].detach(),
-                                                                   mb.completion_ids, grad_W, rl.temperature)
+            it_sums = accumulate_policy_gradient(ddp_model, ro, mask, rl, n_tokens, n_seqs, world,
+                                                 grad_W=grad_W if it == 0 else None, d_out=d_tok)
+            if it == 0:
+                sums = it_sums
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), rl.grad_clip)
             bad = all_reduce_sum(torch.tensor([float(not torch.isfinite(grad_norm))]))
             if bad.item() > 0:  # every rank skips together: the collectives stay in step
@@ -471,6 +454,41 @@ def train(cfg) -> str:
     return final
 
 
+def accumulate_policy_gradient(ddp_model, ro: Rollouts, mask: torch.Tensor, rl, n_tokens: float, n_seqs: float,
+                               world: int, grad_W: torch.Tensor | None = None,
+                               d_out: torch.Tensor | None = None) -> torch.Tensor:
+    """Backward of the DESIGN §6 loss over all micro-batches of this rank's rollouts into .grad.
+
+    Every micro-batch loss is divided by the GLOBAL counts (aggregate_loss) and multiplied by the world size
+    (DDP averages gradients over ranks), so the accumulated gradient equals the full-batch gradient for any
+    micro-batch size and world size. Gradients are synchronised on the last micro-batch only (no_sync before).
+    With grad_W (the Eq. 3 controller), also writes d_t of every completion token into d_out (B, T).
+    Returns the step's local sums: loss, kl, clip low/high/region, entropy, tokens, non-finite losses.
+    """
+    sums = torch.zeros(8, dtype=torch.float64)
+    starts = list(range(0, ro.input_ids.shape[0], rl.micro_batch_size))
+    for j, s in enumerate(starts):
+        sl = slice(s, s + rl.micro_batch_size)
+        mb, mmask = ro.rows(sl), mask[sl]
+        last = j == len(starts) - 1
+        ctx = ddp_model.no_sync() if (world > 1 and not last) else _null()
+        with ctx:
+            out = logprobs_of(ddp_model, mb, rl.temperature, entropy=True, hidden=grad_W is not None)
+            old = mb.old_logp if mb.old_logp is not None else out.logprobs.detach()
+            loss, ls = grpo_loss(out.logprobs, old, mb.adv, mmask, rl, n_tokens, n_seqs, mb.ref_logp)
+            (loss * world).backward()
+        sums += torch.tensor([loss.item() * world, ls["kl"].item(), ls["clip_ratio/low_mean"].item(),
+                              ls["clip_ratio/high_mean"].item(), ls["clip_ratio/region_mean"].item(),
+                              (out.entropy.detach() * mmask).sum().item(), mmask.sum().item(),
+                              float(not torch.isfinite(loss))], dtype=torch.float64)
+        if grad_W is not None:
+            P = ro.prompt_len
+            # out.logits are z / T already (p_t is right at temperature 1); grad_W log pi carries one more 1 / T
+            d_out[sl] = credit.output_layer_token_dots(out.hidden[:, P:].detach().float(), out.logits[:, P:].detach(),
+                                                       mb.completion_ids, grad_W, 1.0) / rl.temperature
+    return sums
+
+
 class _null:
     def __enter__(self):
         return None
@@ -514,7 +532,7 @@ def step_metrics(step, rewards, parses, completions, zero_std, sums, cstats, con
     R = rewards.view(-1, G)
     local = torch.tensor([rewards.sum().item(), R.std(1).sum().item(), zero_std.float().sum().item(), len(rewards),
                           R.shape[0], sum(len(c) for c in completions),
-                          sum(len(c) >= rl.max_new_tokens and c[-1] != -1 for c in completions),
+                          sum(len(c) >= rl.max_new_tokens for c in completions),
                           sum(p.valid for p in parses), sum(p.consistent for p in parses)], dtype=torch.float64)
     g = all_reduce_sum(torch.cat([local, sums]))
     n, groups, tok = g[3].item(), g[4].item(), max(g[6 + 9].item(), 1.0)

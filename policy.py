@@ -21,6 +21,7 @@ dropped) and `sample_reference` (one row at a time, no cache) therefore give the
 the reference is the readable spec and the test oracle.
 """
 import contextlib
+import json
 import os
 import re
 from typing import Iterable, NamedTuple
@@ -182,10 +183,21 @@ def load_policy(name_or_path: str | None, tokenizer_words: Iterable[str], dtype=
         return model.to(device=device, dtype=dtype), tokenizer
     if not os.path.isdir(name_or_path):
         raise FileNotFoundError(f"load_policy: model directory not found: {name_or_path}")
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+    tokenizer = _load_tokenizer(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(name_or_path, local_files_only=True, dtype=dtype)
     add_graph_tokens(tokenizer, model, [w for w in words if is_tag_token(w)])
     return model.to(device=device, dtype=dtype), tokenizer
+
+
+def _load_tokenizer(path: str):
+    """Our word-level tokenizer must load as itself: AutoTokenizer maps a directory whose config.json says
+    'qwen2' to Qwen2Tokenizer, which replaces the whitespace pre-tokenizer and silently encodes to nothing."""
+    tj = os.path.join(path, "tokenizer.json")
+    if os.path.isfile(tj):
+        with open(tj, encoding="utf-8") as f:
+            if json.load(f).get("model", {}).get("type") == "WordLevel":
+                return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def save_policy(model, tokenizer, out_dir: str) -> None:

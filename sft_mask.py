@@ -109,6 +109,8 @@ def lr_at(step: int, total: int, warmup: int, lr: float) -> float:
 def train_sft(cfg, out_dir: str, show_progress: bool = True) -> str:
     """Run SFT per cfg.sft / cfg.mask and save out_dir/checkpoint (atomically). Returns its path."""
     torch.manual_seed(cfg.run.seed)
+    if cfg.run.num_threads:
+        torch.set_num_threads(cfg.run.num_threads)
     device = policy.resolve_device(cfg.run.device)
     schema, splits = data.load_splits(cfg)
     model, tokenizer = policy.load_policy(cfg.model.name_or_path or None, data.vocabulary(schema, sum(splits.values(), [])),

@@ -1,6 +1,5 @@
 """policy.py: tokenizer and checkpoint round trips, log-probs under left padding, sampling equal
 to the per-row reference, sampling distribution, pretrained checkpoints of another architecture."""
-import json
 import math
 
 import pytest
@@ -101,6 +100,9 @@ def test_model_round_trip_through_load_policy(tmp_path):
     model2, tok2 = P.load_policy(str(tmp_path), WORDS, "float32", "cpu", None)
     assert tok2.get_vocab() == tok.get_vocab()
     assert type(model2).__name__ == "Qwen2ForCausalLM"
+    # next to a Qwen2 config.json, AutoTokenizer alone would pick Qwen2Tokenizer and encode to []
+    assert P.encode(tok2, TEXT, strict=True) == P.encode(tok, TEXT, strict=True)
+    assert tok2.decode(P.encode(tok2, TEXT, strict=True)) == TEXT
     ids = torch.tensor([P.encode(tok, TEXT, strict=True)])
     assert torch.equal(model(input_ids=ids).logits, model2(input_ids=ids).logits)
 

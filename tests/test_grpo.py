@@ -1,0 +1,271 @@
+"""graph_grpo.py: the hand-written GRPO loss (DESIGN §6), micro-batch / world-size invariance of the gradient,
+rewards on garbage, and subprocess runs (single process, torchrun on gloo, SIGKILL + resume)."""
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+
+import pytest
+import torch
+
+import data
+import graph_grpo as gg
+import policy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def rl_cfg(aggregation="token_mean", beta=0.0, max_len=4, micro=32):
+    return types.SimpleNamespace(eps_low=0.2, eps_high=0.2, beta=beta, aggregation=aggregation,
+                                 max_new_tokens=max_len, micro_batch_size=micro, temperature=1.0)
+
+
+# ---------------------------------------------------------------------------------------------- loss on hand numbers
+
+W = torch.tensor([[1.5, 0.5], [1.1, 1.0]])
+A = torch.tensor([[1.0, -1.0], [2.0, 0.0]])
+M = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+# per token -min(w A, clip(w, 0.8, 1.2) A):  (0,0) w 1.5 A 1 -> -1.2 (high-clipped)
+#   (0,1) w 0.5 A -1 -> +0.8 (low-clipped)   (1,0) w 1.1 A 2 -> -2.2   (1,1) masked
+
+
+@pytest.mark.parametrize("aggregation,expected", [
+    ("token_mean", (-1.2 + 0.8 - 2.2) / 3),                     # global token mean
+    ("seq_mean_token_mean", ((-1.2 + 0.8) / 2 + (-2.2)) / 2),    # mean over sequences of token means
+    ("seq_mean_token_sum_norm", ((-1.2 + 0.8) / 4 + (-2.2 / 4)) / 2),  # Dr. GRPO: token sums / max length 4
+])
+def test_loss_hand_numbers_each_aggregation(aggregation, expected):
+    old = torch.zeros(2, 2)
+    logp = torch.log(W).requires_grad_(True)
+    loss, sums = gg.grpo_loss(logp, old, A, M, rl_cfg(aggregation), n_tokens=3, n_seqs=2)
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    assert sums["clip_ratio/high_mean"].item() == 1 and sums["clip_ratio/low_mean"].item() == 1
+    assert sums["clip_ratio/region_mean"].item() == 2
+    loss.backward()
+    # clipped tokens carry no gradient; the unclipped one d(-w A)/dlogp = -w A
+    assert logp.grad[0, 0] == 0 and logp.grad[0, 1] == 0 and logp.grad[1, 1] == 0
+    scale = {"token_mean": 1 / 3, "seq_mean_token_mean": 1 / 2, "seq_mean_token_sum_norm": 1 / 8}[aggregation]
+    assert logp.grad[1, 0].item() == pytest.approx(-1.1 * 2.0 * scale, abs=1e-6)
+
+
+def test_clip_is_asymmetric_with_eps_high():
+    cfg = rl_cfg()
+    cfg.eps_high = 0.28
+    term, clip = gg.clipped_policy_term(torch.log(torch.tensor([1.25])), torch.zeros(1), torch.tensor([1.0]), 0.2, 0.28)
+    assert term.item() == pytest.approx(-1.25) and not clip["high"].item()
+
+
+def test_kl_k3():
+    lp = torch.log(torch.tensor([0.5, 0.1, 0.9]))
+    assert torch.all(gg.kl_k3(lp, lp) == 0)
+    ref = torch.log(torch.tensor([0.25, 0.3, 0.2]))
+    kl = gg.kl_k3(lp, ref)
+    assert torch.all(kl >= 0)
+    assert kl[0].item() == pytest.approx(0.5 + math.log(2) - 1, abs=1e-6)   # exp(-ln 2) + ln 2 - 1
+
+
+def test_dropped_zero_std_group_gives_zero_gradient_including_kl():
+    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0])   # group 0 (rows 0-1) has zero std
+    G = 2
+    zero = torch.tensor([bool(rewards[0] == rewards[1]), bool(rewards[2] == rewards[3])])
+    keep = (~zero).repeat_interleave(G).float()
+    logp = torch.log(torch.full((4, 3), 0.5)).requires_grad_(True)
+    ref = torch.log(torch.full((4, 3), 0.3))
+    adv = torch.randn(4, 3)
+    mask = torch.ones(4, 3) * keep[:, None]
+    loss, _ = gg.grpo_loss(logp, logp.detach(), adv, mask, rl_cfg(beta=0.5), float(mask.sum()), float(keep.sum()), ref)
+    loss.backward()
+    assert torch.all(logp.grad[:2] == 0) and torch.all(logp.grad[2:] != 0)
+
+
+# ---------------------------------------------------------------------------------------------- rewards
+
+def test_outcome_reward_on_garbage_and_faithfulness():
+    schema = data.GraphSchema()
+    tok = policy.build_word_tokenizer(data.vocabulary(schema))
+    vocab = data.TagVocab.from_tokenizer(tok, schema)
+    enc = lambda s: policy.encode(tok, s, strict=True)  # noqa: E731
+    good = "<q> brand nike </q> <p> brand adidas </p> <f:brand> nike adidas mismatch </f:brand> <y> mismatch </y>"
+    unfaithful = good.replace("<y> mismatch", "<y> irrelevant")
+    parse = lambda s: data.parse_completion(enc(s), vocab, schema)  # noqa: E731
+    r = lambda p, gold, **kw: gg.outcome_reward(p, gold, 4, kw.get("kind", "exact"), -0.5, kw.get("rc", True))  # noqa: E731
+    assert r(parse(good), 1) == 1.0 and r(parse(good), 2) == 0.0
+    assert r(parse(good), 3, kind="graded") == pytest.approx(1 - 2 / 3)
+    assert r(parse(unfaithful), 0) == -0.5                # label ignores its own verdicts: penalty
+    assert r(parse(unfaithful), 0, rc=False) == 1.0
+    for ids in ([], [5, 5, 5], list(range(40))):
+        assert r(data.parse_completion(ids, vocab, schema), 1) == -0.5
+
+
+# ---------------------------------------------------------------------------------------------- invariances
+
+def _fake_rollouts(seed=0, B=8, vocab=50):
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(5, vocab, (int(torch.randint(3, 7, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(B // 2)]
+    completions = [torch.randint(5, vocab, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
+                   for _ in range(B)]
+    ids, attn, comp = policy.build_sequences(prompts, completions, pad_id=0)
+    T = max(len(c) for c in completions)
+    P = ids.shape[1] - T
+    ro = gg.Rollouts(ids, attn, comp[:, P:].float(), P, torch.zeros(B), torch.randn(B, T, generator=g))
+    return ro
+
+
+def _grads(model, ro, rl, world=1, n_tokens=None, n_seqs=None):
+    model.zero_grad(set_to_none=True)
+    mask = ro.completion_mask
+    n_tokens = float(mask.sum()) if n_tokens is None else n_tokens
+    n_seqs = float(mask.shape[0]) if n_seqs is None else n_seqs
+    gg.accumulate_policy_gradient(model, ro, mask, rl, n_tokens, n_seqs, world)
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
+def test_gradient_is_invariant_to_micro_batching(aggregation):
+    torch.manual_seed(0)
+    model = policy.build_tiny_model(50, 0, 1, 2, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                                    intermediate_size=64)
+    ro = _fake_rollouts()
+    full = _grads(model, ro, rl_cfg(aggregation, max_len=6, micro=8))
+    for micro in (1, 3, 4):
+        part = _grads(model, ro, rl_cfg(aggregation, max_len=6, micro=micro))
+        torch.testing.assert_close(part, full, rtol=1e-5, atol=1e-7)
+
+
+def _ddp_worker(rank, world, port, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import datetime
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    model = policy.build_tiny_model(50, 0, 1, 2, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                                    intermediate_size=64)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    ro = _fake_rollouts()
+    half = ro.input_ids.shape[0] // world
+    mine = ro.rows(slice(rank * half, (rank + 1) * half))
+    rl = rl_cfg("token_mean", max_len=6, micro=2)
+    n_tokens, n_seqs = float(ro.completion_mask.sum()), float(ro.completion_mask.shape[0])
+    grads = _grads(ddp, mine, rl, world, n_tokens, n_seqs)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(2):
+        opt.step()
+        _grads(ddp, mine, rl, world, n_tokens, n_seqs)
+    params = torch.cat([p.detach().flatten() for p in model.parameters()])
+    gathered = [torch.zeros_like(params) for _ in range(world)]
+    dist.all_gather(gathered, params)
+    if rank == 0:
+        torch.save({"grads": grads, "params": gathered}, out_path)
+    dist.destroy_process_group()
+
+
+def test_gradient_is_invariant_to_world_size_and_ranks_stay_equal(tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "ddp.pt")
+    mp.start_processes(_ddp_worker, args=(2, port, out), nprocs=2, join=True, start_method="spawn")
+    res = torch.load(out)
+    model = policy.build_tiny_model(50, 0, 1, 2, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                                    intermediate_size=64)
+    single = _grads(model, _fake_rollouts(), rl_cfg("token_mean", max_len=6, micro=8))
+    torch.testing.assert_close(res["grads"], single, rtol=1e-5, atol=1e-7)
+    assert torch.equal(res["params"][0], res["params"][1])
+
+
+def test_prompt_order_is_a_pure_function_of_the_step():
+    a = gg.step_prompt_indices(5, 1, 2, 4, 100, 0)
+    assert a == gg.step_prompt_indices(5, 1, 2, 4, 100, 0)
+    # world 1 with 8 prompts per step covers exactly the prompts of world 2's two ranks
+    both = gg.step_prompt_indices(5, 0, 2, 4, 100, 0) + a
+    assert both == gg.step_prompt_indices(5, 0, 1, 8, 100, 0)
+
+
+def test_bad_config_is_rejected_with_the_key():
+    cfg = types.SimpleNamespace(rl=types.SimpleNamespace(num_generations=1, prompts_per_step=4, num_iterations=1))
+    with pytest.raises(ValueError, match="rl.num_generations"):
+        gg.validate_rl_config(cfg, 1)
+    cfg.rl.num_generations = 4
+    cfg.rl.prompts_per_step = 3
+    with pytest.raises(ValueError, match="rl.prompts_per_step"):
+        gg.validate_rl_config(cfg, 2)
+
+
+# ---------------------------------------------------------------------------------------------- subprocess runs
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", GG_DIST_TIMEOUT="120", TQDM_DISABLE="1")
+    return env
+
+
+def _run(args, cwd=ROOT, timeout=300):
+    return subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def sft_ckpt(tmp_path_factory):
+    """One tiny SFT checkpoint shared by the RL subprocess tests."""
+    root = tmp_path_factory.mktemp("sft")
+    r = _run([sys.executable, "sft_mask.py", "configs/tiny.yaml", f"--run.out_dir={root}",
+              f"--data.dir={root}/data", "--eval.max_items=8"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return str(root / "sft" / "checkpoint"), f"{root}/data"
+
+
+def _rl_args(out, sft_ckpt, *extra):
+    ckpt, data_dir = sft_ckpt
+    return ["graph_grpo.py", "configs/tiny.yaml", f"--run.out_dir={out}", f"--data.dir={data_dir}",
+            f"--rl.init_from={ckpt}", "--eval.max_items=8", "--run.num_threads=1", *extra]
+
+
+def test_single_process_run_writes_metrics_samples_and_eval(tmp_path, sft_ckpt):
+    out = tmp_path / "run"
+    r = _run([sys.executable, *_rl_args(out, sft_ckpt, "--credit.mode=outcome", "--controller.mode=fixed")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+    lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    assert len(lines) == 2
+    for key in ("reward", "reward_std", "frac_reward_zero_std", "kl", "entropy", "clip_ratio/low_mean",
+                "clip_ratio/high_mean", "clip_ratio/region_mean", "completions/mean_length",
+                "completions/clipped_ratio", "grad_norm", "lr", "format_rate", "tokens_per_s"):
+        assert key in lines[0], key
+    assert (out / "samples.jsonl").stat().st_size > 0
+    assert (out / "eval.json").exists() and (out / "checkpoint" / "config.json").exists()
+
+
+def test_torchrun_two_ranks_on_gloo(tmp_path, sft_ckpt):
+    out = tmp_path / "ddp"
+    r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+              *_rl_args(out, sft_ckpt, "--credit.mode=graph", "--controller.mode=meta", "--controller.accumulate=2")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "checkpoint" / "config.json").exists()
+
+
+def test_sigkill_then_resume_ends_in_the_same_state(tmp_path, sft_ckpt):
+    extra = ["--rl.steps=6", "--run.save_every=2", "--credit.mode=graph", "--controller.mode=meta",
+             "--controller.accumulate=2"]
+    ref = tmp_path / "ref"
+    r = _run([sys.executable, *_rl_args(ref, sft_ckpt, *extra)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, *_rl_args(out, sft_ckpt, *extra)], cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step_000002").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "checkpoint").exists(), "the run finished before it could be killed"
+    r = _run([sys.executable, *_rl_args(out, sft_ckpt, *extra)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from" in r.stdout
+    a, _ = policy.load_policy(str(ref / "checkpoint"), [])
+    b, _ = policy.load_policy(str(out / "checkpoint"), [])
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), n
