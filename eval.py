@@ -159,7 +159,40 @@ def format_confusion_matrix(cm: np.ndarray, label_names: Sequence[str]) -> str:
 LONGTAIL_VERDICT_KEY = "longtail_verdicts"
 
 
-def score_completions(examples, completions, vocab, schema) -> dict:
+def node_correct(name: str, parsed: data.ParsedCoT, ex: data.Example, schema) -> bool | None:
+    """Is node `name` of a parsed CoT right against the gold annotation (None where there is no gold)?
+    q/p: the same (facet, value) pairs; f:k: the gold verdict; y: the gold label."""
+    got = parsed.nodes.get(name)
+    if got is None or got.broken:
+        return False
+    kind = name.split(":")[0]
+    if kind in ("q", "p"):
+        if ex.cot is None:
+            return None
+        return got.content == data.parse_node_content(name, ex.cot[name].split(), schema)[0]
+    if kind == "f":
+        gold = (ex.nodes or {}).get(name[2:])
+        return None if gold is None else got.content[2] == gold
+    return got.content == ex.label
+
+
+def verifier_agreement(examples, parses, schema, comparator) -> dict:
+    """Agreement of each local verifier score kind with gold node correctness, per node type (DESIGN §3):
+    {'<kind>/<node type>': share of scored nodes where (score >= 0.5) == (node is right)}."""
+    hits: dict[str, list[int]] = {}
+    for ex, p in zip(examples, parses):
+        scores = data.verifier_scores(p, ex.query, ex.product, comparator, schema)
+        for name, vals in scores.items():
+            right = node_correct(name, p, ex, schema)
+            if right is None:
+                continue
+            for kind, s in zip(data.SCORE_KINDS, vals):
+                if not math.isnan(s):
+                    hits.setdefault(f"{kind}/{name.split(':')[0]}", []).append(int((s >= 0.5) == right))
+    return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
+
+
+def score_completions(examples, completions, vocab, schema, comparator=None) -> dict:
     """Metrics of parsed completions against gold: label metrics (an invalid completion is a wrong
     prediction), format-valid and rule-consistency rates, per-node accuracy where gold nodes exist, and on
     long-tail examples the facet accuracy and the share of each verdict on the long-tail facet."""
@@ -177,9 +210,7 @@ def score_completions(examples, completions, vocab, schema) -> dict:
     for ex, p, y in zip(examples, parsed, pred):
         if ex.cot is not None:
             for name in ("q", "p"):
-                gold_c, _ = data.parse_node_content(name, ex.cot[name].split(), schema)
-                got = p.nodes.get(name)
-                node_hits.setdefault(name, []).append(int(got is not None and not got.broken and got.content == gold_c))
+                node_hits.setdefault(name, []).append(int(node_correct(name, p, ex, schema)))
         for facet, verdict in (ex.nodes or {}).items():
             node_hits.setdefault("f:" + facet, []).append(int(p.verdicts.get(facet) == verdict))
         node_hits.setdefault("y", []).append(int(y == ex.label))
@@ -191,6 +222,8 @@ def score_completions(examples, completions, vocab, schema) -> dict:
             lt_shares[got] += 1
             by_kind.setdefault(kind, []).append(int(y == ex.label))
     out["node_accuracy"] = {k: sum(v) / len(v) for k, v in node_hits.items()}
+    if comparator is not None:
+        out["verifier_agreement"] = verifier_agreement(examples, parsed, schema, comparator)
     if lt_hits:
         out["longtail_facet_accuracy"] = sum(lt_hits) / len(lt_hits)
         out[LONGTAIL_VERDICT_KEY] = {k: v / len(lt_hits) for k, v in lt_shares.items()}
@@ -216,7 +249,8 @@ def evaluate_policy(model, tokenizer, schema, splits: dict, eval_cfg, strict: bo
         if eval_cfg.max_items:
             examples = examples[:eval_cfg.max_items]
         completions = generate_greedy(model, tokenizer, examples, eval_cfg.batch_size, eval_cfg.max_new_tokens, strict)
-        results[name] = score_completions(examples, completions, vocab, schema)
+        comparator = data.Catalogue().head_compare if strict else None
+        results[name] = score_completions(examples, completions, vocab, schema, comparator)
     return results
 
 
@@ -240,7 +274,8 @@ def evaluate_run(cfg, checkpoint: str, out_dir: str, print_table: bool = True) -
     schema, splits = data.load_splits(cfg)
     model, tokenizer = policy.load_policy(checkpoint, data.vocabulary(schema), dtype=cfg.run.dtype, device=device)
     tests = {s: splits[s] for s in data.test_split_names(splits)}
-    results = evaluate_policy(model, tokenizer, schema, tests, cfg.eval, strict=cfg.data.source == "synthetic")
+    with policy.autocast(cfg.run.dtype, device):
+        results = evaluate_policy(model, tokenizer, schema, tests, cfg.eval, strict=cfg.data.source == "synthetic")
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
         json.dump(results, f, indent=1)
     if print_table:

@@ -193,8 +193,12 @@ def setup_distributed(device_cfg: str):
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (identity without torch.distributed); nccl needs the tensor on the rank's GPU."""
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
+        x = t.to(dev)
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        return x.to(t.device)
     return t
 
 
@@ -243,7 +247,8 @@ def make_controller(cfg, num_edge_types: int, world: int) -> credit.EdgeControll
     """Eq. 3 controller; 'fixed' outside graph mode. Its phi gradient is averaged over ranks (DESIGN §5)."""
     c = cfg.credit
     uses_scores = c.mode == "graph" and c.evidence in ("verifier", "both")
-    mode = cfg.controller.mode if c.mode == "graph" else "fixed"
+    # alpha only acts through Eq. 1b: outside graph mode, and for the 'baseline' form, there is nothing to learn
+    mode = cfg.controller.mode if (c.mode == "graph" and c.evidence != "baseline") else "fixed"
     return credit.EdgeController(num_edge_types, c.alpha_init, alpha_min=c.alpha_min, alpha_max=c.alpha_max, mode=mode,
                                  window=cfg.controller.accumulate, z=cfg.controller.snr_z,
                                  step_size=cfg.controller.step_size, num_score_kinds=len(data.SCORE_KINDS) if uses_scores else 0,
@@ -296,12 +301,12 @@ def make_rollouts(model, tokenizer, vocab, schema, examples, prompt_ids, cfg, se
     need_scores = cfg.credit.evidence in ("verifier", "both") or cfg.credit.mode != "outcome"
     scores = [data.verifier_scores(p, ex.query, ex.product, catalogue.head_compare, schema)
               for p, ex in zip(parses, golds)] if need_scores else None
-    input_ids, attn, comp_full = policy.build_sequences(prompt_ids, completions, tokenizer.pad_token_id)
+    input_ids, attn, comp_full = policy.build_sequences(prompt_ids, completions, tokenizer.pad_token_id, model.device)
     T = max(len(c) for c in completions)
     P = input_ids.shape[1] - T
     cb = credit_batch(parses, rewards, G, schema, T, scores, with_values=False)
-    return completions, parses, rewards, cb, Rollouts(input_ids, attn, comp_full[:, P:].float(), P, rewards,
-                                                      torch.zeros(len(completions), T))
+    return completions, parses, rewards, cb, Rollouts(input_ids, attn, comp_full[:, P:].float(), P,
+                                                      rewards.to(model.device), torch.zeros(len(completions), T))
 
 
 def train(cfg) -> str:
@@ -363,8 +368,9 @@ def train(cfg) -> str:
         exs = [pool[i] for i in idx]
         prompt_ids = [prompt_cache.setdefault(i, policy.encode(tokenizer, data.format_prompt(pool[i].query, pool[i].product), strict))
                       for i in idx]
-        completions, parses, rewards, cb, ro = make_rollouts(model, tokenizer, vocab, schema, exs, prompt_ids, cfg,
-                                                             sampling_seed(cfg.run.seed, step, rank), catalogue)
+        with policy.autocast(cfg.run.dtype, device):
+            completions, parses, rewards, cb, ro = make_rollouts(model, tokenizer, vocab, schema, exs, prompt_ids, cfg,
+                                                                 sampling_seed(cfg.run.seed, step, rank), catalogue)
         t_rollout = time.time() - t0
         node_scale, outcome_scale = credit_scales(cfg.credit)
         adv_graph, cstats = credit.compute_advantages(cb, num_tokens=ro.completion_mask.shape[1], mode=cfg.credit.mode,
@@ -372,15 +378,15 @@ def train(cfg) -> str:
                                                       scale=node_scale, outcome_scale=outcome_scale,
                                                       eps=cfg.credit.eps, alpha=controller.alpha(),
                                                       verifier_weights=controller.verifier_weights())
-        ro.adv = adv_graph.detach().float()
+        ro.adv = adv_graph.detach().float().to(device)
         keep = torch.ones(len(completions))
         zero_std = credit.zero_std_groups(rewards, G)
         if rl.drop_zero_std:
             keep = (~zero_std).repeat_interleave(G).float()
-        mask = ro.completion_mask * keep[:, None]
+        mask = ro.completion_mask * keep.to(device)[:, None]
         counts = all_reduce_sum(torch.tensor([mask.sum().item(), keep.sum().item()], dtype=torch.float64))
         n_tokens, n_seqs = float(counts[0]), float(counts[1])
-        with torch.no_grad():
+        with torch.no_grad(), policy.autocast(cfg.run.dtype, device):
             if rl.num_iterations > 1:
                 ro.old_logp = logprobs_of(model, ro, rl.temperature).logprobs
             if ref_model is not None:
@@ -388,7 +394,8 @@ def train(cfg) -> str:
         grad_W = None
         if controller.mode == "meta":
             held_out = main_batch if (main_batch is not None and cfg.controller.main_batch == "previous") else ro
-            grad_W = main_loss_output_grad(model, held_out, cfg)
+            with policy.autocast(cfg.run.dtype, device):
+                grad_W = main_loss_output_grad(model, held_out, cfg)
         # ---- 4. update: num_iterations passes over the step's rollouts, micro-batched, DDP-synced on the last
         t1 = time.time()
         d_tok = torch.zeros_like(ro.adv) if grad_W is not None else None
@@ -398,8 +405,9 @@ def train(cfg) -> str:
         skipped = False
         for it in range(rl.num_iterations):
             opt.zero_grad(set_to_none=True)
-            it_sums = accumulate_policy_gradient(ddp_model, ro, mask, rl, n_tokens, n_seqs, world,
-                                                 grad_W=grad_W if it == 0 else None, d_out=d_tok)
+            with policy.autocast(cfg.run.dtype, device):
+                it_sums = accumulate_policy_gradient(ddp_model, ro, mask, rl, n_tokens, n_seqs, world,
+                                                     grad_W=grad_W if it == 0 else None, d_out=d_tok)
             if it == 0:
                 sums = it_sums
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), rl.grad_clip)
@@ -415,13 +423,14 @@ def train(cfg) -> str:
                                f"lower rl.lr or check the data")
         # ---- 5. controller (Eq. 3): d alpha from the look-ahead main loss
         if d_tok is not None:
-            surrogate = credit.lookahead_alpha_surrogate(adv_graph, d_tok, mask, lr, n_tokens)
+            surrogate = credit.lookahead_alpha_surrogate(adv_graph, d_tok.to(adv_graph.device), mask.to(adv_graph.device),
+                                                         lr, n_tokens)
             controller.accumulate(*controller.gradients(surrogate))
         # the next step's held-out main batch: this step's rollouts with outcome advantages (free, DESIGN §5)
         if controller.mode == "meta":
             out_adv = credit.outcome_advantages(rewards, G, "group", cfg.credit.eps)
-            main_batch = Rollouts(ro.input_ids, ro.attention_mask, ro.completion_mask, ro.prompt_len, rewards,
-                                  out_adv[:, None].expand_as(ro.adv).clone())
+            main_batch = Rollouts(ro.input_ids, ro.attention_mask, ro.completion_mask, ro.prompt_len, ro.rewards,
+                                  out_adv.to(device)[:, None].expand_as(ro.adv).clone())
         # ---- 6. metrics, samples, checkpoints
         dt = time.time() - t0
         rec = step_metrics(step, rewards, parses, completions, zero_std, sums, cstats, controller, rl, world,

@@ -131,7 +131,8 @@ def train_sft(cfg, out_dir: str, show_progress: bool = True) -> str:
         input_ids, attn, targets = input_ids.to(device), attn.to(device), targets.to(device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.sft.steps, cfg.sft.warmup, cfg.sft.lr)
-        loss = completion_loss(model, input_ids, attn, targets)
+        with policy.autocast(cfg.run.dtype, device):
+            loss = completion_loss(model, input_ids, attn, targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.sft.grad_clip)

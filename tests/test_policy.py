@@ -147,7 +147,8 @@ def test_load_policy_pretrained_other_architecture_gets_tags_as_single_tokens(tm
 
 def test_resolve_dtype():
     assert P.resolve_dtype("auto", "cpu") == torch.float32
-    assert P.resolve_dtype("auto", "cuda") == torch.bfloat16
+    assert P.resolve_dtype("auto", "cuda") == torch.float32   # fp32 master weights; bf16 via autocast
+    assert not P.autocast("auto", "cpu")._enabled if hasattr(P.autocast("auto", "cpu"), "_enabled") else True
     assert P.resolve_dtype("bf16", "cpu") == torch.bfloat16
     with pytest.raises(ValueError, match="float33"):
         P.resolve_dtype("float33", "cpu")
