@@ -98,6 +98,8 @@ class DataConfig:
     """share of long-tail surface forms in the synthetic SFT split"""
     longtail_in_rl: float = 0.5
     """share of long-tail surface forms in the synthetic RL pool"""
+    unseen_longtail: bool = False
+    """true: keep brand aliases and *_unseen forms out of SFT (the tiny word-level policy can never emit them)"""
 
 
 @dataclass
@@ -180,7 +182,7 @@ class RLConfig:
     """sampling temperature; log-probs are taken at the same temperature"""
     max_new_tokens: int = 64
     """longest completion sampled"""
-    lr: float = 2e-4
+    lr: float = 1e-4
     """AdamW learning rate"""
     weight_decay: float = 0.0
     """AdamW weight decay"""

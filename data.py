@@ -598,10 +598,11 @@ def _realise(cat: Catalogue, rng: random.Random, facet: str, verdict: str, prod:
 
 
 def generate_example(cat: Catalogue, rng: random.Random, schema: GraphSchema, longtail: str,
-                     p_rare: float = 0.0, pivotal_p: float = 0.8) -> Example:
+                     p_rare: float = 0.0, pivotal_p: float = 0.8, unseen_longtail: bool = True) -> Example:
     """One synthetic example. longtail: 'none' (head forms, plus rare forms with probability p_rare per value),
     'any' (one long-tail form of any kind), 'force' (one long-tail form, pivotal with probability pivotal_p:
-    its verdict changes the label under the rule, so outcome reward can teach it)."""
+    its verdict changes the label under the rule, so outcome reward can teach it). unseen_longtail=False lets
+    every long-tail form (not only the 'rare' ones) appear at rate p_rare."""
     target = rng.randrange(len(schema.label_names))  # uniform labels: drawn once, then realised
     while True:
         dom = rng.choice(list(CATEGORY_TREE))
@@ -636,7 +637,7 @@ def generate_example(cat: Catalogue, rng: random.Random, schema: GraphSchema, lo
         elif p_rare > 0:
             for d in (q, p):
                 for f in d:
-                    rare = [fm for fm, k in cat.tail_forms(f, d[f]) if cat.is_rare(k)]
+                    rare = [fm for fm, k in cat.tail_forms(f, d[f]) if cat.is_rare(k) or not unseen_longtail]
                     if rare and rng.random() < p_rare:
                         d[f] = rng.choice(rare)
         assert all(cat.compare(f, q[f], p[f]) == verdicts[f] for f in mentioned)
@@ -669,7 +670,8 @@ SPLITS = ("sft", "rl", "test_id", "test_longtail")
 
 
 def generate_splits(schema: GraphSchema, seed: int, n_sft: int, n_rl: int, n_test_id: int,
-                    n_test_longtail: int, longtail_in_sft: float, longtail_in_rl: float) -> dict[str, list[Example]]:
+                    n_test_longtail: int, longtail_in_sft: float, longtail_in_rl: float,
+                    unseen_longtail: bool = True) -> dict[str, list[Example]]:
     """The four splits (DESIGN §2), each from its own seeded stream so that changing one size leaves the
     others unchanged. sft/test_id: head forms and rare long-tail forms at rate longtail_in_sft; rl: a share
     longtail_in_rl of examples carry one long-tail form of any kind; test_longtail: every example does."""
@@ -682,7 +684,8 @@ def generate_splits(schema: GraphSchema, seed: int, n_sft: int, n_rl: int, n_tes
         exs = []
         for i in range(n):
             mode = ("any" if rng.random() < longtail_in_rl else "none") if lt == "mixed" else lt
-            ex = generate_example(cat, rng, schema, mode, p_rare=longtail_in_sft if mode == "none" else 0.0)
+            ex = generate_example(cat, rng, schema, mode, p_rare=longtail_in_sft if mode == "none" else 0.0,
+                                  unseen_longtail=unseen_longtail)
             ex.id = f"{split}-{i:06d}"
             exs.append(ex)
         out[split] = exs
@@ -692,12 +695,13 @@ def generate_splits(schema: GraphSchema, seed: int, n_sft: int, n_rl: int, n_tes
 def prepare_synthetic(data_cfg, schema: GraphSchema) -> dict[str, str]:
     """Write the synthetic splits under data_cfg.dir once (deterministic; reused when present). Returns paths."""
     tag = (f"s{data_cfg.seed}-{data_cfg.n_sft}-{data_cfg.n_rl}-{data_cfg.n_test_id}-{data_cfg.n_test_longtail}"
-           f"-{data_cfg.longtail_in_sft}-{data_cfg.longtail_in_rl}")
+           f"-{data_cfg.longtail_in_sft}-{data_cfg.longtail_in_rl}" + ("" if data_cfg.unseen_longtail else "-nounseen"))
     root = os.path.join(data_cfg.dir, tag)
     paths = {s: os.path.join(root, f"{s}.jsonl") for s in SPLITS}
     if not all(os.path.exists(p) for p in paths.values()):
         splits = generate_splits(schema, data_cfg.seed, data_cfg.n_sft, data_cfg.n_rl, data_cfg.n_test_id,
-                                 data_cfg.n_test_longtail, data_cfg.longtail_in_sft, data_cfg.longtail_in_rl)
+                                 data_cfg.n_test_longtail, data_cfg.longtail_in_sft, data_cfg.longtail_in_rl,
+                                 data_cfg.unseen_longtail)
         for s, exs in splits.items():
             write_jsonl(paths[s], exs)
     return paths
@@ -733,3 +737,44 @@ def load_splits(cfg) -> tuple[GraphSchema, dict[str, list[Example]]]:
 
 def test_split_names(splits: dict) -> list[str]:
     return [s for s in splits if s not in ("sft", "rl")]
+
+
+def split_stats(splits: dict[str, list[Example]], schema: GraphSchema) -> dict:
+    """Figures of the testbed (README): label shares, long-tail kinds with the share whose verdict changes the
+    label (pivotal), and the local verifiers' agreement with gold on the gold CoT (comparator errors only:
+    the gold steps are all right, so agreement = share of gold nodes the verifier accepts)."""
+    cat = Catalogue()
+    out = {}
+    for name, exs in splits.items():
+        n = len(exs)
+        s = {"n": n, "labels": [round(sum(e.label == k for e in exs) / n, 3) for k in range(len(schema.label_names))]}
+        kinds: dict[str, list[bool]] = {}
+        for e in exs:
+            if e.meta.get("longtail"):
+                kinds.setdefault(e.meta["longtail"], []).append(bool(e.meta["pivotal"]))
+        s["longtail"] = {k: {"share": round(len(v) / n, 3), "pivotal": round(sum(v) / len(v), 3)}
+                         for k, v in sorted(kinds.items())}
+        hits: dict[str, list[float]] = {}
+        for e in exs[:2000]:
+            if e.cot is None:
+                continue
+            words = serialize_cot(e.cot, schema).split()
+            ids = list(range(len(words)))
+            vocab = TagVocab({i: w for i, w in enumerate(words) if w in set(schema.tags())},
+                             lambda xs, w=words: " ".join(w[i] for i in xs), None)
+            parsed = parse_completion(ids, vocab, schema)
+            for node, vals in verifier_scores(parsed, e.query, e.product, cat.head_compare, schema).items():
+                for kind, v in zip(SCORE_KINDS, vals):
+                    if not math.isnan(v):
+                        hits.setdefault(f"{kind}/{node.split(':')[0]}", []).append(v)
+        s["verifier_accepts_gold"] = {k: round(sum(v) / len(v), 3) for k, v in sorted(hits.items())}
+        out[name] = s
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+    from config import load_config
+    cfg = load_config(sys.argv[1] if len(sys.argv) > 1 else "configs/base.yaml", sys.argv[2:])
+    schema, splits = load_splits(cfg)
+    print(json.dumps(split_stats(splits, schema), indent=1))

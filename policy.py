@@ -278,8 +278,8 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     """log pi_theta(o_t | prefix) at temperature T for every completion position (DESIGN.md section 6).
 
     Differentiable; `model` may be DDP-wrapped (the forward goes through the wrapper). Logits are
-    computed only from the first completion column on (logits_to_keep), log-softmax in float32
-    even under bf16. return_hidden also returns the tempered logits: the closed form of d_t in
+    computed for every column (the forward runs on rows rolled to right padding, see below),
+    log-softmax in float32 even under bf16. return_hidden also returns the tempered logits: the closed form of d_t in
     Eq. 3 needs h_t and p_t = softmax(logits_t).
     """
     if temperature <= 0:
@@ -290,7 +290,6 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         raise ValueError("token_logprobs: position 0 has no prefix and cannot be a completion token")
     cols = completion_mask.any(0).nonzero()
     first = int(cols[0]) if len(cols) else L  # first column holding any completion token
-    keep = L - first + 1  # logits at first-1 .. L-1; the last one predicts nothing and is dropped
 
     raw = getattr(model, "module", model)
     captured = {}
@@ -298,14 +297,22 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     if return_hidden:
         hook = raw.get_output_embeddings().register_forward_hook(
             lambda module, args, output: captured.__setitem__("hidden", args[0]))
+    # Left padding is rolled to the right for the forward: a left pad is a query row with no key to attend to,
+    # and CUDA SDPA under bf16 autocast returned NaN gradients for such rows (README, experiments/gpu_debug.py);
+    # rolled, every pad row sees the real tokens before it. Real tokens see exactly what they saw before.
+    left = (attention_mask.long().cumsum(1) == 0).sum(1)  # (B,) leading pads per row
+    ar = torch.arange(L, device=input_ids.device)
+    roll = (ar[None] + left[:, None]) % L                  # rolled[:, j] = original[:, roll[:, j]]
+    unroll = (ar[None] - left[:, None]) % L                # original[:, j] = rolled[:, unroll[:, j]]
+    ids_r, mask_r = input_ids.gather(1, roll), attention_mask.gather(1, roll)
     try:
-        out = model(input_ids=input_ids, attention_mask=attention_mask,
-                    position_ids=position_ids_from_mask(attention_mask), use_cache=False,
-                    logits_to_keep=min(keep, L))
+        out = model(input_ids=ids_r, attention_mask=mask_r, position_ids=position_ids_from_mask(mask_r),
+                    use_cache=False, logits_to_keep=0)
     finally:
         if hook is not None:
             hook.remove()
-    logits = out.logits[:, -keep:-1].float() / temperature  # (B, L - first, V), predicts input_ids[:, first:]
+    back = lambda x: x.gather(1, unroll.view(B, L, *([1] * (x.dim() - 2))).expand_as(x))  # noqa: E731
+    logits = back(out.logits)[:, first - 1:L - 1].float() / temperature  # (B, L - first, V), predicts input_ids[:, first:]
     logp_all = F.log_softmax(logits, dim=-1)
     targets = input_ids[:, first:]
     mask = completion_mask[:, first:]
@@ -319,7 +326,7 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     if return_entropy:
         entropy = aligned(-(logp_all.exp() * logp_all).sum(-1) * mask)
     if return_hidden:
-        h = captured["hidden"][:, -keep:-1]
+        h = back(captured["hidden"])[:, first - 1:L - 1]
         hidden = aligned(h * mask.unsqueeze(-1).to(h.dtype))
         tempered = aligned(logits * mask.unsqueeze(-1))
     return TokenLogprobs(aligned(logp), entropy, hidden, tempered)
