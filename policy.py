@@ -137,9 +137,9 @@ def tiny_kwargs(model_cfg, seed: int = 0) -> dict:
 
 
 def resolve_dtype(dtype, device) -> torch.dtype:
-    """Parameter dtype. 'auto' -> fp32 parameters everywhere (on CUDA the forward runs under bf16 autocast, see
-    `autocast`): bf16 parameters with AdamW went NaN within 3 SFT steps on an H100, fp32 + autocast did not.
-    'bfloat16' asks for bf16 parameters (memory for large checkpoints); also accepts torch dtypes."""
+    """Parameter dtype. 'auto' -> fp32 parameters everywhere; on CUDA the forward runs under bf16 autocast
+    (`autocast`): fp32 master weights, the usual mixed-precision recipe. 'bfloat16' asks for bf16 parameters
+    (memory for large checkpoints); also accepts torch dtypes."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
@@ -274,13 +274,15 @@ class TokenLogprobs(NamedTuple):
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
-                   temperature: float, return_entropy: bool = False, return_hidden: bool = False) -> TokenLogprobs:
+                   temperature: float, return_entropy: bool = False, return_hidden: bool = False,
+                   targets: torch.Tensor | None = None) -> TokenLogprobs:
     """log pi_theta(o_t | prefix) at temperature T for every completion position (DESIGN.md section 6).
 
     Differentiable; `model` may be DDP-wrapped (the forward goes through the wrapper). Logits are
     computed for every column (the forward runs on rows rolled to right padding, see below),
     log-softmax in float32 even under bf16. return_hidden also returns the tempered logits: the closed form of d_t in
-    Eq. 3 needs h_t and p_t = softmax(logits_t).
+    Eq. 3 needs h_t and p_t = softmax(logits_t). `targets` (B, L): score these tokens instead of
+    input_ids (CoT random masking feeds masked inputs but scores the original tokens, DESIGN section 9).
     """
     if temperature <= 0:
         raise ValueError(f"token_logprobs: temperature must be > 0, got {temperature}")
@@ -314,7 +316,7 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     back = lambda x: x.gather(1, unroll.view(B, L, *([1] * (x.dim() - 2))).expand_as(x))  # noqa: E731
     logits = back(out.logits)[:, first - 1:L - 1].float() / temperature  # (B, L - first, V), predicts input_ids[:, first:]
     logp_all = F.log_softmax(logits, dim=-1)
-    targets = input_ids[:, first:]
+    targets = (input_ids if targets is None else targets)[:, first:]
     mask = completion_mask[:, first:]
     logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * mask  # (B, L - first)
 

@@ -19,7 +19,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
@@ -75,10 +74,10 @@ def encode_sft_examples(examples, tokenizer, schema, strict: bool):
 
 
 def sft_batch(items, tokenizer, mask_cfg, gen: torch.Generator):
-    """-> input_ids (masked inputs), attention_mask, targets (original ids, -100 outside the completion)."""
+    """-> input_ids (masked inputs), attention_mask, targets (the original ids), completion_mask; all (B, L)."""
     prompts, completions = [p for p, _, _ in items], [c for _, c, _ in items]
     input_ids, attn, comp_mask = policy.build_sequences(prompts, completions, tokenizer.pad_token_id)
-    targets = torch.where(comp_mask.bool(), input_ids, torch.full_like(input_ids, -100))
+    targets = input_ids.clone()
     if mask_cfg.enabled:
         mask_id = tokenizer.convert_tokens_to_ids(policy.SPECIAL_TOKENS["mask_token"])
         for b, (prompt, completion, spans) in enumerate(items):
@@ -86,14 +85,13 @@ def sft_batch(items, tokenizer, mask_cfg, gen: torch.Generator):
             start = int(comp_mask[b].nonzero()[0])
             row = input_ids[b, start:start + len(completion)]
             input_ids[b, start:start + len(completion)] = torch.where(pos, torch.full_like(row, mask_id), row)
-    return input_ids, attn, targets
+    return input_ids, attn, targets, comp_mask
 
 
-def completion_loss(model, input_ids, attn, targets) -> torch.Tensor:
-    """Token-mean cross-entropy of the completion given the (possibly masked) inputs."""
-    pos = (attn.long().cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=attn, position_ids=pos).logits[:, :-1]
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets[:, 1:].reshape(-1), ignore_index=-100)
+def completion_loss(model, input_ids, attn, targets, comp_mask) -> torch.Tensor:
+    """Token-mean cross-entropy of the original completion tokens given the (possibly masked) inputs."""
+    logp = policy.token_logprobs(model, input_ids, attn, comp_mask, 1.0, targets=targets).logprobs
+    return -(logp * comp_mask).sum() / comp_mask.sum()
 
 
 def lr_at(step: int, total: int, warmup: int, lr: float) -> float:
@@ -127,17 +125,16 @@ def train_sft(cfg, out_dir: str, show_progress: bool = True) -> str:
     t0, tokens = time.time(), 0
     for step in bar:
         idx = torch.randint(len(items), (cfg.sft.batch_size,), generator=gen).tolist()
-        input_ids, attn, targets = sft_batch([items[i] for i in idx], tokenizer, cfg.mask, gen)
-        input_ids, attn, targets = input_ids.to(device), attn.to(device), targets.to(device)
+        input_ids, attn, targets, comp = [t.to(device) for t in sft_batch([items[i] for i in idx], tokenizer, cfg.mask, gen)]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.sft.steps, cfg.sft.warmup, cfg.sft.lr)
         with policy.autocast(cfg.run.dtype, device):
-            loss = completion_loss(model, input_ids, attn, targets)
+            loss = completion_loss(model, input_ids, attn, targets, comp)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.sft.grad_clip)
         opt.step()
-        tokens += int((targets != -100).sum())
+        tokens += int(comp.sum())
         if step % cfg.sft.log_every == 0 or step == cfg.sft.steps - 1:
             rec = {"step": step, "sft/loss": loss.item(), "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
                    "tokens_per_s": tokens / (time.time() - t0)}

@@ -27,7 +27,8 @@ for name, over in [("base autocast", {}), ("no mask", {"mask": False}), ("hidden
     out = []
     for step in range(4):
         idx = torch.randint(len(items), (over.get("bs", 32),), generator=gen).tolist()
-        ids, attn, tgt = [t.cuda() for t in sft_mask.sft_batch([items[i] for i in idx], tok, mcfg, gen)]
+        ids, attn, tgt, comp = [t.cuda() for t in sft_mask.sft_batch([items[i] for i in idx], tok, mcfg, gen)]
+        tgt = torch.where(comp.bool(), tgt, torch.full_like(tgt, -100))
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=over.get("amp", True)):
             pos = (attn.long().cumsum(-1) - 1).clamp(min=0)
             logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits

@@ -43,17 +43,17 @@ def test_batch_targets_are_the_originals_and_mask_only_touches_inputs():
     gen = torch.Generator().manual_seed(1)
     on = types.SimpleNamespace(enabled=True, p_node=0.5, p_tok=0.2)
     off = types.SimpleNamespace(enabled=False, p_node=0.5, p_tok=0.2)
-    ids_on, attn_on, tgt_on = sft_mask.sft_batch(items[:16], tok, on, gen)
-    ids_off, attn_off, tgt_off = sft_mask.sft_batch(items[:16], tok, off, gen)
-    assert torch.equal(tgt_on, tgt_off) and torch.equal(attn_on, attn_off)
+    ids_on, attn_on, tgt_on, comp_on = sft_mask.sft_batch(items[:16], tok, on, gen)
+    ids_off, attn_off, tgt_off, comp_off = sft_mask.sft_batch(items[:16], tok, off, gen)
+    assert torch.equal(tgt_on, tgt_off) and torch.equal(attn_on, attn_off) and torch.equal(comp_on, comp_off)
+    assert torch.equal(tgt_off, ids_off)     # without masking the inputs are the targets
     mask_id = tok.convert_tokens_to_ids("<mask>")
     changed = ids_on != ids_off
     assert changed.any()
     assert (ids_on[changed] == mask_id).all()
-    # only completion positions change; prompt and padding untouched; targets only on the completion
-    assert (tgt_on[changed] != -100).all()
-    n_completion = sum(len(c) for _, c, _ in items[:16])
-    assert int((tgt_on != -100).sum()) == n_completion
+    # only completion positions change; prompt and padding untouched
+    assert comp_on.bool()[changed].all()
+    assert int(comp_on.sum()) == sum(len(c) for _, c, _ in items[:16])
 
 
 def test_lr_schedule():
