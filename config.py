@@ -210,6 +210,14 @@ class RLConfig:
     """stop after this many consecutive steps with a non-finite loss or gradient"""
     eval_every: int = 0
     """evaluate on the test splits every N steps; 0: only at the end"""
+    guided_replay: bool = False
+    """TaoSR-AGRL adaptive guided replay: in a group at or below replay_threshold accuracy, replace rollouts by the gold CoT"""
+    replay_threshold: float = 0.0
+    """group mean reward at or below which guided replay applies"""
+    replay_k: int = 1
+    """rollouts of such a group replaced by the gold CoT"""
+    curriculum_stages: int = 3
+    """credit.mode stepwise (TaoSR-SHE): stages over the RL pool from easy to hard (rare-word count vs the SFT split)"""
     n_samples_logged: int = 4
     """sample completions, with their node advantages, logged per logged step"""
 
@@ -225,7 +233,9 @@ class RewardConfig:
     require_consistent: bool = True
     """a label counts only when it follows from the rollout's own facet verdicts under the rule"""
     local_scores: Literal["verifier", "gold", "none"] = "verifier"
-    """source of the node scores s_{i,v}: heuristic verifiers, gold node labels, or none"""
+    """node scores s_{i,v}: heuristic verifiers; gold (node right vs the gold annotation, verifier where none)"""
+    shaping_weights: list[float] = field(default_factory=lambda: [0.5, 0.5])
+    """credit.mode rule_shaped (TaoSR-AGRL): weights of rule adherence and mean grounding added to R"""
 
 
 @dataclass
@@ -233,7 +243,7 @@ class CreditConfig:
     """Credit assignment: node advantages (DESIGN sections 4 and 8)."""
 
     mode: Literal["outcome", "process", "stepwise", "rule_shaped", "graph"] = "outcome"
-    """outcome: GRPO; process: step rewards; stepwise: TaoSR-SHE; rule_shaped: TaoSR-AGRL; graph: Graph-GRPO"""
+    """outcome: GRPO; process: verifier evidence, alpha 0; stepwise: TaoSR-SHE; rule_shaped: TaoSR-AGRL; graph: Graph-GRPO"""
     scale: Literal["group", "batch", "node", "none"] = "group"
     """advantage scale (Eq. 2): group: std_j R_j + eps per group; batch: batch std (outcome only); node: per-node std (graph only); none: 1"""
     evidence: Literal["baseline", "group", "verifier", "both"] = "group"
@@ -289,7 +299,7 @@ class DistillConfig:
     """Graph-node multi-head distillation into an encoder (DESIGN section 10)."""
 
     teacher: str = ""
-    """checkpoint of the teacher (the RL policy)"""
+    """checkpoint of the teacher (the RL policy); empty: <run.out_dir>/checkpoint, else <run.out_dir>/sft/checkpoint"""
     steps: int = 1000
     """optimizer steps"""
     batch_size: int = 64
@@ -306,6 +316,22 @@ class DistillConfig:
     """student encoder width"""
     num_layers: int = 2
     """student encoder blocks"""
+    num_heads: int = 4
+    """student encoder attention heads (hidden_size must be a multiple)"""
+    max_length: int = 128
+    """longest student input in tokens, [CLS] query [SEP] product [SEP]; the product is cut first"""
+    warmup: int = 50
+    """linear warm-up steps, then cosine decay to 10% of lr"""
+    head_weights: dict[str, float] | list[float] = field(default_factory=dict)
+    """weight of each head's KL; a mapping by head name ('y', 'f:brand') or kind ('f': every facet head), the
+    name winning, missing heads 1; or a list in head order (facets in graph.facets order, then y)"""
+    max_train: int = 4000
+    """train on the first N prompts of the RL pool (label-only: the teacher gives the node targets); 0: all"""
+    student_init: str = ""
+    """local encoder checkpoint (AutoModel + its tokenizer) the student starts from; empty: a fresh BERT-style
+    encoder over the word-level vocabulary"""
+    student_dir: str = ""
+    """where the student is saved; empty: <run.out_dir>/student (the teacher-signal cache always lives there)"""
 
 
 @dataclass

@@ -316,6 +316,23 @@ def node_keys(parsed: ParsedCoT, with_values: bool = False) -> dict[str, object]
     return keys
 
 
+def node_is_correct(name: str, parsed: ParsedCoT, ex: "Example", schema: GraphSchema) -> bool | None:
+    """Is node `name` of a parsed CoT right against the gold annotation (None where there is no gold)?
+    q/p: the same (facet, value) pairs as the gold CoT; f:k: the gold verdict; y: the gold label."""
+    got = parsed.nodes.get(name)
+    kind = name.split(":")[0]
+    gold = (ex.cot or {}).get(name) if kind in ("q", "p") else (ex.nodes or {}).get(name[2:]) if kind == "f" else ex.label
+    if gold is None:
+        return None
+    if got is None or got.broken:
+        return False
+    if kind in ("q", "p"):
+        return got.content == parse_node_content(name, gold.split(), schema)[0]
+    if kind == "f":
+        return got.content[2] == gold
+    return got.content == gold
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 4. Local verifiers (DESIGN §3): grounding and comparator scores, kept separate
 

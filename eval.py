@@ -159,23 +159,6 @@ def format_confusion_matrix(cm: np.ndarray, label_names: Sequence[str]) -> str:
 LONGTAIL_VERDICT_KEY = "longtail_verdicts"
 
 
-def node_correct(name: str, parsed: data.ParsedCoT, ex: data.Example, schema) -> bool | None:
-    """Is node `name` of a parsed CoT right against the gold annotation (None where there is no gold)?
-    q/p: the same (facet, value) pairs; f:k: the gold verdict; y: the gold label."""
-    got = parsed.nodes.get(name)
-    if got is None or got.broken:
-        return False
-    kind = name.split(":")[0]
-    if kind in ("q", "p"):
-        if ex.cot is None:
-            return None
-        return got.content == data.parse_node_content(name, ex.cot[name].split(), schema)[0]
-    if kind == "f":
-        gold = (ex.nodes or {}).get(name[2:])
-        return None if gold is None else got.content[2] == gold
-    return got.content == ex.label
-
-
 def verifier_agreement(examples, parses, schema, comparator) -> dict:
     """Agreement of each local verifier score kind with gold node correctness, per node type (DESIGN §3):
     {'<kind>/<node type>': share of scored nodes where (score >= 0.5) == (node is right)}."""
@@ -183,7 +166,7 @@ def verifier_agreement(examples, parses, schema, comparator) -> dict:
     for ex, p in zip(examples, parses):
         scores = data.verifier_scores(p, ex.query, ex.product, comparator, schema)
         for name, vals in scores.items():
-            right = node_correct(name, p, ex, schema)
+            right = data.node_is_correct(name, p, ex, schema)
             if right is None:
                 continue
             for kind, s in zip(data.SCORE_KINDS, vals):
@@ -210,7 +193,7 @@ def score_completions(examples, completions, vocab, schema, comparator=None) -> 
     for ex, p, y in zip(examples, parsed, pred):
         if ex.cot is not None:
             for name in ("q", "p"):
-                node_hits.setdefault(name, []).append(int(node_correct(name, p, ex, schema)))
+                node_hits.setdefault(name, []).append(int(data.node_is_correct(name, p, ex, schema)))
         for facet, verdict in (ex.nodes or {}).items():
             node_hits.setdefault("f:" + facet, []).append(int(p.verdicts.get(facet) == verdict))
         node_hits.setdefault("y", []).append(int(y == ex.label))

@@ -234,7 +234,7 @@ def credit_scales(credit_cfg) -> tuple[str, str]:
     """credit.scale -> (node scale of Eq. 2, outcome scale). 'group' is Eq. 2's group_outcome: one scale per
     group, the same std for node and outcome advantages."""
     s = credit_cfg.scale
-    if credit_cfg.mode == "outcome":
+    if credit_cfg.mode in ("outcome", "rule_shaped"):
         if s == "node":
             raise ValueError("credit.scale = node needs credit.mode = graph")
         return "group_outcome", s
@@ -246,10 +246,13 @@ def credit_scales(credit_cfg) -> tuple[str, str]:
 def make_controller(cfg, num_edge_types: int, world: int) -> credit.EdgeController:
     """Eq. 3 controller; 'fixed' outside graph mode. Its phi gradient is averaged over ranks (DESIGN §5)."""
     c = cfg.credit
-    uses_scores = c.mode == "graph" and c.evidence in ("verifier", "both")
+    step_rewards = c.mode in ("process", "stepwise")   # the independent step-reward baselines: alpha = 0
+    uses_scores = step_rewards or (c.mode == "graph" and c.evidence in ("verifier", "both"))
     # alpha only acts through Eq. 1b: outside graph mode, and for the 'baseline' form, there is nothing to learn
     mode = cfg.controller.mode if (c.mode == "graph" and c.evidence != "baseline") else "fixed"
-    return credit.EdgeController(num_edge_types, c.alpha_init, alpha_min=c.alpha_min, alpha_max=c.alpha_max, mode=mode,
+    alpha_init = 0.0 if step_rewards else c.alpha_init
+    return credit.EdgeController(num_edge_types, alpha_init, alpha_min=min(c.alpha_min, alpha_init),
+                                 alpha_max=c.alpha_max, mode=mode,
                                  window=cfg.controller.accumulate, z=cfg.controller.snr_z,
                                  step_size=cfg.controller.step_size, num_score_kinds=len(data.SCORE_KINDS) if uses_scores else 0,
                                  weight_init=list(c.verifier_weights), weight_max=c.verifier_weight_max,
@@ -262,14 +265,17 @@ def lr_at(step: int, rl) -> float:
     return rl.lr * min(1.0, (step + 1) / rl.warmup) if rl.warmup > 0 else rl.lr
 
 
-def step_prompt_indices(step: int, rank: int, world: int, per_rank: int, pool: int, seed: int) -> list[int]:
-    """Prompts of (step, rank): a fresh seeded permutation of the RL pool per epoch, consumed in order. A pure
-    function of the step, so the data position needs no state on resume and every rank owns whole groups."""
+def step_prompt_indices(step: int, rank: int, world: int, per_rank: int, pool: int, seed: int,
+                        allowed: list[int] | None = None) -> list[int]:
+    """Prompts of (step, rank): a fresh seeded permutation of the RL pool (or of its `allowed` subset, a
+    curriculum stage) per epoch, consumed in order. A pure function of the step, so the data position needs no
+    state on resume and every rank owns whole groups."""
+    items = list(range(pool)) if allowed is None else allowed
     out = []
     for j in range(per_rank):
         g = (step * world + rank) * per_rank + j
-        epoch, pos = divmod(g, pool)
-        out.append(random.Random(seed * 7919 + epoch).sample(range(pool), pool)[pos])
+        epoch, pos = divmod(g, len(items))
+        out.append(random.Random(seed * 7919 + epoch).sample(items, len(items))[pos])
     return out
 
 
@@ -288,25 +294,121 @@ def validate_rl_config(cfg, world: int) -> None:
         raise ValueError(f"rl.num_iterations = {rl.num_iterations}: must be >= 1")
 
 
+def local_node_scores(parses, golds, schema, catalogue, source: str) -> list[dict]:
+    """s_{i,v} per node (DESIGN §3): 'verifier' -> (grounding, comparator) from the heuristic verifiers; 'gold' ->
+    gold node correctness in the comparator slot where the example is annotated, the verifiers elsewhere."""
+    out = []
+    for p, ex in zip(parses, golds):
+        s = data.verifier_scores(p, ex.query, ex.product, catalogue.head_compare, schema)
+        if source == "gold":
+            for name in s:
+                right = data.node_is_correct(name, p, ex, schema)
+                if right is not None:
+                    s[name] = (float("nan"), float(right))
+        out.append(s)
+    return out
+
+
+def shaped_rewards(rewards: torch.Tensor, parses, scores: list[dict], weights) -> torch.Tensor:
+    """TaoSR-AGRL rule-aware shaping (DESIGN §8): R + w_rule * [label follows the rule from the rollout's own
+    verdicts] + w_ground * mean grounding score of its nodes. One sequence-level reward per rollout."""
+    w_rule, w_ground = weights
+    extra = []
+    for p, s in zip(parses, scores):
+        ground = [v[0] for v in s.values() if v[0] == v[0]]  # NaN != NaN
+        extra.append(w_rule * float(p.consistent) + w_ground * (sum(ground) / len(ground) if ground else 0.0))
+    return rewards + torch.tensor(extra)
+
+
+def guided_replay(completions: list, examples, rewards: torch.Tensor, G: int, threshold: float, k: int,
+                  tokenizer, schema, strict: bool) -> int:
+    """TaoSR-AGRL adaptive guided replay (DESIGN §8): in each group whose mean reward is at or below `threshold`,
+    the last k rollouts are replaced in place by the gold CoT (treated as sampled; with num_iterations = 1 its
+    ratio is 1). Examples without a gold CoT are left alone. Returns the number of groups replayed."""
+    n = 0
+    for g, ex in enumerate(examples):
+        if ex.cot is None or rewards[g * G:(g + 1) * G].mean().item() > threshold:
+            continue
+        gold = policy.encode(tokenizer, data.serialize_cot(ex.cot, schema), strict) + [tokenizer.eos_token_id]
+        for i in range((g + 1) * G - k, (g + 1) * G):
+            completions[i] = list(gold)
+        n += 1
+    return n
+
+
 def make_rollouts(model, tokenizer, vocab, schema, examples, prompt_ids, cfg, seed, catalogue) -> tuple:
     """Sample G completions per prompt, score them and build the credit tensors (sections 1-3)."""
     rl, G = cfg.rl, cfg.rl.num_generations
+    strict = cfg.data.source == "synthetic"
     completions = policy.sample(model, prompt_ids, G, rl.max_new_tokens, rl.temperature, tokenizer.eos_token_id,
                                 tokenizer.pad_token_id, seed=seed)
-    parses = [data.parse_completion(c, vocab, schema) for c in completions]
     golds = [ex for ex in examples for _ in range(G)]
-    rewards = torch.tensor([outcome_reward(p, ex.label, len(schema.label_names), cfg.reward.kind,
-                                           cfg.reward.format_penalty, cfg.reward.require_consistent)
-                            for p, ex in zip(parses, golds)])
-    need_scores = cfg.credit.evidence in ("verifier", "both") or cfg.credit.mode != "outcome"
-    scores = [data.verifier_scores(p, ex.query, ex.product, catalogue.head_compare, schema)
-              for p, ex in zip(parses, golds)] if need_scores else None
+
+    def score(completions):
+        parses = [data.parse_completion(c, vocab, schema) for c in completions]
+        rewards = torch.tensor([outcome_reward(p, ex.label, len(schema.label_names), cfg.reward.kind,
+                                               cfg.reward.format_penalty, cfg.reward.require_consistent)
+                                for p, ex in zip(parses, golds)])
+        return parses, rewards
+
+    parses, rewards = score(completions)
+    n_replayed = 0
+    if rl.guided_replay:
+        n_replayed = guided_replay(completions, examples, rewards, G, rl.replay_threshold, rl.replay_k, tokenizer,
+                                   schema, strict)
+        if n_replayed:
+            parses, rewards = score(completions)
+    mode = cfg.credit.mode
+    need_scores = mode in ("process", "stepwise", "rule_shaped") or (mode == "graph" and cfg.credit.evidence in ("verifier", "both"))
+    source = "gold" if (mode == "stepwise" or cfg.reward.local_scores == "gold") else "verifier"
+    scores = local_node_scores(parses, golds, schema, catalogue, source) if need_scores else None
+    if mode == "rule_shaped":
+        rewards = shaped_rewards(rewards, parses, scores, cfg.reward.shaping_weights)
     input_ids, attn, comp_full = policy.build_sequences(prompt_ids, completions, tokenizer.pad_token_id, model.device)
     T = max(len(c) for c in completions)
     P = input_ids.shape[1] - T
     cb = credit_batch(parses, rewards, G, schema, T, scores, with_values=False)
-    return completions, parses, rewards, cb, Rollouts(input_ids, attn, comp_full[:, P:].float(), P,
-                                                      rewards.to(model.device), torch.zeros(len(completions), T))
+    ro = Rollouts(input_ids, attn, comp_full[:, P:].float(), P, rewards.to(model.device), torch.zeros(len(completions), T))
+    return completions, parses, rewards, cb, ro, n_replayed
+
+
+def credit_kwargs(credit_cfg) -> dict:
+    """credit.mode -> the arguments of credit.compute_advantages (DESIGN §8: every baseline is a setting of one
+    machinery). outcome / rule_shaped: outcome advantage on every token (rule_shaped changes R itself);
+    process / stepwise: verifier (or gold) evidence with alpha = 0, the independent step-reward baseline;
+    graph: Graph-GRPO with the configured evidence, gate and scale."""
+    node_scale, outcome_scale = credit_scales(credit_cfg)
+    kw = dict(scale=node_scale, outcome_scale=outcome_scale, eps=credit_cfg.eps, gate=credit_cfg.gate)
+    if credit_cfg.mode in ("outcome", "rule_shaped"):
+        return dict(kw, mode="outcome")
+    if credit_cfg.mode in ("process", "stepwise"):
+        return dict(kw, mode="graph", evidence="verifier")
+    return dict(kw, mode="graph", evidence=credit_cfg.evidence)
+
+
+def duplicate_groups(examples) -> torch.Tensor:
+    """(n_groups,) bool: the prompt repeats an earlier prompt of the step (TaoSR-SHE diversified filtering; our
+    reading: near-duplicate = the same bag of query and product words)."""
+    seen, out = set(), []
+    for ex in examples:
+        key = (frozenset(ex.query.split()), frozenset(ex.product.split()))
+        out.append(key in seen)
+        seen.add(key)
+    return torch.tensor(out)
+
+
+def curriculum_stage_of(pool, sft_examples, stages: int) -> list[int]:
+    """Difficulty stage (0 = easiest) of every RL-pool example for TaoSR-SHE's multi-stage curriculum: the
+    number of its words that occur fewer than 3 times in the SFT split (a label-free long-tail measure),
+    cut into `stages` quantile bins."""
+    from collections import Counter
+    counts = Counter(w for ex in sft_examples for w in (ex.query + " " + ex.product).split())
+    rare = [sum(counts[w] < 3 for w in (ex.query + " " + ex.product).split()) for ex in pool]
+    order = sorted(range(len(pool)), key=lambda i: (rare[i], i))
+    stage = [0] * len(pool)
+    for rank, i in enumerate(order):
+        stage[i] = rank * stages // len(pool)
+    return stage
 
 
 def train(cfg) -> str:
@@ -328,6 +430,8 @@ def train(cfg) -> str:
     torch.manual_seed(cfg.run.seed)
     schema, splits = data.load_splits(cfg)
     pool = splits["rl"]
+    stage_of = curriculum_stage_of(pool, splits["sft"], cfg.rl.curriculum_stages) \
+        if cfg.credit.mode == "stepwise" and cfg.rl.curriculum_stages > 1 else None
     strict = cfg.data.source == "synthetic"
     ckpts = checkpoint_dirs(out_dir) if cfg.run.resume else []
     load_dir = ckpts[-1] if ckpts else init_from
@@ -364,25 +468,28 @@ def train(cfg) -> str:
     for step in bar:
         t0 = time.time()
         # ---- 1-3. rollouts, rewards, credit
-        idx = step_prompt_indices(step, rank, world, per_rank, len(pool), cfg.run.seed)
+        allowed = None
+        if stage_of is not None:  # TaoSR-SHE curriculum: stage k covers the k+1 easiest difficulty bins
+            k = min(step * rl.curriculum_stages // rl.steps, rl.curriculum_stages - 1)
+            allowed = [i for i, s in enumerate(stage_of) if s <= k]
+        idx = step_prompt_indices(step, rank, world, per_rank, len(pool), cfg.run.seed, allowed)
         exs = [pool[i] for i in idx]
         prompt_ids = [prompt_cache.setdefault(i, policy.encode(tokenizer, data.format_prompt(pool[i].query, pool[i].product), strict))
                       for i in idx]
         with policy.autocast(cfg.run.dtype, device):
-            completions, parses, rewards, cb, ro = make_rollouts(model, tokenizer, vocab, schema, exs, prompt_ids, cfg,
-                                                                 sampling_seed(cfg.run.seed, step, rank), catalogue)
+            completions, parses, rewards, cb, ro, n_replayed = make_rollouts(
+                model, tokenizer, vocab, schema, exs, prompt_ids, cfg, sampling_seed(cfg.run.seed, step, rank), catalogue)
         t_rollout = time.time() - t0
-        node_scale, outcome_scale = credit_scales(cfg.credit)
-        adv_graph, cstats = credit.compute_advantages(cb, num_tokens=ro.completion_mask.shape[1], mode=cfg.credit.mode,
-                                                      evidence=cfg.credit.evidence, gate=cfg.credit.gate,
-                                                      scale=node_scale, outcome_scale=outcome_scale,
-                                                      eps=cfg.credit.eps, alpha=controller.alpha(),
-                                                      verifier_weights=controller.verifier_weights())
+        adv_graph, cstats = credit.compute_advantages(cb, num_tokens=ro.completion_mask.shape[1],
+                                                      alpha=controller.alpha(),
+                                                      verifier_weights=controller.verifier_weights(),
+                                                      **credit_kwargs(cfg.credit))
         ro.adv = adv_graph.detach().float().to(device)
         keep = torch.ones(len(completions))
         zero_std = credit.zero_std_groups(rewards, G)
-        if rl.drop_zero_std:
-            keep = (~zero_std).repeat_interleave(G).float()
+        if rl.drop_zero_std or cfg.credit.mode == "stepwise":  # stepwise: diversified filtering too
+            drop = zero_std | (duplicate_groups(exs) if cfg.credit.mode == "stepwise" else torch.zeros_like(zero_std))
+            keep = (~drop).repeat_interleave(G).float()
         mask = ro.completion_mask * keep.to(device)[:, None]
         counts = all_reduce_sum(torch.tensor([mask.sum().item(), keep.sum().item()], dtype=torch.float64))
         n_tokens, n_seqs = float(counts[0]), float(counts[1])
@@ -436,6 +543,7 @@ def train(cfg) -> str:
         rec = step_metrics(step, rewards, parses, completions, zero_std, sums, cstats, controller, rl, world,
                            grad_norm, lr, dt, t_rollout, t1 - t0, schema)
         rec["skipped_steps_in_row"] = bad_in_row
+        rec["guided_replay/groups"] = all_reduce_sum(torch.tensor([float(n_replayed)])).item()
         if master:
             metrics_f.write(json.dumps(rec) + "\n")
             metrics_f.flush()

@@ -269,3 +269,68 @@ def test_sigkill_then_resume_ends_in_the_same_state(tmp_path, sft_ckpt):
     b, _ = policy.load_policy(str(out / "checkpoint"), [])
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(p, q), n
+
+
+# ---------------------------------------------------------------------------------------------- seed-paper baselines
+
+def _parsed(text):
+    schema = data.GraphSchema()
+    tok = policy.build_word_tokenizer(data.vocabulary(schema))
+    vocab = data.TagVocab.from_tokenizer(tok, schema)
+    return data.parse_completion(policy.encode(tok, text, strict=True), vocab, schema), tok, schema
+
+
+GOOD = "<q> brand nike </q> <p> brand adidas </p> <f:brand> nike adidas mismatch </f:brand> <y> mismatch </y>"
+
+
+def test_rule_shaped_reward_hand_numbers():
+    p, _, _ = _parsed(GOOD)
+    bad, _, _ = _parsed(GOOD.replace("<y> mismatch", "<y> excellent"))   # label ignores its own verdict
+    scores = [{"q": (1.0, float("nan")), "p": (0.5, float("nan")), "f:brand": (1.0, 1.0)},
+              {"q": (0.0, float("nan"))}]
+    r = gg.shaped_rewards(torch.tensor([1.0, 0.0]), [p, bad], scores, [0.5, 0.2])
+    # 1 + 0.5 * consistent + 0.2 * mean(1, 0.5, 1);  0 + 0.5 * 0 + 0.2 * 0
+    assert r.tolist() == pytest.approx([1 + 0.5 + 0.2 * 2.5 / 3, 0.0])
+
+
+def test_guided_replay_replaces_only_low_groups():
+    _, tok, schema = _parsed(GOOD)
+    ex_lo = data.Example("nike", "adidas sneakers", 1, cot={"q": "brand nike", "p": "brand adidas",
+                                                           "f:brand": "nike adidas mismatch", "y": "mismatch"})
+    ex_hi = data.Example("nike", "nike sneakers", 3, cot=None)
+    comps = [[7], [8], [9], [10], [11], [12]]
+    rewards = torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0, 1.0])
+    n = gg.guided_replay(comps, [ex_lo, ex_hi], rewards, 3, 0.0, 2, tok, schema, strict=True)
+    gold = policy.encode(tok, data.serialize_cot(ex_lo.cot, schema), True) + [tok.eos_token_id]
+    assert n == 1 and comps[0] == [7] and comps[1] == gold and comps[2] == gold
+    assert comps[3:] == [[10], [11], [12]]         # the other group is above the threshold
+
+
+def test_credit_modes_map_onto_one_machinery():
+    c = types.SimpleNamespace(mode="process", scale="group", eps=1e-4, gate="rule", evidence="group")
+    assert gg.credit_kwargs(c)["mode"] == "graph" and gg.credit_kwargs(c)["evidence"] == "verifier"
+    c.mode = "rule_shaped"
+    assert gg.credit_kwargs(c)["mode"] == "outcome"
+    c.mode = "graph"
+    assert gg.credit_kwargs(c)["evidence"] == "group" and gg.credit_kwargs(c)["scale"] == "group_outcome"
+
+
+def test_diversified_filtering_and_curriculum():
+    a = data.Example("nike red sneakers", "nike sneakers color red", 3)
+    b = data.Example("red nike sneakers", "sneakers nike color red", 3)   # same bags of words
+    c = data.Example("crimson sofa", "ikea sofa color red", 2)
+    assert gg.duplicate_groups([a, b, c]).tolist() == [False, True, False]
+    sft = [a] * 5
+    stages = gg.curriculum_stage_of([a, c, b, c], sft, 2)
+    assert stages == [0, 1, 0, 1]       # c has rare words (crimson, sofa, ikea) vs the SFT split
+    idx = gg.step_prompt_indices(0, 0, 1, 4, 4, 0, allowed=[0, 2])
+    assert set(idx) <= {0, 2}
+
+
+def test_gold_local_scores_put_correctness_in_the_comparator_slot():
+    p, _, schema = _parsed(GOOD)
+    ex = data.Example("nike", "adidas sneakers", 1, nodes={"brand": "match"},
+                      cot={"q": "brand nike", "p": "brand adidas", "f:brand": "nike adidas match", "y": "mismatch"})
+    s = gg.local_node_scores([p], [ex], schema, data.Catalogue(), "gold")[0]
+    assert s["f:brand"][1] == 0.0 and math.isnan(s["f:brand"][0])    # gold says match, the rollout said mismatch
+    assert s["q"][1] == 1.0 and s["y"][1] == 1.0
