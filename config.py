@@ -248,6 +248,8 @@ class CreditConfig:
     """advantage scale (Eq. 2): group: std_j R_j + eps per group; batch: batch std (outcome only); node: per-node std (graph only); none: 1"""
     evidence: Literal["baseline", "group", "verifier", "both"] = "group"
     """own evidence a_{i,v}: baseline R - V; group Eq. 1a; verifier s - mean s; both: group + verifier"""
+    value: Literal["include_self", "leave_one_out"] = "include_self"
+    """V_{i,v} of Eq. 1a: include_self (DESIGN) or leave_one_out (the other rollouts sharing i's parent content)"""
     gate: Literal["rule", "none"] = "rule"
     """instance gate g in Eq. 1b: rule: counterfactual under the business rule; none: g = 1"""
     alpha_init: float = 1.0

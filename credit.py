@@ -43,6 +43,7 @@ OUTCOME_SCALES = ("group", "batch", "none")
 NODE_SCALES = ("group_outcome", "none", "node")
 EVIDENCE_FORMS = ("group", "baseline", "verifier", "both")
 GATE_FORMS = ("rule", "none")
+VALUE_FORMS = ("include_self", "leave_one_out")
 MODES = ("outcome", "graph")
 
 
@@ -202,31 +203,42 @@ def _masked_mean_dev(dev: Tensor, mask: Tensor) -> Tensor:
 
 
 def group_values(rewards: Tensor, keys: Tensor, present: Tensor, parents: list[list[int]],
-                 group_size: int) -> tuple[Tensor, Tensor]:
+                 group_size: int, leave_one_out: bool = False) -> tuple[Tensor, Tensor]:
     """(Q - R, V - R), each (B, N), of Eq. 1a, estimated within each group by key matching.
 
     Q_{i,v} = mean R_j over rollouts j of i's group with the same content as i at v and at every parent
     of v; V_{i,v} = the same with the parents only (a root's V is the group mean). Returned relative to
     R_i, computed as means of R_j - R_i, so that equal matched sets and constant rewards give exact
     zeros (no float residue from sum / count). Values where slot v is absent are meaningless.
+
+    leave_one_out (an option DESIGN does not have; `credit.value: leave_one_out`): V_{i,v} averages the OTHER
+    rollouts with i's parent content, and the other rollouts of the group where none shares it (RLOO's
+    baseline). DESIGN's V includes rollout i itself, which shrinks a node's advantage by (1 - 1/n), n the
+    number of rollouts sharing its parents' content, and to 0 when n = 1 (measured in the graph bandit).
     """
     B, N = present.shape
     r = rewards.view(-1, group_size)  # (n, G)
     dev = r[:, None, :] - r[:, :, None]  # (n, G, G): dev[:, i, j] = R_j - R_i
     same = _same_content(keys, present, group_size)  # (n, G, G, N)
     all_true = torch.ones_like(dev, dtype=torch.bool)
+    others = ~torch.eye(group_size, dtype=torch.bool, device=dev.device)[None]  # (1, G, G)
     q_dev, v_dev = [], []
     for v in range(N):
         same_pa = all_true
         for p in parents[v]:
             same_pa = same_pa & same[..., p]
-        v_dev.append(_masked_mean_dev(dev, same_pa))
+        if leave_one_out and group_size > 1:
+            loo = same_pa & others
+            v_mask = torch.where(loo.any(-1, keepdim=True), loo, others.expand_as(loo))
+            v_dev.append(_masked_mean_dev(dev, v_mask))
+        else:
+            v_dev.append(_masked_mean_dev(dev, same_pa))
         q_dev.append(_masked_mean_dev(dev, same_pa & same[..., v]))
     return torch.stack(q_dev, -1).reshape(B, N), torch.stack(v_dev, -1).reshape(B, N)
 
 
 def group_own_evidence(rewards: Tensor, keys: Tensor, present: Tensor, parents: list[list[int]],
-                       group_size: int) -> Tensor:
+                       group_size: int, leave_one_out: bool = False) -> Tensor:
     """(B, N) Eq. 1a own evidence a_{i,v} = Q_{i,v} - V_{i,v}; at a sink a_{i,v} = R_i - V_{i,v}; 0 where absent.
 
     A sink is a slot without children in the schema (the label Y). If the reward is a function of the
@@ -235,19 +247,19 @@ def group_own_evidence(rewards: Tensor, keys: Tensor, present: Tensor, parents: 
     A node whose content is the same in every rollout of its group (with the same parents) gets
     exactly 0: Q and V then average the same rollouts.
     """
-    q_dev, v_dev = group_values(rewards, keys, present, parents, group_size)
+    q_dev, v_dev = group_values(rewards, keys, present, parents, group_size, leave_one_out)
     a = torch.where(sink_slots(parents, rewards.device)[None, :], -v_dev, q_dev - v_dev)
     return torch.where(present, a, torch.zeros_like(a))
 
 
 def baseline_credit(rewards: Tensor, keys: Tensor, present: Tensor, parents: list[list[int]],
-                    group_size: int) -> Tensor:
+                    group_size: int, leave_one_out: bool = False) -> Tensor:
     """(B, N) the `baseline` form c_{i,v} = R_i - V_{i,v} (DESIGN section 4), no propagation; 0 where absent.
 
     The outcome with a baseline that depends only on the node's inputs: an unbiased policy-gradient
     estimate. It equals Eq. 1b with alpha = 1 on a chain whose upstream contents agree.
     """
-    _, v_dev = group_values(rewards, keys, present, parents, group_size)
+    _, v_dev = group_values(rewards, keys, present, parents, group_size, leave_one_out)
     return torch.where(present, -v_dev, torch.zeros_like(v_dev))
 
 
@@ -361,15 +373,19 @@ def token_advantages(node_adv: Tensor, spans: Tensor, parsed: Tensor, outcome_ad
 
 def graph_node_advantages(batch: CreditBatch, *, evidence: str = "group", gate: str = "rule",
                           scale: str = "group_outcome", eps: float = DEFAULT_EPS, alpha: Tensor | None = None,
-                          verifier_weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                          verifier_weights: Tensor | None = None, value: str = "include_self") -> tuple[Tensor, Tensor]:
     """(node advantages A (B, N), own evidence a (B, N)) of Graph-GRPO (Eqs. 1a, 1b, 2).
 
     evidence: 'group' Eq. 1a; 'baseline' c = R - V with no propagation (alpha unused); 'verifier'
     beta * (s - mean s) on every scored node plus the outcome R_i - mean_j R_j at the sinks (the
     outcome must enter somewhere, and where else than at the label: this is the independent
     process-reward baseline when alpha = 0); 'both' Eq. 1a plus the verifier term.
-    gate: 'rule' uses batch.gate; 'none' sets every gate to 1.
+    gate: 'rule' uses batch.gate; 'none' sets every gate to 1. value: 'include_self' (DESIGN's V) or
+    'leave_one_out' (see group_values).
     """
+    if value not in VALUE_FORMS:
+        raise ValueError(f"value={value!r}, expected one of {VALUE_FORMS}")
+    loo = value == "leave_one_out"
     if evidence not in EVIDENCE_FORMS:
         raise ValueError(f"evidence={evidence!r}, expected one of {EVIDENCE_FORMS}")
     if gate not in GATE_FORMS:
@@ -377,10 +393,10 @@ def graph_node_advantages(batch: CreditBatch, *, evidence: str = "group", gate: 
     b = batch
     G = b.group_size
     if evidence == "baseline":
-        c = baseline_credit(b.rewards, b.keys, b.present, b.parents, G)
+        c = baseline_credit(b.rewards, b.keys, b.present, b.parents, G, loo)
         return node_advantages(c, b.rewards, G, scale, eps, b.present), c
     if evidence in ("group", "both"):
-        a = group_own_evidence(b.rewards, b.keys, b.present, b.parents, G)
+        a = group_own_evidence(b.rewards, b.keys, b.present, b.parents, G, loo)
     else:
         r = b.rewards.view(-1, G)
         outcome = (r - r.mean(1, keepdim=True)).reshape(-1)  # (B,)
@@ -434,7 +450,7 @@ def credit_stats(batch: CreditBatch, node_adv: Tensor, own_evidence: Tensor | No
 def compute_advantages(batch: CreditBatch, *, num_tokens: int, mode: str = "graph", evidence: str = "group",
                        gate: str = "rule", scale: str = "group_outcome", outcome_scale: str = "group",
                        eps: float = DEFAULT_EPS, alpha: Tensor | None = None,
-                       verifier_weights: Tensor | None = None) -> tuple[Tensor, dict]:
+                       verifier_weights: Tensor | None = None, value: str = "include_self") -> tuple[Tensor, dict]:
     """(B, T) token advantages and a stats dict: the one call the trainer makes (DESIGN sections 4, 6).
 
     mode 'outcome': plain GRPO, outcome_advantages(scale=outcome_scale) on every token.
@@ -453,7 +469,7 @@ def compute_advantages(batch: CreditBatch, *, num_tokens: int, mode: str = "grap
         token_adv = outcome[:, None].expand(-1, num_tokens).clone()
         return token_adv, {"credit/outcome_abs_adv": float(outcome.abs().mean())}
     node_adv, own = graph_node_advantages(b, evidence=evidence, gate=gate, scale=scale, eps=eps, alpha=alpha,
-                                          verifier_weights=verifier_weights)
+                                          verifier_weights=verifier_weights, value=value)
     token_adv = token_advantages(node_adv, b.spans, b.parsed, outcome, num_tokens)
     stats = credit_stats(b, node_adv, own if evidence != "baseline" else None)
     stats["credit/outcome_abs_adv"] = float(outcome.abs().mean())

@@ -383,7 +383,7 @@ def credit_kwargs(credit_cfg) -> dict:
         return dict(kw, mode="outcome")
     if credit_cfg.mode in ("process", "stepwise"):
         return dict(kw, mode="graph", evidence="verifier")
-    return dict(kw, mode="graph", evidence=credit_cfg.evidence)
+    return dict(kw, mode="graph", evidence=credit_cfg.evidence, value=credit_cfg.value)
 
 
 def duplicate_groups(examples) -> torch.Tensor:
