@@ -221,6 +221,23 @@ def save_checkpoint(out_dir: str, step: int, model, tokenizer, state: dict, keep
     return final
 
 
+def truncate_log(path: str, start: int) -> None:
+    """Keep the JSON lines of steps before `start` (atomically); a torn last line of a killed run goes too."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] < start:
+                    keep.append(line)
+            except (json.JSONDecodeError, KeyError):
+                pass
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
 def rng_state() -> dict:
     return {"python": random.getstate(), "torch": torch.get_rng_state()}
 
@@ -367,9 +384,8 @@ def make_rollouts(model, tokenizer, vocab, schema, examples, prompt_ids, cfg, se
     input_ids, attn, comp_full = policy.build_sequences(prompt_ids, completions, tokenizer.pad_token_id, model.device)
     T = max(len(c) for c in completions)
     P = input_ids.shape[1] - T
-    cb = credit_batch(parses, rewards, G, schema, T, scores, with_values=False)
     ro = Rollouts(input_ids, attn, comp_full[:, P:].float(), P, rewards.to(model.device), torch.zeros(len(completions), T))
-    return completions, parses, rewards, cb, ro, n_replayed
+    return completions, parses, rewards, scores, ro, n_replayed
 
 
 def credit_kwargs(credit_cfg) -> dict:
@@ -462,6 +478,9 @@ def train(cfg) -> str:
         if world > 1 else model
     per_rank = rl.prompts_per_step // world
     prompt_cache: dict[int, list[int]] = {}
+    if master:  # a resumed run rewrites the steps after its checkpoint: drop their lines from the killed run
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            truncate_log(os.path.join(out_dir, name), start)
     metrics_f = open(os.path.join(out_dir, "metrics.jsonl"), "a") if master else None
     samples_f = open(os.path.join(out_dir, "samples.jsonl"), "a") if master else None
     bar = tqdm(range(start, rl.steps), desc="rl", disable=not master, initial=start, total=rl.steps)
@@ -477,9 +496,11 @@ def train(cfg) -> str:
         prompt_ids = [prompt_cache.setdefault(i, policy.encode(tokenizer, data.format_prompt(pool[i].query, pool[i].product), strict))
                       for i in idx]
         with policy.autocast(cfg.run.dtype, device):
-            completions, parses, rewards, cb, ro, n_replayed = make_rollouts(
+            completions, parses, rewards, scores, ro, n_replayed = make_rollouts(
                 model, tokenizer, vocab, schema, exs, prompt_ids, cfg, sampling_seed(cfg.run.seed, step, rank), catalogue)
-        t_rollout = time.time() - t0
+        timing = {"rollout": time.time() - t0}
+        tic = time.time()
+        cb = credit_batch(parses, rewards, G, schema, ro.completion_mask.shape[1], scores, with_values=False)
         adv_graph, cstats = credit.compute_advantages(cb, num_tokens=ro.completion_mask.shape[1],
                                                       alpha=controller.alpha(),
                                                       verifier_weights=controller.verifier_weights(),
@@ -493,18 +514,23 @@ def train(cfg) -> str:
         mask = ro.completion_mask * keep.to(device)[:, None]
         counts = all_reduce_sum(torch.tensor([mask.sum().item(), keep.sum().item()], dtype=torch.float64))
         n_tokens, n_seqs = float(counts[0]), float(counts[1])
+        timing["credit"] = time.time() - tic
+        tic = time.time()
         with torch.no_grad(), policy.autocast(cfg.run.dtype, device):
             if rl.num_iterations > 1:
                 ro.old_logp = logprobs_of(model, ro, rl.temperature).logprobs
             if ref_model is not None:
                 ro.ref_logp = logprobs_of(ref_model, ro, rl.temperature).logprobs
+        timing["update"] = time.time() - tic
+        tic = time.time()
         grad_W = None
         if controller.mode == "meta":
             held_out = main_batch if (main_batch is not None and cfg.controller.main_batch == "previous") else ro
             with policy.autocast(cfg.run.dtype, device):
                 grad_W = main_loss_output_grad(model, held_out, cfg)
+        timing["controller"] = time.time() - tic
         # ---- 4. update: num_iterations passes over the step's rollouts, micro-batched, DDP-synced on the last
-        t1 = time.time()
+        tic = time.time()
         d_tok = torch.zeros_like(ro.adv) if grad_W is not None else None
         lr = lr_at(step, rl)
         for g in opt.param_groups:
@@ -524,11 +550,13 @@ def train(cfg) -> str:
                 opt.zero_grad(set_to_none=True)
                 break
             opt.step()
+        timing["update"] += time.time() - tic
         bad_in_row = bad_in_row + 1 if skipped else 0
         if bad_in_row >= rl.max_bad_steps:
             raise RuntimeError(f"non-finite loss or gradient in {bad_in_row} steps in a row (step {step}); "
                                f"lower rl.lr or check the data")
         # ---- 5. controller (Eq. 3): d alpha from the look-ahead main loss
+        tic = time.time()
         if d_tok is not None:
             surrogate = credit.lookahead_alpha_surrogate(adv_graph, d_tok.to(adv_graph.device), mask.to(adv_graph.device),
                                                          lr, n_tokens)
@@ -538,10 +566,11 @@ def train(cfg) -> str:
             out_adv = credit.outcome_advantages(rewards, G, "group", cfg.credit.eps)
             main_batch = Rollouts(ro.input_ids, ro.attention_mask, ro.completion_mask, ro.prompt_len, ro.rewards,
                                   out_adv.to(device)[:, None].expand_as(ro.adv).clone())
+        timing["controller"] += time.time() - tic
         # ---- 6. metrics, samples, checkpoints
-        dt = time.time() - t0
+        timing["step"] = time.time() - t0
         rec = step_metrics(step, rewards, parses, completions, zero_std, sums, cstats, controller, rl, world,
-                           grad_norm, lr, dt, t_rollout, t1 - t0, schema)
+                           grad_norm, lr, timing, schema)
         rec["skipped_steps_in_row"] = bad_in_row
         rec["guided_replay/groups"] = all_reduce_sum(torch.tensor([float(n_replayed)])).item()
         if master:
@@ -643,8 +672,11 @@ def main_loss_output_grad(model, main: Rollouts, cfg) -> torch.Tensor:
 
 
 def step_metrics(step, rewards, parses, completions, zero_std, sums, cstats, controller, rl, world, grad_norm, lr,
-                 dt, t_rollout, t_prep, schema) -> dict:
-    """Names as the common GRPO trainers log them (DESIGN §6); global over ranks."""
+                 timing, schema) -> dict:
+    """Names as the common GRPO trainers log them (DESIGN §6); global over ranks. time/*: rank 0's seconds per
+    phase: rollout (sampling, parsing, rewards), credit (credit tensors + Eq. 1-2), controller (G_W on the
+    held-out batch + the Eq. 3 surrogate; the closed-form d_t runs inside the update's forward and is counted
+    there), update (reference/old log-probs, forward, backward, optimizer)."""
     G = rl.num_generations
     R = rewards.view(-1, G)
     local = torch.tensor([rewards.sum().item(), R.std(1).sum().item(), zero_std.float().sum().item(), len(rewards),
@@ -660,8 +692,7 @@ def step_metrics(step, rewards, parses, completions, zero_std, sums, cstats, con
            "entropy": g[14].item() / tok, "completions/mean_length": g[5].item() / n,
            "completions/clipped_ratio": g[6].item() / n, "format_rate": g[7].item() / n,
            "consistency_rate": g[8].item() / n, "nonfinite_loss": g[16].item(), "grad_norm": float(grad_norm),
-           "lr": lr, "time/step_s": dt, "time/rollout_s": t_rollout, "time/credit_s": t_prep - t_rollout,
-           "tokens_per_s": g[5].item() / dt}
+           "lr": lr, **{f"time/{k}_s": v for k, v in timing.items()}, "tokens_per_s": g[5].item() / timing["step"]}
     for name, a in zip(schema.edge_type_names, controller.alpha().detach().tolist()):
         rec[f"alpha/{name}"] = a
     log = controller.log()

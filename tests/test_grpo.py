@@ -265,6 +265,9 @@ def test_sigkill_then_resume_ends_in_the_same_state(tmp_path, sft_ckpt):
     r = _run([sys.executable, *_rl_args(out, sft_ckpt, *extra)])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming from" in r.stdout
+    import json
+    steps = [json.loads(x)["step"] for x in open(out / "metrics.jsonl")]
+    assert steps == list(range(6))      # the killed run's lines after its checkpoint were replaced, not doubled
     a, _ = policy.load_policy(str(ref / "checkpoint"), [])
     b, _ = policy.load_policy(str(out / "checkpoint"), [])
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):

@@ -1,0 +1,264 @@
+"""distill.py: heads from the schema, the loss on hand numbers, teacher signals aligned with the verdict words,
+the student's save/load round trip, and a subprocess run of `python distill.py` (DESIGN §10)."""
+import json
+import math
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+import data
+import distill
+import eval as evaluation
+import policy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCHEMA = data.GraphSchema()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# heads
+
+def test_build_heads_default_and_custom_schema():
+    assert distill.build_heads(SCHEMA) == {"f:category": 4, "f:brand": 4, "f:color": 4, "f:size": 4, "y": 4}
+    assert list(distill.build_heads(SCHEMA)) == ["f:category", "f:brand", "f:color", "f:size", "y"]
+    custom = data.GraphSchema(facets=("material", "brand"), label_names=("bad", "ok", "good"))
+    assert distill.build_heads(custom) == {"f:material": 4, "f:brand": 4, "y": 3}
+    assert distill.build_heads(custom, "label_only") == {"y": 3}
+    assert distill.head_classes(custom)["f:brand"] == ["match", "partial", "mismatch", "absent"]
+    assert distill.head_classes(custom)["y"] == ["bad", "ok", "good"]
+
+
+def test_head_weights_mapping_list_and_errors():
+    custom = data.GraphSchema(facets=("material", "brand"), label_names=("bad", "good"))
+    assert distill.resolve_head_weights({}, custom) == {"f:material": 1.0, "f:brand": 1.0, "y": 1.0}
+    # a head name wins over its kind
+    assert distill.resolve_head_weights({"f": 0.5, "f:brand": 2, "y": 3}, custom) == \
+        {"f:material": 0.5, "f:brand": 2.0, "y": 3.0}
+    assert distill.resolve_head_weights([1, 2, 3], custom) == {"f:material": 1.0, "f:brand": 2.0, "y": 3.0}
+    assert distill.resolve_head_weights([1, 2, 3], custom, "label_only") == {"y": 3.0}
+    with pytest.raises(ValueError, match="2 weights for 3 heads"):
+        distill.resolve_head_weights([1, 2], custom)
+    with pytest.raises(ValueError, match="unknown head 'f:colour'"):
+        distill.resolve_head_weights({"f:colour": 1}, custom)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# loss
+
+def test_kl_is_zero_when_the_student_copies_the_teacher():
+    z = torch.tensor([[2.0, -1.0, 0.5, 0.0], [0.3, 0.3, -2.0, 1.0]])
+    for tau in (1.0, 2.0, 3.5):
+        loss, parts = distill.distill_loss({"y": z, "f:brand": z * 2}, {"y": torch.softmax(z, -1),
+                                           "f:brand": torch.softmax(z * 2, -1)},
+                                           torch.tensor([0, 1]), {}, tau, ce_weight=0.0)
+        assert abs(loss.item()) < 1e-6 and abs(parts["kl/y"]) < 1e-6 and abs(parts["kl/f:brand"]) < 1e-6
+        assert "ce/y" not in parts
+
+
+def test_distill_loss_hand_numbers_two_classes():
+    ln3 = math.log(3.0)
+    student = torch.tensor([[0.0, ln3]])  # softmax -> (1/4, 3/4)
+    # tau = 1: KL((1/2, 1/2) || (1/4, 3/4)) = 1/2 ln 2 + 1/2 ln(2/3) = 1/2 ln(4/3); weight 2
+    loss, parts = distill.distill_loss({"y": student}, {"y": torch.tensor([[0.5, 0.5]])}, torch.tensor([1]),
+                                       {"y": 2.0}, 1.0, ce_weight=0.0)
+    assert abs(parts["kl/y"] - 0.5 * math.log(4 / 3)) < 1e-6
+    assert abs(loss.item() - math.log(4 / 3)) < 1e-6
+    # tau = 2: the teacher (0.8, 0.2) softens to (2/3, 1/3); student logits (0, 2 ln 3) / 2 -> (1/4, 3/4)
+    kl = 2 / 3 * math.log((2 / 3) / 0.25) + 1 / 3 * math.log((1 / 3) / 0.75)
+    loss, parts = distill.distill_loss({"y": 2 * student}, {"y": torch.tensor([[0.8, 0.2]])}, torch.tensor([1]),
+                                       {}, 2.0, ce_weight=0.0)
+    assert abs(parts["kl/y"] - kl) < 1e-6 and abs(loss.item() - 4 * kl) < 1e-5
+    # the CE term is at temperature 1 on the gold label: -ln(3/4), weighted
+    loss, parts = distill.distill_loss({"y": student}, {"y": torch.tensor([[0.25, 0.75]])}, torch.tensor([1]),
+                                       {}, 1.0, ce_weight=0.5)
+    assert abs(parts["ce/y"] + math.log(0.75)) < 1e-6 and abs(loss.item() + 0.5 * math.log(0.75)) < 1e-6
+    # a zero row (no teacher signal) adds nothing but counts in the batch mean; weight 0 drops a head
+    loss, parts = distill.distill_loss({"y": student.repeat(2, 1), "f:x": student.repeat(2, 1)},
+                                       {"y": torch.tensor([[0.5, 0.5], [0.0, 0.0]]), "f:x": torch.tensor([[1.0, 0.0]] * 2)},
+                                       torch.tensor([1, 1]), {"f:x": 0.0}, 1.0, ce_weight=0.0)
+    assert abs(parts["kl/y"] - 0.25 * math.log(4 / 3)) < 1e-6 and "kl/f:x" not in parts
+    assert abs(loss.item() - 0.25 * math.log(4 / 3)) < 1e-6
+
+
+# ----------------------------------------------------------------------------------------------------------
+# teacher signals
+
+def _teacher():
+    tok = policy.build_word_tokenizer(data.vocabulary(SCHEMA))
+    model = policy.build_tiny_model(len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, hidden_size=32,
+                                    num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64, seed=3)
+    return model.eval(), tok
+
+
+def _hand_completions(tok):
+    """Three examples with known CoTs: complete; one facet node dropped (-> absent); one facet node broken (no
+    verdict) and no label node. Words map one to one to tokens, so word index = token index."""
+    exs = [ex for ex in data.generate_splits(SCHEMA, 7, 40, 0, 0, 0, 0.0, 0.5)["sft"] if len(ex.nodes) >= 3][:3]
+    texts = []
+    for i, ex in enumerate(exs):
+        cot = dict(ex.cot)
+        facets = list(ex.nodes)
+        if i == 1:
+            del cot[f"f:{facets[0]}"]
+        if i == 2:
+            cot[f"f:{facets[1]}"] = " ".join(cot[f"f:{facets[1]}"].split()[:-1])
+            del cot["y"]
+        texts.append(data.serialize_cot(cot, SCHEMA))
+    comps = [policy.encode(tok, t, strict=True) + [tok.eos_token_id] for t in texts]
+    return exs, texts, comps
+
+
+def test_node_word_positions_are_the_verdict_words():
+    _, tok = _teacher()
+    vocab = data.TagVocab.from_tokenizer(tok, SCHEMA)
+    exs, texts, comps = _hand_completions(tok)
+    for i, (ex, text, comp) in enumerate(zip(exs, texts, comps)):
+        words = text.split()
+        pos = distill.node_word_positions(comp, vocab, SCHEMA)
+        for facet, verdict in ex.nodes.items():
+            name = f"f:{facet}"
+            if i == 1 and facet == list(ex.nodes)[0]:
+                assert name not in pos                      # not in the CoT
+            elif i == 2 and facet == list(ex.nodes)[1]:
+                assert pos[name] is None                    # in the CoT, broken
+            else:
+                j = words.index(f"</{name}>") - 1           # the word right before the closing tag, by hand
+                assert pos[name] == j and words[j] == verdict == tok.convert_ids_to_tokens(comp[j])
+        if i < 2:
+            assert pos["y"] == words.index("</y>") - 1 and words[pos["y"]] == SCHEMA.label_names[ex.label]
+        else:
+            assert "y" not in pos
+
+
+def test_teacher_signals_are_distributions_read_at_the_verdict_positions(monkeypatch):
+    """Batched, left-padded teacher forcing gives, per node, softmax over the decision words' logits at exactly
+    the position that predicts the verdict word (checked against one unpadded forward per example)."""
+    model, tok = _teacher()
+    vocab = data.TagVocab.from_tokenizer(tok, SCHEMA)
+    exs, _, comps = _hand_completions(tok)
+    monkeypatch.setattr(evaluation, "generate_greedy", lambda m, t, batch, *a, **k: [comps[exs.index(e)] for e in batch])
+    sig = distill.teacher_signals(model, tok, SCHEMA, exs, batch_size=3, max_new_tokens=64, strict=True,
+                                  show_progress=False)
+    assert sig["completions"] == comps
+    verdict_ids = [tok.convert_tokens_to_ids(v) for v in data.VERDICTS]
+    label_ids = [tok.convert_tokens_to_ids(v) for v in SCHEMA.label_names]
+    for i, (ex, comp) in enumerate(zip(exs, comps)):
+        prompt = policy.encode(tok, data.format_prompt(ex.query, ex.product), strict=True)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + comp])).logits[0]  # (P + C, V)
+        pos = distill.node_word_positions(comp, vocab, SCHEMA)
+        for name in distill.build_heads(SCHEMA):
+            got = sig["probs"][name][i]
+            assert (got >= 0).all() and abs(got.sum().item() - 1.0) < 1e-5 or got.sum() == 0
+            j = pos.get(name, "missing")
+            if j == "missing" and name != "y":
+                want = torch.tensor([0.0, 0.0, 0.0, 1.0])                    # facet not in the CoT: absent
+            elif j is None or j == "missing":
+                want = torch.zeros_like(got)                                 # broken node, no label: no signal
+            else:
+                ids = label_ids if name == "y" else verdict_ids
+                row = logits[len(prompt) + j - 1]                            # predicts comp[j]
+                want = torch.zeros_like(got)
+                want[:len(ids)] = torch.softmax(row[ids], -1)
+            assert torch.allclose(got, want, atol=1e-5), (i, name, got, want)
+    # every facet of the schema got a row; the dropped facet (example 1) is 'absent' with probability 1
+    dropped = f"f:{list(exs[1].nodes)[0]}"
+    assert sig["probs"][dropped][1].tolist() == [0.0, 0.0, 0.0, 1.0]
+    assert sig["probs"]["y"][2].sum() == 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# student
+
+def _student_cfg(**kw):
+    base = dict(student_init="", hidden_size=32, num_layers=1, num_heads=2, max_length=32)
+    return types.SimpleNamespace(**{**base, **kw})
+
+
+def test_student_save_load_round_trip_and_score_pairs(tmp_path):
+    schema = data.GraphSchema(facets=("brand", "color"))
+    words = data.vocabulary(schema)
+    model, tok = distill.build_student(_student_cfg(), distill.head_classes(schema), words, seed=1)
+    pairs = [("nike red sneakers", "nike sneakers color red size us_9"), ("sofa", "ikea sofa color grey size 200_cm"),
+             ("cheap adidas", "adidas classic running_shoes color black size us_8 with red trim")]
+    model.eval()
+    enc = [distill.encode_pair(tok, q, p, model.max_length, strict=True) for q, p in pairs]
+    assert all(ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id for ids, _ in enc)
+    with torch.no_grad():
+        before = model(*distill.collate(enc, tok.pad_token_id))
+    distill.save_student(model, tok, str(tmp_path / "student"))
+    cfg = json.load(open(tmp_path / "student" / "config.json"))
+    assert cfg["graph_heads"] == {"f:brand": list(distill.FACET_CLASSES), "f:color": list(distill.FACET_CLASSES),
+                                  "y": list(SCHEMA.label_names)}
+    loaded, ltok = distill.load_student(str(tmp_path / "student"))
+    assert not loaded.training
+    enc2 = [distill.encode_pair(ltok, q, p, loaded.max_length, strict=True) for q, p in pairs]
+    assert enc2 == enc
+    with torch.no_grad():
+        after = loaded(*distill.collate(enc2, ltok.pad_token_id))
+    assert before.keys() == after.keys()
+    for name in before:
+        assert torch.equal(before[name], after[name]), name
+    # score_pairs: distributions, expected relevance = sum_k k p_k, and the same in any batch size
+    one = distill.score_pairs(loaded, ltok, pairs, batch_size=1)
+    allb = distill.score_pairs(loaded, ltok, pairs, batch_size=256)
+    for a, b in zip(one, allb):
+        p = list(a["label_probs"].values())
+        assert abs(sum(p) - 1) < 1e-5 and abs(a["relevance"] - sum(k * x for k, x in enumerate(p))) < 1e-5
+        assert a["label"] == b["label"] and abs(a["relevance"] - b["relevance"]) < 1e-5
+        assert set(a["facets"]) == {"brand", "color"}
+        assert abs(sum(a["facets"]["brand"].values()) - 1) < 1e-5
+
+
+def test_encode_pair_cuts_the_product_first():
+    tok = distill.build_student_tokenizer(["a", "b", "c"])
+    ids, types_ = distill.encode_pair(tok, "a a", "b b b c", max_length=7)
+    assert tok.convert_ids_to_tokens(ids) == ["[CLS]", "a", "a", "[SEP]", "b", "b", "[SEP]"]
+    assert types_ == [0, 0, 0, 0, 1, 1, 1]
+    ids, _ = distill.encode_pair(tok, "a b c a", "c", max_length=5)
+    assert tok.convert_ids_to_tokens(ids) == ["[CLS]", "a", "b", "[SEP]", "[SEP]"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# end to end
+
+def test_distill_script_smoke_run_writes_student_and_reuses_the_teacher_cache(tmp_path):
+    import sft_mask
+    from config import load_config
+    common = [f"--run.out_dir={tmp_path}", f"--data.dir={tmp_path}/data", "--run.num_threads=1"]
+    cfg = load_config(os.path.join(ROOT, "configs/tiny.yaml"), common + ["--sft.steps=60", "--sft.lr=3e-3"])
+    ckpt = sft_mask.train_sft(cfg, str(tmp_path / "sft"), show_progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(*extra):
+        r = subprocess.run([sys.executable, "distill.py", "configs/tiny.yaml", *common, "--distill.steps=5", *extra],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout
+
+    out = run()
+    student = tmp_path / "student"
+    assert (student / "graph_heads.pt").exists() and (student / "config.json").exists()
+    assert "| test_id " in out and "| test_longtail " in out and "student" in out and "teacher" in out
+    res = json.load(open(student / "eval.json"))
+    # the teacher's numbers are eval.py's on the same greedy CoTs
+    schema, splits = data.load_splits(cfg)
+    model, tok = policy.load_policy(ckpt, data.vocabulary(schema), device="cpu")
+    ref = evaluation.evaluate_policy(model, tok, schema, {"test_id": splits["test_id"]}, cfg.eval, strict=True)
+    for key in ("accuracy", "macro_f1", "format_valid"):
+        assert res["teacher"]["test_id"][key] == ref["test_id"][key]
+    assert set(res["student"]) == {"test_id", "test_longtail"}
+    assert 0.0 <= res["student"]["test_id"]["accuracy"] <= 1.0
+    # a second student (label only, elsewhere) reuses the cached teacher signals
+    cache = student / "teacher_signals_rl.pt"
+    stamp = cache.stat().st_mtime_ns
+    run("--distill.heads=label_only", f"--distill.student_dir={tmp_path}/label_only")
+    assert cache.stat().st_mtime_ns == stamp
+    loaded, ltok = distill.load_student(str(tmp_path / "label_only"))
+    assert list(loaded.classes) == ["y"]
+    scored = distill.score_pairs(loaded, ltok, [(splits["test_id"][0].query, splits["test_id"][0].product)])
+    assert scored[0]["facets"] == {} and 0.0 <= scored[0]["relevance"] <= 3.0
