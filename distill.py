@@ -50,6 +50,10 @@ CLS_TOKEN, SEP_TOKEN = "[CLS]", "[SEP]"
 HEADS_FILE = "graph_heads.pt"
 
 
+class DistillError(ValueError):
+    """Bad distillation input (config value, teacher tokenizer); the message is one line naming it."""
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 1. Heads from the graph schema (DESIGN §10)
 
@@ -57,7 +61,7 @@ def head_classes(schema: data.GraphSchema, heads: str = "all") -> dict[str, list
     """{head name: class names}: 'f:<facet>' for every facet of the schema (FACET_CLASSES), then 'y' (the
     label names, lowest first). heads='label_only' keeps 'y' only. The order is the head order everywhere."""
     if heads not in ("all", "label_only"):
-        raise ValueError(f"distill.heads: expected 'all' or 'label_only', got {heads!r}")
+        raise DistillError(f"distill.heads: expected 'all' or 'label_only', got {heads!r}")
     out = {} if heads == "label_only" else {f"f:{k}": list(FACET_CLASSES) for k in schema.facets}
     out["y"] = list(schema.label_names)
     return out
@@ -77,12 +81,12 @@ def resolve_head_weights(head_weights, schema: data.GraphSchema, heads: str = "a
     every = list(build_heads(schema, "all"))
     if isinstance(head_weights, (list, tuple)):
         if len(head_weights) != len(every):
-            raise ValueError(f"distill.head_weights: {len(head_weights)} weights for {len(every)} heads {every}")
+            raise DistillError(f"distill.head_weights: {len(head_weights)} weights for {len(every)} heads {every}")
         full = dict(zip(every, map(float, head_weights)))
     else:
         bad = [k for k in head_weights if k not in every and k not in ("f", "y")]
         if bad:
-            raise ValueError(f"distill.head_weights: unknown head {bad[0]!r} (heads: {every}, kinds: ['f', 'y'])")
+            raise DistillError(f"distill.head_weights: unknown head {bad[0]!r} (heads: {every}, kinds: ['f', 'y'])")
         full = {h: float(head_weights.get(h, head_weights.get(h.split(":")[0], 1.0))) for h in every}
     return {h: full[h] for h in build_heads(schema, heads)}
 
@@ -108,7 +112,7 @@ def distill_loss(student_logits: dict[str, torch.Tensor], teacher_probs: dict[st
     is at temperature 1 on head 'y'. Returns (loss, parts) with parts {'kl/<head>': float, 'ce/y': float}.
     """
     if tau <= 0:
-        raise ValueError(f"distill_loss: tau must be > 0, got {tau}")
+        raise DistillError(f"distill.tau: must be > 0, got {tau}")
     loss = student_logits["y"].new_zeros(())
     parts = {}
     for head, logits in student_logits.items():
@@ -136,7 +140,7 @@ def single_token_ids(tokenizer, words) -> list[int]:
     for w in words:
         ids = policy.encode(tokenizer, w, strict=False)
         if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
-            raise ValueError(f"distill: the teacher's tokenizer has no single token for the word {w!r} (got {ids}); "
+            raise DistillError(f"distill: the teacher's tokenizer has no single token for the word {w!r} (got {ids}); "
                              f"node signals are read at one token per verdict/label word")
         out.append(ids[0])
     return out
@@ -528,7 +532,7 @@ def main(argv=None):
     cfg, _ = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         run_distill(cfg)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, DistillError, data.DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

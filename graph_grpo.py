@@ -573,6 +573,16 @@ def train(cfg) -> str:
                            grad_norm, lr, timing, schema)
         rec["skipped_steps_in_row"] = bad_in_row
         rec["guided_replay/groups"] = all_reduce_sum(torch.tensor([float(n_replayed)])).item()
+        if rl.eval_every and (step + 1) % rl.eval_every == 0:  # drift during RL (DESIGN §8: in-distribution retention)
+            if master:
+                import eval as evaluation
+                tests = {s: splits[s] for s in data.test_split_names(splits)}
+                with policy.autocast(cfg.run.dtype, device):
+                    res = evaluation.evaluate_policy(model, tokenizer, schema, tests, cfg.eval, strict)
+                for s, m in res.items():
+                    rec[f"eval/{s}/accuracy"], rec[f"eval/{s}/macro_f1"] = m["accuracy"], m["macro_f1"]
+            if world > 1:
+                dist.barrier()
         if master:
             metrics_f.write(json.dumps(rec) + "\n")
             metrics_f.flush()

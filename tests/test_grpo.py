@@ -226,7 +226,8 @@ def _rl_args(out, sft_ckpt, *extra):
 
 def test_single_process_run_writes_metrics_samples_and_eval(tmp_path, sft_ckpt):
     out = tmp_path / "run"
-    r = _run([sys.executable, *_rl_args(out, sft_ckpt, "--credit.mode=outcome", "--controller.mode=fixed")])
+    r = _run([sys.executable, *_rl_args(out, sft_ckpt, "--credit.mode=outcome", "--controller.mode=fixed",
+                                        "--rl.eval_every=2")])
     assert r.returncode == 0, r.stderr[-3000:]
     import json
     lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
@@ -235,6 +236,7 @@ def test_single_process_run_writes_metrics_samples_and_eval(tmp_path, sft_ckpt):
                 "clip_ratio/high_mean", "clip_ratio/region_mean", "completions/mean_length",
                 "completions/clipped_ratio", "grad_norm", "lr", "format_rate", "tokens_per_s"):
         assert key in lines[0], key
+    assert "eval/test_id/accuracy" in lines[1] and "eval/test_id/accuracy" not in lines[0]
     assert (out / "samples.jsonl").stat().st_size > 0
     assert (out / "eval.json").exists() and (out / "checkpoint" / "config.json").exists()
 
