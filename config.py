@@ -280,6 +280,8 @@ class ControllerConfig:
     """steps K of phi gradient accumulated before the signal-to-noise gate is tested"""
     snr_z: float = 2.0
     """the gate opens when |mean| exceeds snr_z standard errors of the accumulated gradient"""
+    reuse_forward: bool = True
+    """main_batch previous: take G_W from the previous step's update forward (pre-update parameters, one step stale) instead of a fresh forward (about 20% of step time measured)"""
     learn_weights: bool = False
     """also move the verifier trust weights by Eq. 3 (evidence verifier | both)"""
 
@@ -327,8 +329,10 @@ class DistillConfig:
     head_weights: dict[str, float] | list[float] = field(default_factory=dict)
     """weight of each head's KL; a mapping by head name ('y', 'f:brand') or kind ('f': every facet head), the
     name winning, missing heads 1; or a list in head order (facets in graph.facets order, then y)"""
-    max_train: int = 4000
+    max_train: int = 20000
     """train on the first N prompts of the RL pool (label-only: the teacher gives the node targets); 0: all"""
+    dropout: float = 0.0
+    """hidden and attention dropout of a fresh student encoder (student_init keeps its own)"""
     student_init: str = ""
     """local encoder checkpoint (AutoModel + its tokenizer) the student starts from; empty: a fresh BERT-style
     encoder over the word-level vocabulary"""

@@ -461,13 +461,14 @@ def train(cfg) -> str:
     catalogue = data.Catalogue()
     opt = torch.optim.AdamW(model.parameters(), lr=rl.lr, weight_decay=rl.weight_decay)
     controller = make_controller(cfg, len(schema.edge_kinds), world)
-    start, main_batch, bad_in_row = 0, None, 0
+    start, main_batch, next_grad_W, bad_in_row = 0, None, None, 0
     if ckpts:
         state = torch.load(os.path.join(load_dir, "trainer_state.pt"), weights_only=False)
         opt.load_state_dict(state["optimizer"])
         controller.load_state_dict(state["controller"])
         start, bad_in_row = state["step"], state["bad_in_row"]
         main_batch = Rollouts(**state["main_batch"]) if state["main_batch"] else None
+        next_grad_W = state.get("next_grad_W")
         set_rng_state(state["rng"])
         if master:
             print(f"resuming from {load_dir} at step {start}")
@@ -523,11 +524,15 @@ def train(cfg) -> str:
                 ro.ref_logp = logprobs_of(ref_model, ro, rl.temperature).logprobs
         timing["update"] = time.time() - tic
         tic = time.time()
-        grad_W = None
+        grad_W, out_adv = None, None
         if controller.mode == "meta":
-            held_out = main_batch if (main_batch is not None and cfg.controller.main_batch == "previous") else ro
-            with policy.autocast(cfg.run.dtype, device):
-                grad_W = main_loss_output_grad(model, held_out, cfg)
+            out_adv = credit.outcome_advantages(rewards, G, "group", cfg.credit.eps).to(device)[:, None].expand_as(ro.adv)
+            if cfg.controller.reuse_forward and cfg.controller.main_batch == "previous" and next_grad_W is not None:
+                grad_W = next_grad_W   # from the previous step's update forward, at its pre-update parameters
+            else:
+                held_out = main_batch if (main_batch is not None and cfg.controller.main_batch == "previous") else ro
+                with policy.autocast(cfg.run.dtype, device):
+                    grad_W = main_loss_output_grad(model, held_out, cfg)
         timing["controller"] = time.time() - tic
         # ---- 4. update: num_iterations passes over the step's rollouts, micro-batched, DDP-synced on the last
         tic = time.time()
@@ -538,9 +543,13 @@ def train(cfg) -> str:
         skipped = False
         for it in range(rl.num_iterations):
             opt.zero_grad(set_to_none=True)
+            reuse = it == 0 and out_adv is not None and cfg.controller.reuse_forward
             with policy.autocast(cfg.run.dtype, device):
-                it_sums = accumulate_policy_gradient(ddp_model, ro, mask, rl, n_tokens, n_seqs, world,
-                                                     grad_W=grad_W if it == 0 else None, d_out=d_tok)
+                it_sums, fwd_grad_W = accumulate_policy_gradient(ddp_model, ro, mask, rl, n_tokens, n_seqs, world,
+                                                                 grad_W=grad_W if it == 0 else None, d_out=d_tok,
+                                                                 main_adv=out_adv if reuse else None)
+            if reuse:
+                next_grad_W = fwd_grad_W
             if it == 0:
                 sums = it_sums
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), rl.grad_clip)
@@ -562,10 +571,9 @@ def train(cfg) -> str:
                                                          lr, n_tokens)
             controller.accumulate(*controller.gradients(surrogate))
         # the next step's held-out main batch: this step's rollouts with outcome advantages (free, DESIGN §5)
-        if controller.mode == "meta":
-            out_adv = credit.outcome_advantages(rewards, G, "group", cfg.credit.eps)
+        if controller.mode == "meta" and not cfg.controller.reuse_forward:
             main_batch = Rollouts(ro.input_ids, ro.attention_mask, ro.completion_mask, ro.prompt_len, ro.rewards,
-                                  out_adv.to(device)[:, None].expand_as(ro.adv).clone())
+                                  out_adv.clone())
         timing["controller"] += time.time() - tic
         # ---- 6. metrics, samples, checkpoints
         timing["step"] = time.time() - t0
@@ -591,6 +599,7 @@ def train(cfg) -> str:
         if (step + 1) % cfg.run.save_every == 0 or step + 1 == rl.steps:
             state = {"optimizer": opt.state_dict(), "controller": controller.state_dict(), "step": step + 1,
                      "bad_in_row": bad_in_row, "main_batch": main_batch.state() if main_batch else None,
+                     "next_grad_W": next_grad_W,
                      "rng": rng_state()}
             if master:
                 save_checkpoint(out_dir, step + 1, model, tokenizer, state, cfg.run.keep_last)
@@ -611,17 +620,21 @@ def train(cfg) -> str:
 
 
 def accumulate_policy_gradient(ddp_model, ro: Rollouts, mask: torch.Tensor, rl, n_tokens: float, n_seqs: float,
-                               world: int, grad_W: torch.Tensor | None = None,
-                               d_out: torch.Tensor | None = None) -> torch.Tensor:
+                               world: int, grad_W: torch.Tensor | None = None, d_out: torch.Tensor | None = None,
+                               main_adv: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Backward of the DESIGN §6 loss over all micro-batches of this rank's rollouts into .grad.
 
     Every micro-batch loss is divided by the GLOBAL counts (aggregate_loss) and multiplied by the world size
     (DDP averages gradients over ranks), so the accumulated gradient equals the full-batch gradient for any
     micro-batch size and world size. Gradients are synchronised on the last micro-batch only (no_sync before).
-    With grad_W (the Eq. 3 controller), also writes d_t of every completion token into d_out (B, T).
-    Returns the step's local sums: loss, kl, clip low/high/region, entropy, tokens, non-finite losses.
+    With grad_W (the Eq. 3 controller), also writes d_t of every completion token into d_out (B, T). With
+    main_adv (B, T), also returns the output-layer gradient of the outcome main loss on these rollouts, from
+    the same forward (controller.reuse_forward: the next step's G_W at no extra forward).
+    Returns (the step's local sums: loss, kl, clip low/high/region, entropy, tokens, non-finite losses; G_W or None).
     """
     sums = torch.zeros(8, dtype=torch.float64)
+    next_grad_W = None
+    need_hidden = grad_W is not None or main_adv is not None
     starts = list(range(0, ro.input_ids.shape[0], rl.micro_batch_size))
     for j, s in enumerate(starts):
         sl = slice(s, s + rl.micro_batch_size)
@@ -629,7 +642,7 @@ def accumulate_policy_gradient(ddp_model, ro: Rollouts, mask: torch.Tensor, rl, 
         last = j == len(starts) - 1
         ctx = ddp_model.no_sync() if (world > 1 and not last) else _null()
         with ctx:
-            out = logprobs_of(ddp_model, mb, rl.temperature, entropy=True, hidden=grad_W is not None)
+            out = logprobs_of(ddp_model, mb, rl.temperature, entropy=True, hidden=need_hidden)
             old = mb.old_logp if mb.old_logp is not None else out.logprobs.detach()
             loss, ls = grpo_loss(out.logprobs, old, mb.adv, mmask, rl, n_tokens, n_seqs, mb.ref_logp)
             (loss * world).backward()
@@ -642,7 +655,13 @@ def accumulate_policy_gradient(ddp_model, ro: Rollouts, mask: torch.Tensor, rl, 
             # out.logits are z / T already (p_t is right at temperature 1); grad_W log pi carries one more 1 / T
             d_out[sl] = credit.output_layer_token_dots(out.hidden[:, P:].detach().float(), out.logits[:, P:].detach(),
                                                        mb.completion_ids, grad_W, 1.0) / rl.temperature
-    return sums
+        if main_adv is not None:
+            P = ro.prompt_len
+            part = output_grad_from_logits(out.hidden[:, P:], out.logits[:, P:], mb.completion_ids, main_adv[sl],
+                                           mb.completion_mask, rl, float(ro.completion_mask.sum()),
+                                           float(ro.input_ids.shape[0]))
+            next_grad_W = part if next_grad_W is None else next_grad_W + part
+    return sums, next_grad_W
 
 
 class _null:
@@ -672,13 +691,21 @@ def main_loss_output_grad(model, main: Rollouts, cfg) -> torch.Tensor:
                                                main.completion_mask.long()], 1),
                                     cfg.rl.temperature, return_hidden=True)
     P = main.prompt_len
-    logits = out.logits[:, P:].detach().requires_grad_(True)        # (B, T, V), already divided by T
-    logp = torch.log_softmax(logits, -1).gather(-1, main.completion_ids.unsqueeze(-1)).squeeze(-1)
-    n = float(main.completion_mask.sum())
-    loss, _ = grpo_loss(logp, logp.detach(), main.adv, main.completion_mask, cfg.rl, n, float(len(main.rewards)))
+    return output_grad_from_logits(out.hidden[:, P:], out.logits[:, P:], main.completion_ids, main.adv,
+                                   main.completion_mask, cfg.rl, float(main.completion_mask.sum()),
+                                   float(len(main.rewards)))
+
+
+def output_grad_from_logits(hidden, logits, tokens, adv, mask, rl, n_tokens, n_seqs) -> torch.Tensor:
+    """(V, H) output-layer gradient of the outcome-GRPO loss (on-policy, ratio 1) from a forward's final hidden
+    states (B, T, H) and tempered logits z / T (B, T, V): autograd through the softmax only. Micro-batch sums
+    add up to the full batch's (the loss is divided by the given global counts)."""
+    logits = logits.detach().float().requires_grad_(True)
+    logp = torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    loss, _ = grpo_loss(logp, logp.detach(), adv, mask, rl, n_tokens, n_seqs)
     (dlogits,) = torch.autograd.grad(loss, logits)
-    # logits here are z / T, so dL/dz = dL/d(z/T) / T
-    return credit.output_layer_grad(out.hidden[:, P:].float(), dlogits / cfg.rl.temperature)
+    # the logits are z / T, so dL/dz = dL/d(z/T) / T
+    return credit.output_layer_grad(hidden.detach().float(), dlogits / rl.temperature)
 
 
 def step_metrics(step, rewards, parses, completions, zero_std, sums, cstats, controller, rl, world, grad_norm, lr,

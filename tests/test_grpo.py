@@ -312,7 +312,7 @@ def test_guided_replay_replaces_only_low_groups():
 
 
 def test_credit_modes_map_onto_one_machinery():
-    c = types.SimpleNamespace(mode="process", scale="group", eps=1e-4, gate="rule", evidence="group")
+    c = types.SimpleNamespace(mode="process", scale="group", eps=1e-4, gate="rule", evidence="group", value="include_self")
     assert gg.credit_kwargs(c)["mode"] == "graph" and gg.credit_kwargs(c)["evidence"] == "verifier"
     c.mode = "rule_shaped"
     assert gg.credit_kwargs(c)["mode"] == "outcome"
@@ -339,3 +339,21 @@ def test_gold_local_scores_put_correctness_in_the_comparator_slot():
     s = gg.local_node_scores([p], [ex], schema, data.Catalogue(), "gold")[0]
     assert s["f:brand"][1] == 0.0 and math.isnan(s["f:brand"][0])    # gold says match, the rollout said mismatch
     assert s["q"][1] == 1.0 and s["y"][1] == 1.0
+
+
+def test_controller_output_grad_from_the_update_forward_equals_a_fresh_forward():
+    """controller.reuse_forward: G_W read off the update's own forward (any micro-batching) equals the G_W of
+    a separate forward on the same rollouts at the same parameters (main_loss_output_grad)."""
+    torch.manual_seed(0)
+    model = policy.build_tiny_model(50, 0, 1, 2, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                                    intermediate_size=64)
+    ro = _fake_rollouts()
+    rl = rl_cfg("token_mean", max_len=6, micro=3)
+    rl.temperature = 0.7
+    main_adv = torch.randn_like(ro.adv)
+    main = gg.Rollouts(ro.input_ids, ro.attention_mask, ro.completion_mask, ro.prompt_len, ro.rewards, main_adv)
+    fresh = gg.main_loss_output_grad(model, main, types.SimpleNamespace(rl=rl))
+    mask = ro.completion_mask
+    _, from_update = gg.accumulate_policy_gradient(model, ro, mask, rl, float(mask.sum()), 8.0, 1, main_adv=main_adv)
+    torch.testing.assert_close(from_update, fresh, rtol=1e-5, atol=1e-8)
+    assert fresh.abs().sum() > 0
