@@ -158,8 +158,17 @@ def _ddp_worker(rank, world, port, out_path):
     params = torch.cat([p.detach().flatten() for p in model.parameters()])
     gathered = [torch.zeros_like(params) for _ in range(world)]
     dist.all_gather(gathered, params)
+    # the Eq. 3 controller: rank-local phi gradients differ, the reduced ones (and so alpha) must not
+    import credit
+    ctl = credit.EdgeController(3, 0.5, window=2, step_size=0.1, reduce_fn=lambda x: gg.all_reduce_sum(x) / world)
+    g = torch.Generator().manual_seed(100 + rank)
+    for _ in range(6):
+        ctl.accumulate(torch.randn(3, generator=g, dtype=torch.float64) + torch.tensor([1.0, -1.0, 0.0]) * (rank + 1))
+    alpha = ctl.alpha().detach().clone()
+    alphas = [torch.zeros_like(alpha) for _ in range(world)]
+    dist.all_gather(alphas, alpha)
     if rank == 0:
-        torch.save({"grads": grads, "params": gathered}, out_path)
+        torch.save({"grads": grads, "params": gathered, "alphas": alphas, "windows": ctl.n_windows}, out_path)
     dist.destroy_process_group()
 
 
@@ -177,6 +186,8 @@ def test_gradient_is_invariant_to_world_size_and_ranks_stay_equal(tmp_path):
     single = _grads(model, _fake_rollouts(), rl_cfg("token_mean", max_len=6, micro=8))
     torch.testing.assert_close(res["grads"], single, rtol=1e-5, atol=1e-7)
     assert torch.equal(res["params"][0], res["params"][1])
+    assert torch.equal(res["alphas"][0], res["alphas"][1]) and res["windows"] == 3
+    assert not torch.equal(res["alphas"][0], torch.full((3,), 0.5, dtype=torch.float64))  # the controller moved
 
 
 def test_prompt_order_is_a_pure_function_of_the_step():
