@@ -327,15 +327,13 @@ class DistillConfig:
     warmup: int = 50
     """linear warm-up steps, then cosine decay to 10% of lr"""
     head_weights: dict[str, float] | list[float] = field(default_factory=dict)
-    """weight of each head's KL; a mapping by head name ('y', 'f:brand') or kind ('f': every facet head), the
-    name winning, missing heads 1; or a list in head order (facets in graph.facets order, then y)"""
+    """KL weight per head: {head name ('y', 'f:brand') or kind ('f'): w}, name wins, missing 1; or a list in head order"""
     max_train: int = 20000
     """train on the first N prompts of the RL pool (label-only: the teacher gives the node targets); 0: all"""
     dropout: float = 0.0
     """hidden and attention dropout of a fresh student encoder (student_init keeps its own)"""
     student_init: str = ""
-    """local encoder checkpoint (AutoModel + its tokenizer) the student starts from; empty: a fresh BERT-style
-    encoder over the word-level vocabulary"""
+    """local encoder checkpoint (AutoModel + tokenizer) to start the student from; empty: a fresh BERT-style encoder"""
     student_dir: str = ""
     """where the student is saved; empty: <run.out_dir>/student (the teacher-signal cache always lives there)"""
 
