@@ -304,11 +304,11 @@ class DistillConfig:
 
     teacher: str = ""
     """checkpoint of the teacher (the RL policy); empty: <run.out_dir>/checkpoint, else <run.out_dir>/sft/checkpoint"""
-    steps: int = 1000
+    steps: int = 6000
     """optimizer steps"""
     batch_size: int = 64
     """examples per step"""
-    lr: float = 5e-4
+    lr: float = 1e-3
     """AdamW learning rate"""
     tau: float = 2.0
     """distillation temperature; each head's KL is scaled by tau^2"""

@@ -1,7 +1,7 @@
 """Graph-node multi-head distillation (DESIGN.md §10): the generative teacher -> a one-forward encoder student.
 
-    python distill.py configs/base.yaml                                  # teacher: runs/base/checkpoint, else runs/base/sft/checkpoint
-    python distill.py configs/base.yaml --distill.teacher=PATH           # any teacher checkpoint
+    python distill.py configs/base.yaml                         # teacher: runs/base/checkpoint, else .../sft/checkpoint
+    python distill.py configs/base.yaml --distill.teacher=PATH  # any teacher checkpoint
     python distill.py configs/base.yaml --distill.heads=label_only --distill.student_dir=runs/base/student_label_only
 
 Read in this order:
@@ -15,7 +15,7 @@ Read in this order:
   5. training and the student-vs-teacher report on every test split
 
 Writes <run.out_dir>/student/ (or distill.student_dir): the encoder (config.json, model.safetensors; the config's
-`graph_heads` names every head's classes in order), the heads (graph_heads.pt), the tokenizer, config.yaml,
+`graph_heads` lists every head with its classes, in order), the heads (graph_heads.pt), the tokenizer, config.yaml,
 metrics.jsonl and eval.json ({'teacher': {split: metrics}, 'student': {split: metrics}}). The teacher signals are
 cached in <run.out_dir>/student/teacher_signals_<split>.pt whatever distill.student_dir says, so a second student
 (label_only, another seed) reuses them.
@@ -23,7 +23,7 @@ cached in <run.out_dir>/student/teacher_signals_<split>.pt whatever distill.stud
     from distill import load_student, score_pairs
     model, tokenizer = load_student("runs/base/student")
     score_pairs(model, tokenizer, [("nike red sneakers", "nike sneakers color red size us_9")])
-    # [{'label': 3, 'label_name': 'excellent', 'relevance': 2.9..., 'label_probs': {...}, 'facets': {...}}]
+    # [{'label': 3, 'label_name': 'excellent', 'relevance': 2.99, 'label_probs': {...}, 'facets': {...}}]
 """
 from __future__ import annotations
 
@@ -275,7 +275,8 @@ def build_student(distill_cfg, classes: dict[str, list[str]], words, seed: int =
                 raise FileNotFoundError(f"distill.student_init: directory not found: {distill_cfg.student_init}")
             tokenizer = policy._load_tokenizer(distill_cfg.student_init)
             encoder = AutoModel.from_pretrained(distill_cfg.student_init, local_files_only=True)
-            missing = {k: v for k, v in (("cls_token", CLS_TOKEN), ("sep_token", SEP_TOKEN)) if getattr(tokenizer, k) is None}
+            missing = {k: v for k, v in (("cls_token", CLS_TOKEN), ("sep_token", SEP_TOKEN))
+                       if getattr(tokenizer, k) is None}
             if missing:
                 tokenizer.add_special_tokens(missing)
             if tokenizer.pad_token is None:
@@ -288,9 +289,12 @@ def build_student(distill_cfg, classes: dict[str, list[str]], words, seed: int =
             config = BertConfig(vocab_size=len(tokenizer), hidden_size=h, num_hidden_layers=distill_cfg.num_layers,
                                 num_attention_heads=distill_cfg.num_heads, intermediate_size=4 * h,
                                 max_position_embeddings=distill_cfg.max_length, type_vocab_size=2,
+                                hidden_dropout_prob=distill_cfg.dropout,
+                                attention_probs_dropout_prob=distill_cfg.dropout,
                                 pad_token_id=tokenizer.pad_token_id)
             encoder = AutoModel.from_config(config)
-        max_length = min(distill_cfg.max_length, getattr(encoder.config, "max_position_embeddings", distill_cfg.max_length))
+        max_length = min(distill_cfg.max_length,
+                         getattr(encoder.config, "max_position_embeddings", distill_cfg.max_length))
         model = GraphNodeStudent(encoder, classes, max_length)
     return model, tokenizer
 
@@ -318,10 +322,11 @@ def collate(encoded, pad_id: int, device=None):
 
 
 def save_student(model: GraphNodeStudent, tokenizer, out_dir: str) -> None:
-    """Hugging Face format: the encoder (save_pretrained; its config.json carries `graph_heads` {head: class
-    names} and `graph_max_length`), the tokenizer, and the heads' weights in graph_heads.pt."""
+    """Hugging Face format: the encoder (save_pretrained; its config.json carries `graph_heads`, [[head, [class
+    names]], ...] in head order (a list: config.json sorts mapping keys), and `graph_max_length`), the
+    tokenizer, and the heads' weights in graph_heads.pt."""
     os.makedirs(out_dir, exist_ok=True)
-    model.encoder.config.graph_heads = model.classes
+    model.encoder.config.graph_heads = [[name, list(c)] for name, c in model.classes.items()]
     model.encoder.config.graph_max_length = model.max_length
     model.encoder.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -334,7 +339,7 @@ def load_student(path: str, device="cpu"):
         raise FileNotFoundError(f"load_student: {path} has no {HEADS_FILE} (not a distill.py student)")
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     encoder = AutoModel.from_pretrained(path, local_files_only=True)
-    model = GraphNodeStudent(encoder, config.graph_heads, config.graph_max_length)
+    model = GraphNodeStudent(encoder, {name: c for name, c in config.graph_heads}, config.graph_max_length)
     model.heads.load_state_dict(torch.load(os.path.join(path, HEADS_FILE), weights_only=True))
     return model.to(device).eval(), policy._load_tokenizer(path)
 
@@ -438,8 +443,9 @@ def resolve_teacher(cfg) -> str:
     for path in (os.path.join(cfg.run.out_dir, "checkpoint"), os.path.join(cfg.run.out_dir, "sft", "checkpoint")):
         if os.path.isdir(path):
             return path
-    raise FileNotFoundError(f"distill: no teacher: neither {cfg.run.out_dir}/checkpoint nor {cfg.run.out_dir}/sft/checkpoint "
-                            f"exists (run graph_grpo.py or sft_mask.py first, or set --distill.teacher=PATH)")
+    raise FileNotFoundError(f"distill: no teacher: neither {cfg.run.out_dir}/checkpoint nor "
+                            f"{cfg.run.out_dir}/sft/checkpoint exists (run graph_grpo.py or sft_mask.py first, "
+                            f"or set --distill.teacher=PATH)")
 
 
 def run_distill(cfg, show_progress: bool = True, print_table: bool = True) -> dict:
@@ -453,14 +459,15 @@ def run_distill(cfg, show_progress: bool = True, print_table: bool = True) -> di
     teacher_path = resolve_teacher(cfg)
     cache_dir = os.path.join(cfg.run.out_dir, "student")
     out_dir = dc.student_dir or cache_dir
-    os.makedirs(out_dir, exist_ok=True)
-    save_config(cfg, os.path.join(out_dir, "config.yaml"))
     schema, splits = data.load_splits(cfg)
     strict = cfg.data.source == "synthetic"
     classes = head_classes(schema, dc.heads)
     weights = resolve_head_weights(dc.head_weights, schema, dc.heads)
+    os.makedirs(out_dir, exist_ok=True)
+    save_config(cfg, os.path.join(out_dir, "config.yaml"))
     train = splits["rl"][:dc.max_train] if dc.max_train else splits["rl"]
-    tests = {s: splits[s][:cfg.eval.max_items] if cfg.eval.max_items else splits[s] for s in data.test_split_names(splits)}
+    tests = {s: splits[s][:cfg.eval.max_items] if cfg.eval.max_items else splits[s]
+             for s in data.test_split_names(splits)}
 
     # teacher signals: loaded lazily, only for the splits whose cache is missing or stale
     teacher_state = {}

@@ -175,7 +175,7 @@ def test_teacher_signals_are_distributions_read_at_the_verdict_positions(monkeyp
 # student
 
 def _student_cfg(**kw):
-    base = dict(student_init="", hidden_size=32, num_layers=1, num_heads=2, max_length=32)
+    base = dict(student_init="", hidden_size=32, num_layers=1, num_heads=2, max_length=32, dropout=0.1)
     return types.SimpleNamespace(**{**base, **kw})
 
 
@@ -192,10 +192,10 @@ def test_student_save_load_round_trip_and_score_pairs(tmp_path):
         before = model(*distill.collate(enc, tok.pad_token_id))
     distill.save_student(model, tok, str(tmp_path / "student"))
     cfg = json.load(open(tmp_path / "student" / "config.json"))
-    assert cfg["graph_heads"] == {"f:brand": list(distill.FACET_CLASSES), "f:color": list(distill.FACET_CLASSES),
-                                  "y": list(SCHEMA.label_names)}
+    assert cfg["graph_heads"] == [["f:brand", list(distill.FACET_CLASSES)], ["f:color", list(distill.FACET_CLASSES)],
+                                  ["y", list(SCHEMA.label_names)]]
     loaded, ltok = distill.load_student(str(tmp_path / "student"))
-    assert not loaded.training
+    assert not loaded.training and list(loaded.classes) == ["f:brand", "f:color", "y"]
     enc2 = [distill.encode_pair(ltok, q, p, loaded.max_length, strict=True) for q, p in pairs]
     assert enc2 == enc
     with torch.no_grad():
