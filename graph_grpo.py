@@ -18,11 +18,10 @@ The file reads in the order of the method (DESIGN.md §3, §6, §7):
 """
 from __future__ import annotations
 
-import copy
+import contextlib
 import datetime
 import glob
 import json
-import math
 import os
 import random
 import shutil
@@ -640,7 +639,7 @@ def accumulate_policy_gradient(ddp_model, ro: Rollouts, mask: torch.Tensor, rl, 
         sl = slice(s, s + rl.micro_batch_size)
         mb, mmask = ro.rows(sl), mask[sl]
         last = j == len(starts) - 1
-        ctx = ddp_model.no_sync() if (world > 1 and not last) else _null()
+        ctx = ddp_model.no_sync() if (world > 1 and not last) else contextlib.nullcontext()
         with ctx:
             out = logprobs_of(ddp_model, mb, rl.temperature, entropy=True, hidden=need_hidden)
             old = mb.old_logp if mb.old_logp is not None else out.logprobs.detach()
@@ -662,14 +661,6 @@ def accumulate_policy_gradient(ddp_model, ro: Rollouts, mask: torch.Tensor, rl, 
                                            float(ro.input_ids.shape[0]))
             next_grad_W = part if next_grad_W is None else next_grad_W + part
     return sums, next_grad_W
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def logprobs_of(model, ro: Rollouts, temperature: float, entropy: bool = False, hidden: bool = False):
