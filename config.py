@@ -597,7 +597,7 @@ def parse_override(item: str, schema=None) -> tuple[str, str, Any]:
         return section, key, text
     try:
         return section, key, yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError as err:
+    except yaml.YAMLError:
         raise ConfigError(f"{where}: cannot parse {text!r} as a YAML value") from None
 
 

@@ -237,8 +237,8 @@ def evaluate_policy(model, tokenizer, schema, splits: dict, eval_cfg, strict: bo
     return results
 
 
-def results_table(results: dict, label_names) -> str:
-    """Markdown: one row per split with the headline numbers, then per-class P/R/F1 and node accuracy."""
+def results_table(results: dict) -> str:
+    """Markdown: one row per split with the headline numbers and the per-node accuracy."""
     rows = []
     for split, m in results.items():
         row = {"split": split, "n": m["n"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
@@ -262,7 +262,7 @@ def evaluate_run(cfg, checkpoint: str, out_dir: str, print_table: bool = True) -
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
         json.dump(results, f, indent=1)
     if print_table:
-        print(results_table(results, schema.label_names))
+        print(results_table(results))
         for split, m in results.items():
             print(f"\n{split}: confusion matrix (rows gold, columns predicted, last column invalid)")
             print(format_confusion_matrix(np.array(m["confusion_matrix"]), schema.label_names))
