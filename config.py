@@ -209,7 +209,9 @@ class RLConfig:
     max_bad_steps: int = 5
     """stop after this many consecutive steps with a non-finite loss or gradient"""
     eval_every: int = 0
-    """evaluate on the test splits every N steps; 0: only at the end"""
+    """evaluate on the test splits every N steps (and before step 0); 0: only at the end"""
+    eval_items: int = 0
+    """items per test split in those evaluations (the first N); 0: eval.max_items"""
     guided_replay: bool = False
     """TaoSR-AGRL adaptive guided replay: in a group at or below replay_threshold accuracy, replace rollouts by the gold CoT"""
     replay_threshold: float = 0.0

@@ -454,9 +454,10 @@ def load_jsonl(path: str, num_labels: int = 4, schema: GraphSchema | None = None
 
 
 def write_jsonl(path: str, examples: Iterable[Example]) -> None:
-    """Atomic write: a half-written data file must never be mistaken for a complete one."""
+    """Atomic write: a half-written data file must never be mistaken for a complete one. The temporary name is
+    per process: concurrent runs that generate the same missing split write identical files, the last one wins."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
+    tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         for ex in examples:
             f.write(json.dumps(ex.to_json(), ensure_ascii=False) + "\n")

@@ -251,6 +251,58 @@ def results_table(results: dict) -> str:
     return format_table(rows, cols)
 
 
+class PlotUnavailable(RuntimeError):
+    """Raised when plotting is asked for without its optional extra installed."""
+
+
+def plot_panels(panels: dict[str, dict[str, list[tuple[Sequence, Sequence]]]], path: str, xlabel: str = "step",
+                smooth: dict[str, int] | None = None) -> None:
+    """One subplot per panel, one line per label: the mean over that label's runs at the x values they share,
+    shaded +- one std over runs (none for a single run). `smooth`: {panel: window} trailing moving average
+    applied per run first. matplotlib is an optional extra, imported here only."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise PlotUnavailable("plotting needs the optional extra matplotlib: pip install matplotlib") from None
+    panels = {k: v for k, v in panels.items() if v}
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (title, lines) in zip(axes[0], panels.items()):
+        w = (smooth or {}).get(title, 1)
+        for label, runs in lines.items():
+            runs = [(list(xs), moving_average(list(ys), w)) for xs, ys in runs if len(xs)]
+            if not runs:
+                continue
+            common = sorted(set.intersection(*[set(xs) for xs, _ in runs]))
+            if not common:
+                continue
+            ys = np.array([[dict(zip(xs, y))[x] for x in common] for xs, y in runs], dtype=float)
+            mean = ys.mean(axis=0)
+            (line,) = ax.plot(common, mean, label=f"{label} (n={len(runs)})", lw=1.4)
+            if len(runs) > 1:
+                sd = ys.std(axis=0, ddof=1)
+                ax.fill_between(common, mean - sd, mean + sd, color=line.get_color(), alpha=0.15, lw=0)
+        ax.set_title(title + (f", moving average {w}" if w > 1 else ""), fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def moving_average(ys: list[float], window: int) -> list[float]:
+    """Trailing mean over the last `window` values (fewer at the start)."""
+    if window <= 1:
+        return ys
+    c = np.cumsum(np.insert(np.asarray(ys, dtype=float), 0, 0.0))
+    return [(c[i + 1] - c[max(0, i + 1 - window)]) / (i + 1 - max(0, i + 1 - window)) for i in range(len(ys))]
+
+
 def evaluate_run(cfg, checkpoint: str, out_dir: str, print_table: bool = True) -> dict:
     """Load the policy from `checkpoint`, evaluate every test split of cfg, write out_dir/eval.json."""
     device = policy.resolve_device(cfg.run.device)

@@ -483,6 +483,8 @@ def train(cfg) -> str:
             truncate_log(os.path.join(out_dir, name), start)
     metrics_f = open(os.path.join(out_dir, "metrics.jsonl"), "a") if master else None
     samples_f = open(os.path.join(out_dir, "samples.jsonl"), "a") if master else None
+    start_eval = drift_eval(model, tokenizer, schema, splits, cfg, device, master, world) \
+        if rl.eval_every and start == 0 else {}
     bar = tqdm(range(start, rl.steps), desc="rl", disable=not master, initial=start, total=rl.steps)
     for step in bar:
         t0 = time.time()
@@ -580,16 +582,10 @@ def train(cfg) -> str:
                            grad_norm, lr, timing, schema)
         rec["skipped_steps_in_row"] = bad_in_row
         rec["guided_replay/groups"] = all_reduce_sum(torch.tensor([float(n_replayed)])).item()
+        if step == 0:  # the drift curve's starting point, measured before the first update, logged with step 0
+            rec.update({k.replace("eval/", "eval_start/", 1): v for k, v in start_eval.items()})
         if rl.eval_every and (step + 1) % rl.eval_every == 0:  # drift during RL (DESIGN §8: in-distribution retention)
-            if master:
-                import eval as evaluation
-                tests = {s: splits[s] for s in data.test_split_names(splits)}
-                with policy.autocast(cfg.run.dtype, device):
-                    res = evaluation.evaluate_policy(model, tokenizer, schema, tests, cfg.eval, strict)
-                for s, m in res.items():
-                    rec[f"eval/{s}/accuracy"], rec[f"eval/{s}/macro_f1"] = m["accuracy"], m["macro_f1"]
-            if world > 1:
-                dist.barrier()
+            rec.update(drift_eval(model, tokenizer, schema, splits, cfg, device, master, world))
         if master:
             metrics_f.write(json.dumps(rec) + "\n")
             metrics_f.flush()
@@ -616,6 +612,25 @@ def train(cfg) -> str:
     if world > 1:
         dist.barrier()
     return final
+
+
+def drift_eval(model, tokenizer, schema, splits, cfg, device, master: bool, world: int) -> dict:
+    """{'eval/<split>/accuracy' | 'eval/<split>/macro_f1': value} on the first rl.eval_items items of each test
+    split (rank 0 evaluates, the others wait): in-distribution drift and long-tail progress during RL."""
+    rec = {}
+    if master:
+        import eval as evaluation
+        n = cfg.rl.eval_items
+        tests = {s: splits[s][:n] if n else splits[s] for s in data.test_split_names(splits)}
+        with policy.autocast(cfg.run.dtype, device):
+            res = evaluation.evaluate_policy(model, tokenizer, schema, tests, cfg.eval, cfg.data.source == "synthetic")
+        for s, m in res.items():
+            rec[f"eval/{s}/accuracy"], rec[f"eval/{s}/macro_f1"] = m["accuracy"], m["macro_f1"]
+            if "longtail_facet_accuracy" in m:
+                rec[f"eval/{s}/longtail_facet_accuracy"] = m["longtail_facet_accuracy"]
+    if world > 1:
+        dist.barrier()
+    return rec
 
 
 def accumulate_policy_gradient(ddp_model, ro: Rollouts, mask: torch.Tensor, rl, n_tokens: float, n_seqs: float,

@@ -12,8 +12,10 @@ import pytest
 import torch
 
 import data
+import eval as evaluation
 import graph_grpo as gg
 import policy
+from config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -247,7 +249,7 @@ def _rl_args(out, sft_ckpt, *extra):
 def test_single_process_run_writes_metrics_samples_and_eval(tmp_path, sft_ckpt):
     out = tmp_path / "run"
     r = _run([sys.executable, *_rl_args(out, sft_ckpt, "--credit.mode=outcome", "--controller.mode=fixed",
-                                        "--rl.eval_every=2")])
+                                        "--rl.eval_every=2", "--rl.eval_items=6")])
     assert r.returncode == 0, r.stderr[-3000:]
     import json
     lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
@@ -257,6 +259,13 @@ def test_single_process_run_writes_metrics_samples_and_eval(tmp_path, sft_ckpt):
                 "completions/clipped_ratio", "grad_norm", "lr", "format_rate", "tokens_per_s"):
         assert key in lines[0], key
     assert "eval/test_id/accuracy" in lines[1] and "eval/test_id/accuracy" not in lines[0]
+    # the drift curve's start is the SFT policy itself, on the first rl.eval_items items
+    ckpt, data_dir = sft_ckpt
+    cfg = load_config("configs/tiny.yaml", [f"--data.dir={data_dir}"])
+    schema, splits = data.load_splits(cfg)
+    model, tok = policy.load_policy(ckpt, data.vocabulary(schema))
+    want = evaluation.evaluate_policy(model, tok, schema, {"test_id": splits["test_id"][:6]}, cfg.eval, strict=True)
+    assert lines[0]["eval_start/test_id/accuracy"] == want["test_id"]["accuracy"]
     assert (out / "samples.jsonl").stat().st_size > 0
     assert (out / "eval.json").exists() and (out / "checkpoint" / "config.json").exists()
 

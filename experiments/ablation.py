@@ -1,0 +1,386 @@
+"""The paper's ablation in miniature: every row for 8 seeds on CPU, resumable, then results/ablation.md + .png.
+
+    python experiments/ablation.py                    # run what is missing (finished runs are skipped), then report
+    python experiments/ablation.py --report-only      # only rebuild results/ from the run directories
+    nohup python experiments/ablation.py > runs/ablation.log 2>&1 &     # the background-friendly way
+
+Every run is one subprocess of the product CLIs (sft_mask.py, graph_grpo.py, distill.py) with one torch thread;
+`--jobs` run side by side. A run is finished when its eval.json exists; a killed RL run resumes from its last
+checkpoint. Jobs are ordered seed by seed, so an interrupted study has complete seeds to report.
+
+Per seed, the SFT rows train their own checkpoint (seed = init and batch order); every RL row starts from the
+masked SFT checkpoint of its seed (grpo_plain_sft from the plain one), with the same steps, batch, G, learning
+rate, clipping and KL (none) as every other RL row: only the credit / controller / graph keys differ.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import eval as evaluation  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    """run directory prefix: <out>/<name>_s<seed>"""
+    title: str
+    """the row as the table shows it"""
+    kind: str
+    """sft | rl | distill"""
+    parent: str | None = None
+    """row whose checkpoint this one starts from (rl: an SFT row; distill: the teacher's RL row)"""
+    overrides: tuple[str, ...] = ()
+    """config overrides of this row only"""
+    max_seeds: int = 0
+    """run only the first N seeds (0: all); supplementary rows"""
+
+
+GRPO = ("--credit.mode=outcome", "--controller.mode=fixed")
+GRAPH_META = ("--credit.mode=graph", "--credit.evidence=group", "--controller.mode=meta")
+# A mis-specified graph: the understanding steps are made to depend on the facet steps, and only they feed the
+# label. Still a DAG, every node still reachable from y, but the label's real parents (the facets) are not its parents.
+WRONG_EDGES = "--graph.edges=[[f, q], [f, p], [q, y], [p, y]]"
+ROWS = (
+    Row("sft_plain", "1. SFT, no masking", "sft", None, ("--mask.enabled=false",)),
+    Row("sft_masked", "2. SFT, CoT random masking", "sft"),
+    Row("grpo", "3. + GRPO (outcome)", "rl", "sft_masked", GRPO),
+    Row("process", "4. + process (alpha = 0)", "rl", "sft_masked", ("--credit.mode=process", "--controller.mode=fixed")),
+    Row("agrl", "5. + rule_shaped + guided replay (TaoSR-AGRL)", "rl", "sft_masked",
+        ("--credit.mode=rule_shaped", "--rl.guided_replay=true", "--controller.mode=fixed")),
+    Row("she", "6. + stepwise (TaoSR-SHE)", "rl", "sft_masked", ("--credit.mode=stepwise", "--controller.mode=fixed")),
+    Row("graph_fixed", "7. + Graph-GRPO, fixed alpha = 1", "rl", "sft_masked",
+        ("--credit.mode=graph", "--credit.evidence=group", "--controller.mode=fixed")),
+    Row("graph_meta", "8. + Graph-GRPO, meta controller", "rl", "sft_masked", GRAPH_META),
+    Row("graph_meta_both", "9. + Graph-GRPO, meta, group + verifier evidence", "rl", "sft_masked",
+        ("--credit.mode=graph", "--credit.evidence=both", "--controller.mode=meta", "--controller.learn_weights=true")),
+    Row("graph_meta_wrong_edges", "10. + Graph-GRPO, meta, wrong edges", "rl", "sft_masked", GRAPH_META + (WRONG_EDGES,)),
+    Row("graph_meta_no_gate", "11. + Graph-GRPO, meta, no instance gate", "rl", "sft_masked",
+        GRAPH_META + ("--credit.gate=none",)),
+    Row("student", "12. distilled student of row 8", "distill", "graph_meta"),
+    Row("grpo_plain_sft", "3'. + GRPO from the plain SFT (row 1)", "rl", "sft_plain", GRPO),
+    Row("graph_fixed_a0", "7'. + Graph-GRPO, fixed alpha = 0", "rl", "sft_masked",
+        ("--credit.mode=graph", "--credit.evidence=group", "--controller.mode=fixed", "--credit.alpha_init=0"), 3),
+    Row("graph_fixed_a05", "7''. + Graph-GRPO, fixed alpha = 0.5", "rl", "sft_masked",
+        ("--credit.mode=graph", "--credit.evidence=group", "--controller.mode=fixed", "--credit.alpha_init=0.5"), 3),
+)
+BY_NAME = {r.name: r for r in ROWS}
+SCRIPTS = {"sft": "sft_mask.py", "rl": "graph_grpo.py", "distill": "distill.py"}
+SPLITS = ("test_id", "test_longtail")
+
+
+@dataclass
+class Job:
+    row: Row
+    seed: int
+    out: str
+    """the run directory"""
+    eval_json: str
+    """exists when the run is finished"""
+    args: list[str] = field(default_factory=list)
+    deps: list[str] = field(default_factory=list)
+    """eval.json files that must exist first"""
+
+
+def run_dir(out: str, row: Row, seed: int) -> str:
+    return os.path.join(out, f"{row.name}_s{seed}")
+
+
+def eval_json_of(out: str, row: Row, seed: int) -> str:
+    d = run_dir(out, row, seed)
+    return os.path.join(d, {"sft": "sft", "rl": "", "distill": "student"}[row.kind], "eval.json")
+
+
+def make_jobs(args) -> list[Job]:
+    """Every (row, seed) run, seed-major, with its command line and the runs it waits for."""
+    common = ["--run.device=cpu", "--run.num_threads=1", f"--data.dir={os.path.join(args.out, 'data')}",
+              "--run.save_every=20", "--run.keep_last=1", *args.extra]
+    rl = [f"--rl.steps={args.rl_steps}", f"--rl.eval_every={args.eval_every}", f"--rl.eval_items={args.eval_items}"]
+    rows = [BY_NAME[n] for n in args.rows] if args.rows else ROWS
+    jobs = []
+    for seed, row in itertools.product(args.seeds, rows):
+        if row.max_seeds and seed not in args.seeds[:row.max_seeds]:
+            continue
+        d = run_dir(args.out, row, seed)
+        base = [sys.executable, SCRIPTS[row.kind], args.config, *common, f"--run.seed={seed}"]
+        if row.kind == "sft":
+            cmd, deps = base + [f"--run.out_dir={d}"], []
+        elif row.kind == "rl":
+            parent = run_dir(args.out, BY_NAME[row.parent], seed)
+            cmd = base + rl + [f"--run.out_dir={d}", f"--rl.init_from={os.path.join(parent, 'sft', 'checkpoint')}"]
+            deps = [eval_json_of(args.out, BY_NAME[row.parent], seed)]
+        else:
+            teacher = run_dir(args.out, BY_NAME[row.parent], seed)
+            cmd = base + [f"--run.out_dir={d}", f"--distill.teacher={os.path.join(teacher, 'checkpoint')}",
+                          f"--distill.steps={args.distill_steps}", f"--distill.max_train={args.distill_train}"]
+            deps = [eval_json_of(args.out, BY_NAME[row.parent], seed)]
+        jobs.append(Job(row, seed, d, eval_json_of(args.out, row, seed), cmd + list(row.overrides), deps))
+    return jobs
+
+
+def run_jobs(jobs: list[Job], n_parallel: int) -> dict[str, int]:
+    """Run the unfinished jobs, at most n_parallel at once, each as soon as its dependencies finished.
+    A failed job (nonzero exit) is reported and its dependents are skipped; nothing else stops."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONPATH=ROOT)
+    pending = [j for j in jobs if not os.path.exists(j.eval_json)]
+    running: list[tuple[Job, subprocess.Popen, float]] = []
+    failed: set[str] = set()
+    counts = {"done": len(jobs) - len(pending), "ran": 0, "failed": 0, "skipped": 0}
+    while pending or running:
+        for j in list(pending):
+            if any(d in failed for d in j.deps):
+                pending.remove(j)
+                failed.add(j.eval_json)
+                counts["skipped"] += 1
+                print(f"skip {j.out}: a run it depends on failed", flush=True)
+            elif len(running) < n_parallel and all(os.path.exists(d) for d in j.deps):
+                pending.remove(j)
+                os.makedirs(j.out, exist_ok=True)
+                log = open(os.path.join(j.out, "stdout.log"), "a")
+                running.append((j, subprocess.Popen(j.args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT),
+                                time.time()))
+                print(f"start {j.out}", flush=True)
+        time.sleep(1.0)
+        for item in list(running):
+            j, p, t0 = item
+            if p.poll() is None:
+                continue
+            running.remove(item)
+            ok = p.returncode == 0 and os.path.exists(j.eval_json)
+            counts["ran" if ok else "failed"] += 1
+            if not ok:
+                failed.add(j.eval_json)
+            print(f"{'done' if ok else 'FAILED (exit %d, see stdout.log)' % p.returncode} {j.out} "
+                  f"in {time.time() - t0:.0f} s", flush=True)
+        if not running and pending and not any(all(os.path.exists(d) for d in j.deps) for j in pending):
+            for j in pending:  # dependencies that will never appear (e.g. removed by hand)
+                print(f"skip {j.out}: missing {j.deps}", flush=True)
+            counts["skipped"] += len(pending)
+            pending = []
+    return counts
+
+
+# ---------------------------------------------------------------- report: pure functions of the run directories
+def final_metrics(row: Row, path: str) -> dict:
+    """{split: metrics} of a finished run (the student's own rows for a distill run)."""
+    res = json.load(open(path))
+    return res["student"] if row.kind == "distill" else res
+
+
+def eval_curve(metrics_path: str, split: str, key: str = "accuracy") -> tuple[list[int], list[float]]:
+    """(updates, values) of the drift evaluations of an RL run: the start (eval_start/, 0 updates) and every
+    rl.eval_every steps (eval/ in the record of step s: s + 1 updates)."""
+    xs, ys = [], []
+    for line in open(metrics_path):
+        rec = json.loads(line)
+        if f"eval_start/{split}/{key}" in rec:
+            xs.append(0), ys.append(rec[f"eval_start/{split}/{key}"])
+        if f"eval/{split}/{key}" in rec:
+            xs.append(rec["step"] + 1), ys.append(rec[f"eval/{split}/{key}"])
+    return xs, ys
+
+
+def reward_curve(metrics_path: str) -> tuple[list[int], list[float]]:
+    recs = [json.loads(line) for line in open(metrics_path)]
+    return [r["step"] + 1 for r in recs], [r["reward"] for r in recs]
+
+
+def max_drop(ys: list[float]) -> float:
+    """Largest drop below the starting value (0 when it never falls below): in-distribution drift."""
+    return max([0.0] + [ys[0] - y for y in ys[1:]])
+
+
+def collapsed(ys: list[float], threshold: float = 0.20) -> bool:
+    """The run fell more than `threshold` below its start and stayed down: true at the last evaluation."""
+    return len(ys) > 1 and ys[0] - ys[-1] > threshold
+
+
+def steps_to_reach(xs: list[int], ys: list[float], target: float) -> int | None:
+    """First x at which the curve reaches `target` (None: never)."""
+    return next((x for x, y in zip(xs, ys) if y >= target - 1e-12), None)
+
+
+def paired_test(a: list[float], b: list[float]) -> dict:
+    """Paired comparison over seeds: mean and std of a - b, paired t, and the exact two-sided sign-flip
+    permutation p-value (all 2^n sign patterns of the differences; no distributional assumption)."""
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    n = len(d)
+    sd = float(d.std(ddof=1)) if n > 1 else float("nan")
+    t = float(d.mean() / (sd / math.sqrt(n))) if n > 1 and sd > 0 else float("nan")
+    signs = np.array(list(itertools.product((1.0, -1.0), repeat=n))) if n else np.zeros((1, 0))
+    means = np.abs((signs * d).mean(axis=1)) if n else np.zeros(1)
+    p = float((means >= abs(d.mean()) - 1e-12).mean()) if n else float("nan")
+    wins = int((d > 0).sum())
+    return {"n": n, "mean_diff": float(d.mean()) if n else float("nan"), "std_diff": sd, "t": t, "p": p, "wins": wins}
+
+
+def mean_std(vals: list[float], digits: int = 3) -> str:
+    if not vals:
+        return "-"
+    if len(vals) == 1:
+        return f"{vals[0]:.{digits}f}"
+    return f"{np.mean(vals):.{digits}f} ± {np.std(vals, ddof=1):.{digits}f}"
+
+
+def collect(out: str, seeds: list[int]) -> dict:
+    """{row name: {seed: {'final': {split: metrics}, 'curves': {...} (rl rows)}}} for the finished runs."""
+    found = {}
+    for row in ROWS:
+        for seed in seeds:
+            path = eval_json_of(out, row, seed)
+            if not os.path.exists(path):
+                continue
+            rec = {"final": final_metrics(row, path)}
+            mpath = os.path.join(run_dir(out, row, seed), "metrics.jsonl")
+            if row.kind == "rl" and os.path.exists(mpath):
+                rec["curves"] = {f"{s}/{k}": eval_curve(mpath, s, k) for s in SPLITS for k in ("accuracy", "macro_f1")}
+                rec["curves"]["reward"] = reward_curve(mpath)
+            found.setdefault(row.name, {})[seed] = rec
+    return found
+
+
+def report(found: dict, ref_row: str = "grpo") -> str:
+    """The markdown of results/ablation.md (without its header): the main table, the diagnostics table, the
+    three paired claims."""
+    lines = ["| row | seeds | test_longtail macro-F1 | test_longtail acc | test_id macro-F1 | test_id acc | "
+             "id drift (max drop, points) | collapsed | steps to GRPO's final lt macro-F1 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    ref = found.get(ref_row, {})
+    ref_curves = [r["curves"]["test_longtail/macro_f1"] for r in ref.values() if "curves" in r]
+    target = float(np.mean([ys[-1] for _, ys in ref_curves])) if ref_curves else None
+    diag = ["| row | lt facet acc | lt verdicts match / partial / mismatch / absent / missing | rule consistency (lt) | "
+            "format valid (lt) |", "|---|---:|---|---:|---:|"]
+    for row in ROWS:
+        runs = found.get(row.name)
+        if not runs:
+            continue
+        fin = [r["final"] for r in runs.values()]
+        col = lambda s, k: [m[s][k] for m in fin if s in m]  # noqa: E731
+        drift = collapse = reach = "-"
+        curves = [r["curves"] for r in runs.values() if "curves" in r]
+        if curves:
+            drops = [100 * max_drop(c["test_id/accuracy"][1]) for c in curves if c["test_id/accuracy"][1]]
+            drift = mean_std(drops, 1)
+            collapse = f"{sum(collapsed(c['test_id/accuracy'][1]) for c in curves)}/{len(curves)}"
+            if target is not None:
+                xs, ys = mean_curve([c["test_longtail/macro_f1"] for c in curves])
+                hit = steps_to_reach(xs, ys, target)
+                reach = str(hit) if hit is not None else "not reached"
+        lines.append(f"| {row.title} | {len(fin)} | {mean_std(col('test_longtail', 'macro_f1'))} | "
+                     f"{mean_std(col('test_longtail', 'accuracy'))} | {mean_std(col('test_id', 'macro_f1'))} | "
+                     f"{mean_std(col('test_id', 'accuracy'))} | {drift} | {collapse} | {reach} |")
+        if row.kind != "distill":
+            shares = [m["test_longtail"].get(evaluation.LONGTAIL_VERDICT_KEY, {}) for m in fin]
+            order = ("match", "partial", "mismatch", "absent", "missing")
+            share_txt = " / ".join(f"{np.mean([s.get(v, 0.0) for s in shares]):.2f}" for v in order)
+            diag.append(f"| {row.title} | {mean_std(col('test_longtail', 'longtail_facet_accuracy'))} | {share_txt} | "
+                        f"{mean_std(col('test_longtail', 'rule_consistency'))} | "
+                        f"{mean_std(col('test_longtail', 'format_valid'))} |")
+    out = ["## Main table (mean ± std over seeds; final checkpoints on the full test splits)", "", *lines, "",
+           f"Drift, collapse and steps-to-reach come from the evaluations during RL (first items of each split). "
+           f"Target for the last column: the GRPO row's mean final long-tail macro-F1 on those items"
+           + (f" ({target:.3f})." if target is not None else "."), "",
+           "## Long-tail diagnostics (final checkpoints, test_longtail)", "", *diag, "", "## Paired claims", "",
+           "| claim | seeds | mean difference | std of differences | wins | paired t | exact sign-flip p |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+    for a, b, split, key, what in (("graph_meta", "grpo", "test_longtail", "macro_f1", "graph-meta vs GRPO, lt macro-F1"),
+                                   ("graph_meta", "graph_fixed", "test_longtail", "macro_f1",
+                                    "graph-meta vs graph-fixed, lt macro-F1"),
+                                   ("grpo", "grpo_plain_sft", "test_longtail", "macro_f1",
+                                    "masked vs plain SFT after GRPO, lt macro-F1"),
+                                   ("grpo", "grpo_plain_sft", "test_id", "macro_f1",
+                                    "masked vs plain SFT after GRPO, id macro-F1")):
+        seeds = sorted(set(found.get(a, {})) & set(found.get(b, {})))
+        if not seeds:
+            continue
+        pt = paired_test([found[a][s]["final"][split][key] for s in seeds],
+                         [found[b][s]["final"][split][key] for s in seeds])
+        out.append(f"| {what} | {pt['n']} | {pt['mean_diff']:+.4f} | {pt['std_diff']:.4f} | {pt['wins']}/{pt['n']} | "
+                   f"{pt['t']:.2f} | {pt['p']:.3f} |")
+    return "\n".join(out) + "\n"
+
+
+def mean_curve(curves: list[tuple[list, list]]) -> tuple[list, list]:
+    """Mean over runs at the x values every run has."""
+    common = sorted(set.intersection(*[set(xs) for xs, _ in curves])) if curves else []
+    return common, [float(np.mean([dict(zip(xs, ys))[x] for xs, ys in curves])) for x in common]
+
+
+def plot(found: dict, path: str) -> None:
+    """results/ablation.png: reward and long-tail accuracy during RL, one line per RL row, shaded over seeds."""
+    panels = {"reward (training batch)": {}, "test_longtail accuracy (drift evaluations)": {},
+              "test_id accuracy (drift evaluations)": {}}
+    for row in ROWS:
+        curves = [r["curves"] for r in found.get(row.name, {}).values() if "curves" in r]
+        if not curves:
+            continue
+        panels["reward (training batch)"][row.title] = [c["reward"] for c in curves]
+        panels["test_longtail accuracy (drift evaluations)"][row.title] = [c["test_longtail/accuracy"] for c in curves]
+        panels["test_id accuracy (drift evaluations)"][row.title] = [c["test_id/accuracy"] for c in curves]
+    evaluation.plot_panels(panels, path, xlabel="RL updates", smooth={"reward (training batch)": 10})
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="configs/base.yaml", help="base config of every run")
+    ap.add_argument("--out", default="runs/ablation", help="directory of the run directories")
+    ap.add_argument("--results", default="results", help="where ablation.md and ablation.png go")
+    ap.add_argument("--seeds", default="0-7", help="seeds: 0-7 or 0,3,5")
+    ap.add_argument("--jobs", type=int, default=2, help="runs side by side (one torch thread each)")
+    ap.add_argument("--rows", default="", help="comma-separated row names (default: all)")
+    ap.add_argument("--rl-steps", type=int, default=60, help="RL steps of every RL row")
+    ap.add_argument("--eval-every", type=int, default=10, help="drift evaluation every N RL steps")
+    ap.add_argument("--eval-items", type=int, default=500, help="items per test split in drift evaluations")
+    ap.add_argument("--distill-steps", type=int, default=2000, help="student optimizer steps (row 12)")
+    ap.add_argument("--distill-train", type=int, default=5000, help="RL-pool prompts the student learns from")
+    ap.add_argument("--extra", nargs="*", default=[], help="overrides appended to every run (e.g. --extra=--eval.max_items=8)")
+    ap.add_argument("--report-only", action="store_true", help="do not run anything; rebuild the report")
+    args = ap.parse_args(argv)
+    args.seeds = parse_seeds(args.seeds)
+    args.rows = [r for r in args.rows.split(",") if r]
+    for name in args.rows:
+        if name not in BY_NAME:
+            ap.error(f"--rows: unknown row {name!r} (rows: {', '.join(BY_NAME)})")
+    t0 = time.time()
+    if not args.report_only:
+        jobs = make_jobs(args)
+        subprocess.run([sys.executable, "data.py", args.config, f"--data.dir={os.path.join(args.out, 'data')}",
+                        *args.extra], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)  # once, before the runs
+        print(f"{len(jobs)} runs, {sum(os.path.exists(j.eval_json) for j in jobs)} already finished", flush=True)
+        counts = run_jobs(jobs, args.jobs)
+        print(f"runs: {counts} in {(time.time() - t0) / 60:.1f} min", flush=True)
+    found = collect(args.out, args.seeds)
+    os.makedirs(args.results, exist_ok=True)
+    header = (f"# Ablation (`python experiments/ablation.py {' '.join(argv if argv is not None else sys.argv[1:])}`)\n\n"
+              f"Base config `{args.config}`; RL rows: {args.rl_steps} steps; drift evaluations every "
+              f"{args.eval_every} steps on the first {args.eval_items} items of each test split; seeds "
+              f"{args.seeds}. Generated by the script; do not edit by hand.\n\n")
+    with open(os.path.join(args.results, "ablation.md"), "w") as f:
+        f.write(header + report(found))
+    print(report(found))
+    try:
+        plot(found, os.path.join(args.results, "ablation.png"))
+    except evaluation.PlotUnavailable as err:
+        print(err)
+
+
+def parse_seeds(text: str) -> list[int]:
+    if "-" in text:
+        a, b = text.split("-")
+        return list(range(int(a), int(b) + 1))
+    return [int(s) for s in text.split(",") if s]
+
+
+if __name__ == "__main__":
+    main()
