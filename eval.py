@@ -4,6 +4,7 @@ The metric functions at the top are pure (numpy and plain Python); the generatio
 them runs a policy greedily on the test splits, parses its CoTs and scores them.
 
     python eval.py runs/base/sft              # a run directory (config.yaml + checkpoint/) or a checkpoint
+    python eval.py runs/a runs/b --out cmp.md --plot     # one comparison table (+ cmp.png training curves)
 """
 
 from __future__ import annotations
@@ -269,8 +270,12 @@ def plot_panels(panels: dict[str, dict[str, list[tuple[Sequence, Sequence]]]], p
     panels = {k: v for k, v in panels.items() if v}
     if not panels:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
-    for ax, (title, lines) in zip(axes[0], panels.items()):
+    ncols = min(3, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, 4.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (title, lines) in zip(axes.flat, panels.items()):
         w = (smooth or {}).get(title, 1)
         for label, runs in lines.items():
             runs = [(list(xs), moving_average(list(ys), w)) for xs, ys in runs if len(xs)]
@@ -288,7 +293,7 @@ def plot_panels(panels: dict[str, dict[str, list[tuple[Sequence, Sequence]]]], p
         ax.set_title(title + (f", moving average {w}" if w > 1 else ""), fontsize=10)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="best")
+    axes.flat[len(panels) - 1].legend(fontsize=7, loc="best")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -333,20 +338,93 @@ def find_run(path: str) -> tuple[str, str]:
     raise FileNotFoundError(f"{path}: not a run directory (config.yaml + checkpoint/) or a checkpoint inside one")
 
 
+def run_rows(path: str, results: dict, student_path: str | None) -> list[dict]:
+    """Comparison-table rows of one run: its policy (the teacher when a student exists), then its student."""
+    rows = []
+    models = [("policy", results)]
+    if student_path and os.path.exists(student_path):
+        models.append(("student", json.load(open(student_path))["student"]))
+    for model, res in models:
+        row = {"run": path, "model": model}
+        for split in ("test_id", "test_longtail"):
+            if split in res:
+                row[f"{split} acc"], row[f"{split} macro-F1"] = res[split]["accuracy"], res[split]["macro_f1"]
+        lt = res.get("test_longtail", {})
+        for key in ("format_valid", "rule_consistency", "longtail_facet_accuracy"):
+            if key in lt:
+                row[f"lt {key}"] = lt[key]
+        rows.append(row)
+    return rows
+
+
+def _is_curve_key(key: str) -> bool:
+    return key in ("reward", "kl") or key.startswith("alpha/") or (key.startswith("eval/") and key.endswith("/accuracy"))
+
+
+def training_curves(paths: Sequence[str]) -> dict:
+    """plot_panels input from each run's metrics.jsonl: reward, kl, drift evaluations, alpha per edge type."""
+    panels: dict[str, dict] = {}
+    for path in paths:
+        mpath = os.path.join(path, "metrics.jsonl")
+        if not os.path.exists(mpath):
+            continue
+        recs = []
+        for line in open(mpath):
+            try:
+                recs.append(json.loads(line))
+            except json.JSONDecodeError:  # a killed run's torn last line
+                pass
+        keys = sorted({k for r in recs for k in r if _is_curve_key(k)})
+        for key in keys:
+            start = key.replace("eval/", "eval_start/", 1)  # the drift curve's pre-RL point
+            pts = [(0, r[start]) for r in recs[:1] if key.startswith("eval/") and start in r]
+            pts += [(r["step"] + 1, r[key]) for r in recs if isinstance(r.get(key), (int, float))]
+            if pts:
+                panels.setdefault(key, {})[path] = [([x for x, _ in pts], [y for _, y in pts])]
+    return panels
+
+
 def main(argv=None):
     import argparse
-    ap = argparse.ArgumentParser(description="Evaluate run directories or checkpoints on their config's test splits.")
-    ap.add_argument("paths", nargs="+", help="run directories (runs/<name>) or checkpoint directories")
+    ap = argparse.ArgumentParser(
+        description="Evaluate run directories (or checkpoints) on their config's test splits and print one "
+                    "comparison table: a row per run, plus a student row where <run>/student/eval.json exists.")
+    ap.add_argument("paths", nargs="+", help="run directories (runs/<name>, runs/<name>/sft) or checkpoint directories")
     ap.add_argument("--max-items", type=int, default=None, help="evaluate the first N items of each split")
+    ap.add_argument("--recompute", action="store_true", help="evaluate again even where eval.json exists")
+    ap.add_argument("--out", default=None, help="also write the table (markdown) to this file")
+    ap.add_argument("--plot", nargs="?", const="", default=None, metavar="PNG",
+                    help="write training curves (reward, kl, accuracy, alpha per edge type); default path: next "
+                         "to --out, else curves.png (needs the optional extra matplotlib)")
     args = ap.parse_args(argv)
+    rows, run_dirs = [], []
     for path in args.paths:
         cfg_path, ckpt = find_run(path)
-        cfg = load_config(cfg_path)
-        if args.max_items is not None:
-            cfg.eval.max_items = args.max_items
         out_dir = path if os.path.isfile(os.path.join(path, "config.yaml")) else os.path.dirname(cfg_path)
-        print(f"# {path}")
-        evaluate_run(cfg, ckpt, out_dir, print_table=True)
+        cached = os.path.join(out_dir, "eval.json")
+        if os.path.exists(cached) and not args.recompute and args.max_items is None:
+            results = json.load(open(cached))
+        else:
+            cfg = load_config(cfg_path)
+            if args.max_items is not None:
+                cfg.eval.max_items = args.max_items
+            print(f"# evaluating {path}")
+            results = evaluate_run(cfg, ckpt, out_dir, print_table=len(args.paths) == 1)
+        rows += run_rows(path, results, os.path.join(out_dir, "student", "eval.json"))
+        run_dirs.append(out_dir)
+    table = format_table(rows, list(dict.fromkeys(k for r in rows for k in r)))
+    print(table)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(table + "\n")
+    if args.plot is not None:
+        png = args.plot or (os.path.splitext(args.out)[0] + ".png" if args.out else "curves.png")
+        try:
+            plot_panels(training_curves(run_dirs), png)
+            print(f"wrote {png}")
+        except PlotUnavailable as err:
+            print(f"--plot: {err}")
 
 
 if __name__ == "__main__":

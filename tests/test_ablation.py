@@ -1,0 +1,130 @@
+"""The ablation runner's report (experiments/ablation.py) and eval.py's comparison table, on fake run directories
+with hand-computed numbers; one subprocess smoke of the runner on the tiny config."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+import eval as evaluation
+from experiments import ablation
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_paired_test_hand_numbers():
+    pt = ablation.paired_test([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])
+    assert pt["n"] == 3 and pt["wins"] == 3
+    assert pt["mean_diff"] == pytest.approx(2.0) and pt["std_diff"] == pytest.approx(1.0)
+    assert pt["t"] == pytest.approx(2.0 * math.sqrt(3))
+    # |mean| of the 8 sign patterns of (1, 2, 3): 2, 0, 2/3, 4/3, 4/3, 2/3, 0, 2 -> two reach 2
+    assert pt["p"] == pytest.approx(0.25)
+    assert ablation.paired_test([0.5, 0.5], [0.5, 0.5])["p"] == pytest.approx(1.0)
+
+
+def test_drift_collapse_and_steps_to_reach():
+    assert ablation.max_drop([0.9, 0.85, 0.95, 0.7]) == pytest.approx(0.2)
+    assert ablation.max_drop([0.5, 0.6]) == 0.0
+    assert ablation.collapsed([0.9, 0.6, 0.65]) and not ablation.collapsed([0.9, 0.6, 0.8])
+    assert ablation.steps_to_reach([0, 10, 20], [0.5, 0.6, 0.7], 0.6) == 10
+    assert ablation.steps_to_reach([0, 10, 20], [0.5, 0.6, 0.7], 0.8) is None
+    assert ablation.mean_curve([([0, 10, 20], [1.0, 2.0, 3.0]), ([0, 10], [3.0, 4.0])]) == ([0, 10], [2.0, 3.0])
+    assert ablation.parse_seeds("0-3") == [0, 1, 2, 3] and ablation.parse_seeds("1,5") == [1, 5]
+
+
+def _split(acc, f1):
+    return {"accuracy": acc, "macro_f1": f1, "format_valid": 1.0, "rule_consistency": 0.9,
+            "longtail_facet_accuracy": 0.5, evaluation.LONGTAIL_VERDICT_KEY: {"match": 0.5, "mismatch": 0.5}}
+
+
+def _fake_rl_run(d, id_curve, lt_curve, final_lt_f1):
+    os.makedirs(d)
+    json.dump({"test_id": _split(0.9, 0.9), "test_longtail": _split(0.7, final_lt_f1)}, open(os.path.join(d, "eval.json"), "w"))
+    with open(os.path.join(d, "metrics.jsonl"), "w") as f:
+        for k, (a, b) in enumerate(zip(id_curve, lt_curve)):
+            rec = {"step": 10 * k - 1 if k else 0, "reward": 0.5}
+            pre = "eval_start" if k == 0 else "eval"
+            rec.update({f"{pre}/test_id/accuracy": a, f"{pre}/test_longtail/macro_f1": b,
+                        f"{pre}/test_id/macro_f1": a, f"{pre}/test_longtail/accuracy": b})
+            f.write(json.dumps(rec) + "\n")
+
+
+def test_report_on_fake_runs(tmp_path):
+    out = str(tmp_path)
+    _fake_rl_run(f"{out}/grpo_s0", [0.9, 0.8, 0.85], [0.5, 0.6, 0.6], 0.60)
+    _fake_rl_run(f"{out}/grpo_s1", [0.9, 0.9, 0.9], [0.5, 0.6, 0.7], 0.62)
+    _fake_rl_run(f"{out}/graph_meta_s0", [0.9, 0.6, 0.65], [0.6, 0.7, 0.7], 0.70)
+    _fake_rl_run(f"{out}/graph_meta_s1", [0.9, 0.85, 0.9], [0.5, 0.6, 0.7], 0.66)
+    assert ablation.eval_curve(f"{out}/grpo_s0/metrics.jsonl", "test_id") == ([0, 10, 20], [0.9, 0.8, 0.85])
+    found = ablation.collect(out, [0, 1])
+    assert set(found) == {"grpo", "graph_meta"}
+    md = ablation.report(found)
+    main_table = md.split("## Long-tail diagnostics")[0]
+    rows = {line.split(" | ")[0]: line for line in main_table.splitlines() if line.startswith(("| 3.", "| 8."))}
+    grpo, meta = rows["| 3. + GRPO (outcome)"], rows["| 8. + Graph-GRPO, meta controller"]
+    assert "0.610 ± 0.014" in grpo            # final lt macro-F1: mean 0.61, std 0.02/sqrt(2)
+    assert "| 5.0 ± 7.1 | 0/2 |" in grpo      # id drift in points: drops 10 and 0
+    assert "| 17.5 ± 17.7 | 1/2 |" in meta    # drops 30 and 5; seed 0 ends 25 points down: collapsed
+    # steps to GRPO's final lt macro-F1 (mean of last curve points 0.65): meta's mean curve 0.55, 0.65 -> 10
+    assert meta.endswith("| 10 |") and grpo.endswith("| 20 |")
+    claim = next(line for line in md.splitlines() if line.startswith("| graph-meta vs GRPO"))
+    assert "| 2 | +0.0700 |" in claim and "| 2/2 |" in claim
+
+
+def _fake_run_dir(d, id_acc, student=None):
+    os.makedirs(os.path.join(d, "checkpoint"))
+    open(os.path.join(d, "config.yaml"), "w").write("run:\n  seed: 0\n")
+    json.dump({"test_id": _split(id_acc, id_acc - 0.01), "test_longtail": _split(0.5, 0.45)},
+              open(os.path.join(d, "eval.json"), "w"))
+    if student is not None:
+        os.makedirs(os.path.join(d, "student"))
+        json.dump({"teacher": {}, "student": {"test_id": _split(student, student), "test_longtail": _split(0.4, 0.4)}},
+                  open(os.path.join(d, "student", "eval.json"), "w"))
+
+
+def test_eval_comparison_table_on_two_fake_runs(tmp_path, capsys):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    _fake_run_dir(a, 0.9, student=0.8)
+    _fake_run_dir(b, 0.7)
+    evaluation.main([a, b, "--out", str(tmp_path / "cmp.md")])
+    table = open(tmp_path / "cmp.md").read().splitlines()
+    assert table[0].startswith("| run") and "test_longtail macro-F1" in table[0]
+    body = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
+    assert [r[:4] for r in body] == [[a, "policy", "0.900", "0.890"], [a, "student", "0.800", "0.800"],
+                                     [b, "policy", "0.700", "0.690"]]
+    assert capsys.readouterr().out.count("| policy") == 2
+
+
+def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
+    with pytest.raises(evaluation.PlotUnavailable, match="pip install matplotlib"):
+        evaluation.plot_panels({"reward": {"a": [([1, 2], [0.1, 0.2])]}}, str(tmp_path / "x.png"))
+
+
+def test_plot_writes_png_when_matplotlib_is_installed(tmp_path):
+    pytest.importorskip("matplotlib", reason="optional extra")
+    d = str(tmp_path / "run")
+    _fake_rl_run(d, [0.9, 0.8], [0.5, 0.6], 0.6)
+    panels = evaluation.training_curves([d])
+    assert panels["eval/test_id/accuracy"][d] == [([0, 10], [0.9, 0.8])]  # the pre-RL point at x = 0
+    evaluation.plot_panels(panels, str(tmp_path / "c.png"))
+    assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_ablation_runner_smoke_resumes_and_reports(tmp_path):
+    """Three rows, one seed, tiny config: every run finishes, the report lists them; a second call skips all."""
+    out, res = tmp_path / "abl", tmp_path / "results"
+    cmd = [sys.executable, "experiments/ablation.py", "--config", "configs/tiny.yaml", "--out", str(out),
+           "--results", str(res), "--seeds", "0", "--rows", "sft_masked,grpo,graph_meta", "--rl-steps", "2",
+           "--eval-every", "1", "--eval-items", "4", "--extra=--eval.max_items=8"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    md = open(res / "ablation.md").read()
+    for title in ("2. SFT, CoT random masking", "3. + GRPO (outcome)", "8. + Graph-GRPO, meta controller"):
+        assert f"| {title} | 1 |" in md
+    assert ablation.eval_curve(str(out / "grpo_s0" / "metrics.jsonl"), "test_id")[0] == [0, 1, 2]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "3 runs, 3 already finished" in r.stdout
