@@ -72,8 +72,8 @@ class RunConfig:
 class DataConfig:
     """Where the examples come from (DESIGN section 2)."""
 
-    source: Literal["synthetic", "jsonl"] = "synthetic"
-    """synthetic: generate the splits into data.dir when missing; jsonl: read them from data.dir"""
+    source: Literal["synthetic", "jsonl", "wands"] = "synthetic"
+    """synthetic: generate the splits into data.dir when missing; jsonl: read them from data.dir; wands: synthetic splits from a WANDS-built catalogue + the real WANDS pairs as test split 'wands'"""
     dir: str = "data/synthetic"
     """directory the synthetic generator writes to, or that holds the jsonl files"""
     seed: int = 1234
@@ -94,6 +94,12 @@ class DataConfig:
     """test splits, relative to data.dir; each is evaluated and reported separately"""
     label_names: list[str] = field(default_factory=lambda: ["irrelevant", "mismatch", "related", "excellent"])
     """names of the relevance levels 0..3, lowest first"""
+    label_rule: list[int] = field(default_factory=list)
+    """label index of each business-rule level 0..3 (data.check_label_rule), e.g. [0, 1, 1, 2] for 3 labels; empty: identity (4 labels)"""
+    wands_dir: str = "../shared/data/wands_mini"
+    """WANDS files (query.csv, product.csv, label.csv; TAB-separated); a relative path is taken from the repository root"""
+    wands_grades: list[str] = field(default_factory=lambda: ["Irrelevant", "Partial", "Exact"])
+    """WANDS label strings, lowest first; the position is the label index (as many as data.label_names)"""
     longtail_in_sft: float = 0.03
     """share of long-tail surface forms in the synthetic SFT split"""
     longtail_in_rl: float = 0.5

@@ -106,7 +106,7 @@ def credit_batch(parses: list[data.ParsedCoT], rewards: torch.Tensor, G: int, sc
     y = slots.index("y")
     for i, p in enumerate(parses):
         k = data.node_keys(p, with_values=with_values)
-        dep = data.label_dependence(p.verdicts) if p.verdicts else {}
+        dep = data.label_dependence(p.verdicts, schema.label_rule) if p.verdicts else {}
         for v, name in enumerate(slots):
             if name not in k:
                 continue
@@ -457,7 +457,7 @@ def train(cfg) -> str:
         ref_model, _ = policy.load_policy(init_from, data.vocabulary(schema), dtype=dtype, device=device)
         ref_model.eval().requires_grad_(False)
     vocab = data.TagVocab.from_tokenizer(tokenizer, schema)
-    catalogue = data.Catalogue()
+    catalogue = data.catalogue_of(cfg.data)
     opt = torch.optim.AdamW(model.parameters(), lr=rl.lr, weight_decay=rl.weight_decay)
     controller = make_controller(cfg, len(schema.edge_kinds), world)
     start, main_batch, next_grad_W, bad_in_row = 0, None, None, 0

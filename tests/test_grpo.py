@@ -386,3 +386,19 @@ def test_controller_output_grad_from_the_update_forward_equals_a_fresh_forward()
     _, from_update = gg.accumulate_policy_gradient(model, ro, mask, rl, float(mask.sum()), 8.0, 1, main_adv=main_adv)
     torch.testing.assert_close(from_update, fresh, rtol=1e-5, atol=1e-8)
     assert fresh.abs().sum() > 0
+
+
+def test_credit_batch_gate_follows_the_schema_label_rule():
+    """The F -> Y instance gate is the label rule's own counterfactual: with WANDS's 3 grades ([0, 1, 1, 2]) a brand
+    mismatch next to a colour partial no longer changes the label when the brand is fixed (1 -> 2 both map to 1)."""
+    text = ("<q> category sneakers brand nike color red </q> <p> category sneakers brand adidas color crimson </p> "
+            "<f:category> sneakers sneakers match </f:category> <f:brand> nike adidas mismatch </f:brand> "
+            "<f:color> red crimson partial </f:color> <y> mismatch </y>")
+    p, _, schema4 = _parsed(text)
+    assert p.valid
+    schema3 = data.GraphSchema(label_names=("irrelevant", "partial", "exact"), label_rule=(0, 1, 1, 2))
+    slots = schema4.slots
+    brand, y = slots.index("f:brand"), slots.index("y")
+    for schema, want in ((schema4, 1.0), (schema3, 0.0)):
+        cb = gg.credit_batch([p], torch.tensor([1.0]), 1, schema, 40, None, with_values=False)
+        assert cb.gate[0, brand, y].item() == want
