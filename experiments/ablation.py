@@ -196,6 +196,15 @@ def reward_curve(metrics_path: str) -> tuple[list[int], list[float]]:
     return [r["step"] + 1 for r in recs], [r["reward"] for r in recs]
 
 
+def credit_summary(metrics_path: str) -> dict:
+    """Per run: the mean over steps of every credit/ and controller/ statistic, and the final alpha per edge type."""
+    recs = [json.loads(line) for line in open(metrics_path)]
+    keys = {k for r in recs for k in r if k.startswith(("credit/", "controller/"))}
+    out = {k: float(np.mean([r[k] for r in recs if k in r])) for k in keys}
+    out.update({k: v for k, v in recs[-1].items() if k.startswith("alpha/")} if recs else {})
+    return out
+
+
 def max_drop(ys: list[float]) -> float:
     """Largest drop below the starting value (0 when it never falls below): in-distribution drift."""
     return max([0.0] + [ys[0] - y for y in ys[1:]])
@@ -246,6 +255,7 @@ def collect(out: str, seeds: list[int]) -> dict:
             if row.kind == "rl" and os.path.exists(mpath):
                 rec["curves"] = {f"{s}/{k}": eval_curve(mpath, s, k) for s in SPLITS for k in ("accuracy", "macro_f1")}
                 rec["curves"]["reward"] = reward_curve(mpath)
+                rec["credit"] = credit_summary(mpath)
             found.setdefault(row.name, {})[seed] = rec
     return found
 
@@ -291,7 +301,9 @@ def report(found: dict, ref_row: str = "grpo") -> str:
            f"Drift, collapse and steps-to-reach come from the evaluations during RL (first items of each split). "
            f"Target for the last column: the GRPO row's mean final long-tail macro-F1 on those items"
            + (f" ({target:.3f})." if target is not None else "."), "",
-           "## Long-tail diagnostics (final checkpoints, test_longtail)", "", *diag, "", "## Paired claims", "",
+           "## Long-tail diagnostics (final checkpoints, test_longtail)", "", *diag, "",
+           "## Credit diagnostics (graph rows; means over steps and seeds, final alpha)", "", *credit_table(found), "",
+           "## Paired claims", "",
            "| claim | seeds | mean difference | std of differences | wins | paired t | exact sign-flip p |",
            "|---|---:|---:|---:|---:|---:|---:|"]
     for a, b, split, key, what in (("graph_meta", "grpo", "test_longtail", "macro_f1", "graph-meta vs GRPO, lt macro-F1"),
@@ -309,6 +321,28 @@ def report(found: dict, ref_row: str = "grpo") -> str:
         out.append(f"| {what} | {pt['n']} | {pt['mean_diff']:+.4f} | {pt['std_diff']:.4f} | {pt['wins']}/{pt['n']} | "
                    f"{pt['t']:.2f} | {pt['p']:.3f} |")
     return "\n".join(out) + "\n"
+
+
+def credit_table(found: dict) -> list[str]:
+    """Where node credit puts its mass: mean |A| per node type against the outcome advantage's, the share of nodes
+    with zero own evidence, the key repeat rate, how often the rule gate is open, alpha and the controller gate."""
+    lines = ["| row | mean abs A: outcome / q / p / f (avg of facets) / y | zero own evidence | key repeat | "
+             "rule gate open | final alpha per edge type (names sorted) | controller gate open |", "|---|---|---:|---:|---:|---|---:|"]
+    for row in ROWS:
+        sums = [r["credit"] for r in found.get(row.name, {}).values() if r.get("credit", {}).get("credit/zero_evidence_rate")
+                is not None]
+        if not sums:
+            continue
+        m = lambda k: float(np.mean([c.get(k, float("nan")) for c in sums]))  # noqa: E731
+        facets = [k for k in sums[0] if k.startswith("credit/node_abs_adv/f:")]
+        f_abs = float(np.mean([m(k) for k in facets])) if facets else float("nan")
+        alphas = sorted(k for k in sums[0] if k.startswith("alpha/"))
+        lines.append(f"| {row.title} | {m('credit/outcome_abs_adv'):.2f} / {m('credit/node_abs_adv/q'):.2f} / "
+                     f"{m('credit/node_abs_adv/p'):.2f} / {f_abs:.2f} / {m('credit/node_abs_adv/y'):.2f} | "
+                     f"{m('credit/zero_evidence_rate'):.2f} | {m('credit/key_repeat_rate'):.2f} | "
+                     f"{m('credit/gate_open_rate'):.2f} | {', '.join(f'{m(k):.2f}' for k in alphas)} | "
+                     f"{m('controller/gate_open_rate'):.2f} |")
+    return lines
 
 
 def mean_curve(curves: list[tuple[list, list]]) -> tuple[list, list]:

@@ -39,12 +39,14 @@ def _split(acc, f1):
             "longtail_facet_accuracy": 0.5, evaluation.LONGTAIL_VERDICT_KEY: {"match": 0.5, "mismatch": 0.5}}
 
 
-def _fake_rl_run(d, id_curve, lt_curve, final_lt_f1):
+def _fake_rl_run(d, id_curve, lt_curve, final_lt_f1, credit=None):
     os.makedirs(d)
     json.dump({"test_id": _split(0.9, 0.9), "test_longtail": _split(0.7, final_lt_f1)}, open(os.path.join(d, "eval.json"), "w"))
     with open(os.path.join(d, "metrics.jsonl"), "w") as f:
         for k, (a, b) in enumerate(zip(id_curve, lt_curve)):
             rec = {"step": 10 * k - 1 if k else 0, "reward": 0.5}
+            if credit:
+                rec.update({key: v[k] for key, v in credit.items()})
             pre = "eval_start" if k == 0 else "eval"
             rec.update({f"{pre}/test_id/accuracy": a, f"{pre}/test_longtail/macro_f1": b,
                         f"{pre}/test_id/macro_f1": a, f"{pre}/test_longtail/accuracy": b})
@@ -56,7 +58,9 @@ def test_report_on_fake_runs(tmp_path):
     _fake_rl_run(f"{out}/grpo_s0", [0.9, 0.8, 0.85], [0.5, 0.6, 0.6], 0.60)
     _fake_rl_run(f"{out}/grpo_s1", [0.9, 0.9, 0.9], [0.5, 0.6, 0.7], 0.62)
     _fake_rl_run(f"{out}/graph_meta_s0", [0.9, 0.6, 0.65], [0.6, 0.7, 0.7], 0.70)
-    _fake_rl_run(f"{out}/graph_meta_s1", [0.9, 0.85, 0.9], [0.5, 0.6, 0.7], 0.66)
+    credit = {"credit/zero_evidence_rate": [0.7, 0.8, 0.9], "credit/node_abs_adv/f:brand": [0.1, 0.2, 0.3],
+              "credit/node_abs_adv/f:size": [0.3, 0.4, 0.5], "alpha/f->y": [1.0, 1.1, 1.2]}
+    _fake_rl_run(f"{out}/graph_meta_s1", [0.9, 0.85, 0.9], [0.5, 0.6, 0.7], 0.66, credit)
     assert ablation.eval_curve(f"{out}/grpo_s0/metrics.jsonl", "test_id") == ([0, 10, 20], [0.9, 0.8, 0.85])
     found = ablation.collect(out, [0, 1])
     assert set(found) == {"grpo", "graph_meta"}
@@ -69,6 +73,11 @@ def test_report_on_fake_runs(tmp_path):
     assert "| 17.5 ± 17.7 | 1/2 |" in meta    # drops 30 and 5; seed 0 ends 25 points down: collapsed
     # steps to GRPO's final lt macro-F1 (mean of last curve points 0.65): meta's mean curve 0.55, 0.65 -> 10
     assert meta.endswith("| 10 |") and grpo.endswith("| 20 |")
+    # credit diagnostics of the one run that logged them: facet mean |A| = mean(0.2, 0.4), zero evidence 0.8,
+    # final alpha 1.2; statistics it did not log are nan
+    credit_line = md.split("## Credit diagnostics")[1].splitlines()[4]
+    assert credit_line.startswith("| 8. ") and "/ 0.30 / nan |" in credit_line and "| 0.80 |" in credit_line
+    assert "| 1.20 |" in credit_line
     claim = next(line for line in md.splitlines() if line.startswith("| graph-meta vs GRPO"))
     assert "| 2 | +0.0700 |" in claim and "| 2/2 |" in claim
 
