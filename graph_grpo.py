@@ -63,10 +63,23 @@ class Rollouts:
     def completion_ids(self) -> torch.Tensor:  # (B, T)
         return self.input_ids[:, self.prompt_len:]
 
-    def rows(self, idx: slice) -> "Rollouts":
+    def rows(self, idx: slice | torch.Tensor) -> "Rollouts":
         cut = lambda t: None if t is None else t[idx]  # noqa: E731
         return Rollouts(self.input_ids[idx], self.attention_mask[idx], self.completion_mask[idx], self.prompt_len,
                         self.rewards[idx], self.adv[idx], cut(self.old_logp), cut(self.ref_logp))
+
+    def trimmed(self) -> tuple["Rollouts", int]:
+        """These rows without the columns that are padding in every row: leading prompt columns (left pad) and
+        trailing completion columns (right pad). Returns (rollouts, T'): the kept completion columns are the first
+        T' of the (B, T) tensors. Padding has no effect on the loss: only work is saved."""
+        lead = int((self.attention_mask.long().cumsum(1) == 0).all(0).sum())  # columns all-pad from the left
+        lead = min(lead, self.prompt_len - 1)                                 # keep one prompt column
+        used = self.completion_mask.any(0).nonzero()
+        T = int(used[-1]) + 1 if len(used) else 1
+        P = self.prompt_len
+        cut = lambda t: None if t is None else t[:, :T]  # noqa: E731
+        return (Rollouts(self.input_ids[:, lead:P + T], self.attention_mask[:, lead:P + T], self.completion_mask[:, :T],
+                         P - lead, self.rewards, self.adv[:, :T], cut(self.old_logp), cut(self.ref_logp)), T)
 
     def state(self) -> dict:
         return {k: getattr(self, k) for k in ("input_ids", "attention_mask", "completion_mask", "prompt_len",
@@ -287,11 +300,14 @@ def step_prompt_indices(step: int, rank: int, world: int, per_rank: int, pool: i
     curriculum stage) per epoch, consumed in order. A pure function of the step, so the data position needs no
     state on resume and every rank owns whole groups."""
     items = list(range(pool)) if allowed is None else allowed
+    perms: dict[int, list[int]] = {}  # one shuffle per epoch this step touches (at most two), not one per prompt
     out = []
     for j in range(per_rank):
         g = (step * world + rank) * per_rank + j
         epoch, pos = divmod(g, len(items))
-        out.append(random.Random(seed * 7919 + epoch).sample(items, len(items))[pos])
+        if epoch not in perms:
+            perms[epoch] = random.Random(seed * 7919 + epoch).sample(items, len(items))
+        out.append(perms[epoch][pos])
     return out
 
 
@@ -649,10 +665,14 @@ def accumulate_policy_gradient(ddp_model, ro: Rollouts, mask: torch.Tensor, rl, 
     sums = torch.zeros(8, dtype=torch.float64)
     next_grad_W = None
     need_hidden = grad_W is not None or main_adv is not None
+    # rows sorted by completion length, then each micro-batch trimmed to its own longest row: the same sums in
+    # another order, with less padding to run through the network (benchmarks/README.md)
+    order = torch.argsort(ro.completion_mask.sum(1).cpu(), stable=True).to(ro.input_ids.device)
     starts = list(range(0, ro.input_ids.shape[0], rl.micro_batch_size))
     for j, s in enumerate(starts):
-        sl = slice(s, s + rl.micro_batch_size)
-        mb, mmask = ro.rows(sl), mask[sl]
+        idx = order[s:s + rl.micro_batch_size]
+        mb, T = ro.rows(idx).trimmed()
+        mmask = mask[idx][:, :T]
         last = j == len(starts) - 1
         ctx = ddp_model.no_sync() if (world > 1 and not last) else contextlib.nullcontext()
         with ctx:
@@ -664,14 +684,14 @@ def accumulate_policy_gradient(ddp_model, ro: Rollouts, mask: torch.Tensor, rl, 
                               ls["clip_ratio/high_mean"].item(), ls["clip_ratio/region_mean"].item(),
                               (out.entropy.detach() * mmask).sum().item(), mmask.sum().item(),
                               float(not torch.isfinite(loss))], dtype=torch.float64)
+        P = mb.prompt_len
         if grad_W is not None:
-            P = ro.prompt_len
             # out.logits are z / T already (p_t is right at temperature 1); grad_W log pi carries one more 1 / T
-            d_out[sl] = credit.output_layer_token_dots(out.hidden[:, P:].detach().float(), out.logits[:, P:].detach(),
-                                                       mb.completion_ids, grad_W, 1.0) / rl.temperature
+            d_out[idx, :T] = credit.output_layer_token_dots(out.hidden[:, P:].detach().float(),
+                                                            out.logits[:, P:].detach(), mb.completion_ids, grad_W,
+                                                            1.0) / rl.temperature
         if main_adv is not None:
-            P = ro.prompt_len
-            part = output_grad_from_logits(out.hidden[:, P:], out.logits[:, P:], mb.completion_ids, main_adv[sl],
+            part = output_grad_from_logits(out.hidden[:, P:], out.logits[:, P:], mb.completion_ids, main_adv[idx][:, :T],
                                            mb.completion_mask, rl, float(ro.completion_mask.sum()),
                                            float(ro.input_ids.shape[0]))
             next_grad_W = part if next_grad_W is None else next_grad_W + part

@@ -279,8 +279,8 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     """log pi_theta(o_t | prefix) at temperature T for every completion position (DESIGN.md section 6).
 
     Differentiable; `model` may be DDP-wrapped (the forward goes through the wrapper). Logits are
-    computed for every column (the forward runs on rows rolled to right padding, see below),
-    log-softmax in float32 even under bf16. return_hidden also returns the tempered logits: the closed form of d_t in
+    computed only from the first completion column on (the forward runs on rows rolled to right padding, see
+    below), log-softmax in float32 even under bf16. return_hidden also returns the tempered logits: the closed form of d_t in
     Eq. 3 needs h_t and p_t = softmax(logits_t). `targets` (B, L): score these tokens instead of
     input_ids (CoT random masking feeds masked inputs but scores the original tokens, DESIGN section 9).
     """
@@ -305,16 +305,20 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     left = (attention_mask.long().cumsum(1) == 0).sum(1)  # (B,) leading pads per row
     ar = torch.arange(L, device=input_ids.device)
     roll = (ar[None] + left[:, None]) % L                  # rolled[:, j] = original[:, roll[:, j]]
-    unroll = (ar[None] - left[:, None]) % L                # original[:, j] = rolled[:, unroll[:, j]]
     ids_r, mask_r = input_ids.gather(1, roll), attention_mask.gather(1, roll)
+    # Logits only where a completion token is predicted: original positions first-1 .. L-2, which sit at rolled
+    # positions >= first-1-left >= `start` (a (B, L, V) tensor over the prompt is memory wasted with a 150k vocabulary).
+    start = max(0, first - 1 - int(left.max()))
     try:
         out = model(input_ids=ids_r, attention_mask=mask_r, position_ids=position_ids_from_mask(mask_r),
-                    use_cache=False, logits_to_keep=0)
+                    use_cache=False, logits_to_keep=L - start)
     finally:
         if hook is not None:
             hook.remove()
-    back = lambda x: x.gather(1, unroll.view(B, L, *([1] * (x.dim() - 2))).expand_as(x))  # noqa: E731
-    logits = back(out.logits)[:, first - 1:L - 1].float() / temperature  # (B, L - first, V), predicts input_ids[:, first:]
+    # (B, L - first) index into the kept rolled positions; left-pad positions (masked below) may wrap out: clamped
+    at = ((torch.arange(first - 1, L - 1, device=input_ids.device)[None] - left[:, None]) % L - start).clamp(0, L - start - 1)
+    back = lambda x: x.gather(1, at.view(*at.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))  # noqa: E731
+    logits = back(out.logits).float() / temperature  # (B, L - first, V), predicts input_ids[:, first:]
     logp_all = F.log_softmax(logits, dim=-1)
     targets = (input_ids if targets is None else targets)[:, first:]
     mask = completion_mask[:, first:]
@@ -328,7 +332,7 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     if return_entropy:
         entropy = aligned(-(logp_all.exp() * logp_all).sum(-1) * mask)
     if return_hidden:
-        h = back(captured["hidden"])[:, first - 1:L - 1]
+        h = back(captured["hidden"])
         hidden = aligned(h * mask.unsqueeze(-1).to(h.dtype))
         tempered = aligned(logits * mask.unsqueeze(-1))
     return TokenLogprobs(aligned(logp), entropy, hidden, tempered)

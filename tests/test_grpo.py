@@ -11,6 +11,7 @@ import types
 import pytest
 import torch
 
+import credit
 import data
 import eval as evaluation
 import graph_grpo as gg
@@ -402,3 +403,38 @@ def test_credit_batch_gate_follows_the_schema_label_rule():
     for schema, want in ((schema4, 1.0), (schema3, 0.0)):
         cb = gg.credit_batch([p], torch.tensor([1.0]), 1, schema, 40, None, with_values=False)
         assert cb.gate[0, brand, y].item() == want
+
+
+def test_prompt_indices_follow_one_seeded_permutation_per_epoch():
+    """Step 2 of 4 prompts in a pool of 10 spans epochs 0 and 1: positions 8, 9 of epoch 0's permutation, then
+    0, 1 of epoch 1's (the per-epoch shuffle is computed once per step, the result is the plain definition)."""
+    import random
+    want = [random.Random(3 * 7919 + e).sample(range(10), 10)[p] for e, p in ((0, 8), (0, 9), (1, 0), (1, 1))]
+    assert gg.step_prompt_indices(2, 0, 1, 4, 10, 3) == want
+
+
+def test_trimmed_micro_batches_give_the_untrimmed_log_probs_and_token_dots():
+    """Sorting rows by length and trimming each micro-batch's all-pad columns changes no number: the controller's
+    d_t written back row by row equals d_t from one untrimmed forward over the original row order."""
+    torch.manual_seed(0)
+    model = policy.build_tiny_model(50, 0, 1, 2, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                                    intermediate_size=64)
+    ro = _fake_rollouts(seed=3)
+    sub, T = ro.rows(torch.tensor([5, 1])).trimmed()
+    assert T <= ro.adv.shape[1] and sub.input_ids.shape[1] - sub.prompt_len == T
+    full = gg.logprobs_of(model, ro.rows(torch.tensor([5, 1])), 1.0).logprobs
+    torch.testing.assert_close(gg.logprobs_of(model, sub, 1.0).logprobs, full[:, :T], rtol=1e-5, atol=1e-6)
+    assert full[:, T:].abs().sum() == 0
+    rl = rl_cfg("token_mean", max_len=6, micro=3)
+    main = gg.Rollouts(ro.input_ids, ro.attention_mask, ro.completion_mask, ro.prompt_len, ro.rewards,
+                       torch.randn_like(ro.adv))
+    grad_W = gg.main_loss_output_grad(model, main, types.SimpleNamespace(rl=rl))
+    mask = ro.completion_mask
+    d = torch.zeros_like(ro.adv)
+    gg.accumulate_policy_gradient(model, ro, mask, rl, float(mask.sum()), 8.0, 1, grad_W=grad_W, d_out=d)
+    out = gg.logprobs_of(model, ro, 1.0, hidden=True)
+    P = ro.prompt_len
+    want = credit.output_layer_token_dots(out.hidden[:, P:].detach().float(), out.logits[:, P:].detach(),
+                                          ro.completion_ids, grad_W, 1.0)
+    torch.testing.assert_close(d * mask, want * mask, rtol=1e-5, atol=1e-8)
+    assert (d * mask).abs().sum() > 0

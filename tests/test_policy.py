@@ -167,11 +167,13 @@ def test_build_sequences_layout():
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
-def test_token_logprobs_with_padding_equals_naive_per_row_forward(arch):
+@pytest.mark.parametrize("prompts, completions", [
+    ([[5, 6, 7, 8, 9], [10], [11, 12, 13]], [[14, 15, 3], [16, 17, 18, 5, 6], [7]]),
+    ([[5, 6, 7], [8, 9, 10]], [[11], [12, 13, 14]]),  # no left pad: logits are kept from column 2 on only
+])
+def test_token_logprobs_with_padding_equals_naive_per_row_forward(arch, prompts, completions):
     model, tok = policy_model(arch, seed=3)
     T = 0.7
-    prompts = [[5, 6, 7, 8, 9], [10], [11, 12, 13]]
-    completions = [[14, 15, 3], [16, 17, 18, 5, 6], [7]]
     ids, attn, comp = P.build_sequences(prompts, completions, tok.pad_token_id)
     out = P.token_logprobs(model, ids, attn, comp, T, return_entropy=True, return_hidden=True)
     assert out.logprobs.shape == ids.shape and out.entropy.shape == ids.shape
