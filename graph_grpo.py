@@ -58,15 +58,18 @@ class Rollouts:
     adv: torch.Tensor
     old_logp: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
+    group_size: int = 1
+    """G when the rows are whole groups (rows g*G .. g*G+G-1 share prompt g): each prompt's forward runs once"""
 
     @property
     def completion_ids(self) -> torch.Tensor:  # (B, T)
         return self.input_ids[:, self.prompt_len:]
 
-    def rows(self, idx: slice | torch.Tensor) -> "Rollouts":
+    def rows(self, idx: slice | torch.Tensor, group_size: int = 1) -> "Rollouts":
+        """A subset of rows; group_size: G when `idx` selects whole groups in order, else 1."""
         cut = lambda t: None if t is None else t[idx]  # noqa: E731
         return Rollouts(self.input_ids[idx], self.attention_mask[idx], self.completion_mask[idx], self.prompt_len,
-                        self.rewards[idx], self.adv[idx], cut(self.old_logp), cut(self.ref_logp))
+                        self.rewards[idx], self.adv[idx], cut(self.old_logp), cut(self.ref_logp), group_size)
 
     def trimmed(self) -> tuple["Rollouts", int]:
         """These rows without the columns that are padding in every row: leading prompt columns (left pad) and
@@ -79,11 +82,12 @@ class Rollouts:
         P = self.prompt_len
         cut = lambda t: None if t is None else t[:, :T]  # noqa: E731
         return (Rollouts(self.input_ids[:, lead:P + T], self.attention_mask[:, lead:P + T], self.completion_mask[:, :T],
-                         P - lead, self.rewards, self.adv[:, :T], cut(self.old_logp), cut(self.ref_logp)), T)
+                         P - lead, self.rewards, self.adv[:, :T], cut(self.old_logp), cut(self.ref_logp),
+                         self.group_size), T)
 
     def state(self) -> dict:
         return {k: getattr(self, k) for k in ("input_ids", "attention_mask", "completion_mask", "prompt_len",
-                                               "rewards", "adv", "old_logp", "ref_logp")}
+                                               "rewards", "adv", "old_logp", "ref_logp", "group_size")}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -399,7 +403,8 @@ def make_rollouts(model, tokenizer, vocab, schema, examples, prompt_ids, cfg, se
     input_ids, attn, comp_full = policy.build_sequences(prompt_ids, completions, tokenizer.pad_token_id, model.device)
     T = max(len(c) for c in completions)
     P = input_ids.shape[1] - T
-    ro = Rollouts(input_ids, attn, comp_full[:, P:].float(), P, rewards.to(model.device), torch.zeros(len(completions), T))
+    ro = Rollouts(input_ids, attn, comp_full[:, P:].float(), P, rewards.to(model.device), torch.zeros(len(completions), T),
+                  group_size=G)
     return completions, parses, rewards, scores, ro, n_replayed
 
 
@@ -590,7 +595,7 @@ def train(cfg) -> str:
         # the next step's held-out main batch: this step's rollouts with outcome advantages (free, DESIGN §5)
         if controller.mode == "meta" and not cfg.controller.reuse_forward:
             main_batch = Rollouts(ro.input_ids, ro.attention_mask, ro.completion_mask, ro.prompt_len, ro.rewards,
-                                  out_adv.clone())
+                                  out_adv.clone(), group_size=ro.group_size)
         timing["controller"] += time.time() - tic
         # ---- 6. metrics, samples, checkpoints
         timing["step"] = time.time() - t0
@@ -665,13 +670,16 @@ def accumulate_policy_gradient(ddp_model, ro: Rollouts, mask: torch.Tensor, rl, 
     sums = torch.zeros(8, dtype=torch.float64)
     next_grad_W = None
     need_hidden = grad_W is not None or main_adv is not None
-    # rows sorted by completion length, then each micro-batch trimmed to its own longest row: the same sums in
-    # another order, with less padding to run through the network (benchmarks/README.md)
-    order = torch.argsort(ro.completion_mask.sum(1).cpu(), stable=True).to(ro.input_ids.device)
+    # Groups sorted by their longest completion, micro-batches of whole groups (each prompt's forward then runs
+    # once, policy.completion_logprobs_shared_prompt), each trimmed to its own padding: the same sums in another
+    # order, with less work (benchmarks/README.md). A micro-batch size that splits groups falls back to rows.
+    G = ro.group_size if ro.group_size > 1 and rl.micro_batch_size % ro.group_size == 0 else 1
+    longest = ro.completion_mask.sum(1).cpu().view(-1, G).max(1).values
+    order = (torch.argsort(longest, stable=True)[:, None] * G + torch.arange(G)[None]).flatten().to(ro.input_ids.device)
     starts = list(range(0, ro.input_ids.shape[0], rl.micro_batch_size))
     for j, s in enumerate(starts):
         idx = order[s:s + rl.micro_batch_size]
-        mb, T = ro.rows(idx).trimmed()
+        mb, T = ro.rows(idx, G).trimmed()
         mmask = mask[idx][:, :T]
         last = j == len(starts) - 1
         ctx = ddp_model.no_sync() if (world > 1 and not last) else contextlib.nullcontext()
@@ -684,14 +692,12 @@ def accumulate_policy_gradient(ddp_model, ro: Rollouts, mask: torch.Tensor, rl, 
                               ls["clip_ratio/high_mean"].item(), ls["clip_ratio/region_mean"].item(),
                               (out.entropy.detach() * mmask).sum().item(), mmask.sum().item(),
                               float(not torch.isfinite(loss))], dtype=torch.float64)
-        P = mb.prompt_len
         if grad_W is not None:
             # out.logits are z / T already (p_t is right at temperature 1); grad_W log pi carries one more 1 / T
-            d_out[idx, :T] = credit.output_layer_token_dots(out.hidden[:, P:].detach().float(),
-                                                            out.logits[:, P:].detach(), mb.completion_ids, grad_W,
-                                                            1.0) / rl.temperature
+            d_out[idx, :T] = credit.output_layer_token_dots(out.hidden.detach().float(), out.logits.detach(),
+                                                            mb.completion_ids, grad_W, 1.0) / rl.temperature
         if main_adv is not None:
-            part = output_grad_from_logits(out.hidden[:, P:], out.logits[:, P:], mb.completion_ids, main_adv[idx][:, :T],
+            part = output_grad_from_logits(out.hidden, out.logits, mb.completion_ids, main_adv[idx][:, :T],
                                            mb.completion_mask, rl, float(ro.completion_mask.sum()),
                                            float(ro.input_ids.shape[0]))
             next_grad_W = part if next_grad_W is None else next_grad_W + part
@@ -699,25 +705,26 @@ def accumulate_policy_gradient(ddp_model, ro: Rollouts, mask: torch.Tensor, rl, 
 
 
 def logprobs_of(model, ro: Rollouts, temperature: float, entropy: bool = False, hidden: bool = False):
-    """Completion-column log-probs (B, T) (and entropy, hidden, logits) of rollouts at the sampling temperature."""
-    full_mask = torch.cat([torch.zeros_like(ro.input_ids[:, :ro.prompt_len]), ro.completion_mask.long()], 1)
+    """Completion-column log-probs (B, T) (and entropy (B, T), hidden (B, T, H), tempered logits (B, T, V)) of
+    rollouts at the sampling temperature; whole groups (ro.group_size > 1) run each prompt's forward once."""
+    P, G = ro.prompt_len, ro.group_size
+    if G > 1 and ro.input_ids.shape[0] % G == 0:
+        return policy.completion_logprobs_shared_prompt(model, ro.input_ids[::G, :P], ro.attention_mask[::G, :P],
+                                                        ro.completion_ids, ro.completion_mask, G, temperature,
+                                                        return_entropy=entropy, return_hidden=hidden)
+    full_mask = torch.cat([torch.zeros_like(ro.input_ids[:, :P]), ro.completion_mask.long()], 1)
     out = policy.token_logprobs(model, ro.input_ids, ro.attention_mask, full_mask, temperature,
                                 return_entropy=entropy, return_hidden=hidden)
-    P = ro.prompt_len
     cut = lambda t: None if t is None else t[:, P:]  # noqa: E731
-    return policy.TokenLogprobs(out.logprobs[:, P:], cut(out.entropy), out.hidden, out.logits)
+    return policy.TokenLogprobs(out.logprobs[:, P:], cut(out.entropy), cut(out.hidden), cut(out.logits))
 
 
 def main_loss_output_grad(model, main: Rollouts, cfg) -> torch.Tensor:
     """G_W of DESIGN §5: the output-layer gradient of the outcome-GRPO main loss on the held-out batch, from the
     loss's gradient w.r.t. the logits only (no backward through the network)."""
     with torch.no_grad():
-        out = policy.token_logprobs(model, main.input_ids, main.attention_mask,
-                                    torch.cat([torch.zeros_like(main.input_ids[:, :main.prompt_len]),
-                                               main.completion_mask.long()], 1),
-                                    cfg.rl.temperature, return_hidden=True)
-    P = main.prompt_len
-    return output_grad_from_logits(out.hidden[:, P:], out.logits[:, P:], main.completion_ids, main.adv,
+        out = logprobs_of(model, main, cfg.rl.temperature, hidden=True)
+    return output_grad_from_logits(out.hidden, out.logits, main.completion_ids, main.adv,
                                    main.completion_mask, cfg.rl, float(main.completion_mask.sum()),
                                    float(len(main.rewards)))
 

@@ -338,6 +338,68 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return TokenLogprobs(aligned(logp), entropy, hidden, tempered)
 
 
+def completion_logprobs_shared_prompt(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                                      completion_ids: torch.Tensor, completion_mask: torch.Tensor, group_size: int,
+                                      temperature: float, return_entropy: bool = False,
+                                      return_hidden: bool = False) -> TokenLogprobs:
+    """token_logprobs for G completions per prompt, with each prompt's forward run once instead of G times.
+
+    prompt_ids / prompt_mask: (n, P) left-padded prompts; completion_ids / completion_mask: (n * G, T), rows
+    group-contiguous (rows g*G .. g*G+G-1 continue prompt g), right-padded. The prompts go through the network
+    once, their keys/values are repeated G times (a differentiable repeat: the prompt's gradient is the sum over
+    its G completions, as in the per-row forward), then the completions run on top. Same numbers as
+    token_logprobs on the concatenated rows; the prompt's share of the work falls by (G - 1) / G. Outputs are
+    (B, T) / (B, T, ...) over the completion columns only. `model` may be DDP-wrapped: the completion pass goes
+    through the wrapper, the prompt pass through the module (its gradient reaches the same parameters in the
+    same backward).
+    """
+    if temperature <= 0:
+        raise ValueError(f"completion_logprobs_shared_prompt: temperature must be > 0, got {temperature}")
+    n, P = prompt_ids.shape
+    B, T = completion_ids.shape
+    if B != n * group_size:
+        raise ValueError(f"completion_logprobs_shared_prompt: {B} completion rows for {n} prompts x G = {group_size}")
+    raw = getattr(model, "module", model)
+    # prompts rolled to right padding (no query row without a key: the CUDA SDPA NaN, see token_logprobs)
+    left = (prompt_mask.long().cumsum(1) == 0).sum(1)                      # (n,)
+    ar = torch.arange(P, device=prompt_ids.device)
+    roll = (ar[None] + left[:, None]) % P
+    ids_r, mask_r = prompt_ids.gather(1, roll), prompt_mask.gather(1, roll)
+    lens = mask_r.long().sum(1)                                             # (n,) real prompt tokens
+    captured = []
+    hook = raw.get_output_embeddings().register_forward_hook(
+        lambda module, args, output: captured.append(args[0])) if return_hidden else None
+    try:
+        cache = DynamicCache(config=raw.config)
+        out_p = raw(input_ids=ids_r, attention_mask=mask_r, position_ids=position_ids_from_mask(mask_r),
+                    past_key_values=cache, use_cache=True, logits_to_keep=0)
+        last = (lens - 1).clamp(min=0)                                      # the prompt's last real position
+        pick = lambda x: x[torch.arange(n, device=x.device), last].repeat_interleave(group_size, 0)  # noqa: E731
+        parts, hidden_parts = [pick(out_p.logits)[:, None]], [pick(captured[0])[:, None]] if return_hidden else []
+        if T > 1:  # completion token t >= 1 is predicted at completion position t - 1
+            cache.batch_repeat_interleave(group_size)
+            mask_c = torch.cat([mask_r.repeat_interleave(group_size, 0), completion_mask[:, :-1].to(mask_r.dtype)], 1)
+            pos = lens.repeat_interleave(group_size, 0)[:, None] + torch.arange(T - 1, device=prompt_ids.device)[None]
+            out_c = model(input_ids=completion_ids[:, :-1], attention_mask=mask_c, position_ids=pos,
+                          past_key_values=cache, use_cache=True, logits_to_keep=0)
+            parts.append(out_c.logits)
+            if return_hidden:
+                hidden_parts.append(captured[1])
+    finally:
+        if hook is not None:
+            hook.remove()
+    logits = torch.cat(parts, 1).float() / temperature                      # (B, T, V)
+    logp_all = F.log_softmax(logits, dim=-1)
+    mask = completion_mask.bool()
+    logp = logp_all.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) * mask
+    entropy = -(logp_all.exp() * logp_all).sum(-1) * mask if return_entropy else None
+    hidden = tempered = None
+    if return_hidden:
+        h = torch.cat(hidden_parts, 1)
+        hidden, tempered = h * mask.unsqueeze(-1).to(h.dtype), logits * mask.unsqueeze(-1)
+    return TokenLogprobs(logp, entropy, hidden, tempered)
+
+
 # -----------------------------------------------------------------------------
 # sampling
 

@@ -114,7 +114,9 @@ def _fake_rollouts(seed=0, B=8, vocab=50):
     ids, attn, comp = policy.build_sequences(prompts, completions, pad_id=0)
     T = max(len(c) for c in completions)
     P = ids.shape[1] - T
-    ro = gg.Rollouts(ids, attn, comp[:, P:].float(), P, torch.zeros(B), torch.randn(B, T, generator=g))
+    # two completions per prompt, group-contiguous: micro-batch sizes that are multiples of 2 take the shared-prompt
+    # forward, the others the per-row one, so the invariance tests below compare the two paths as well
+    ro = gg.Rollouts(ids, attn, comp[:, P:].float(), P, torch.zeros(B), torch.randn(B, T, generator=g), group_size=2)
     return ro
 
 
@@ -150,7 +152,7 @@ def _ddp_worker(rank, world, port, out_path):
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     ro = _fake_rollouts()
     half = ro.input_ids.shape[0] // world
-    mine = ro.rows(slice(rank * half, (rank + 1) * half))
+    mine = ro.rows(slice(rank * half, (rank + 1) * half), 2)  # whole groups: the shared-prompt forward under DDP
     rl = rl_cfg("token_mean", max_len=6, micro=2)
     n_tokens, n_seqs = float(ro.completion_mask.sum()), float(ro.completion_mask.shape[0])
     grads = _grads(ddp, mine, rl, world, n_tokens, n_seqs)
@@ -432,9 +434,8 @@ def test_trimmed_micro_batches_give_the_untrimmed_log_probs_and_token_dots():
     mask = ro.completion_mask
     d = torch.zeros_like(ro.adv)
     gg.accumulate_policy_gradient(model, ro, mask, rl, float(mask.sum()), 8.0, 1, grad_W=grad_W, d_out=d)
-    out = gg.logprobs_of(model, ro, 1.0, hidden=True)
-    P = ro.prompt_len
-    want = credit.output_layer_token_dots(out.hidden[:, P:].detach().float(), out.logits[:, P:].detach(),
+    out = gg.logprobs_of(model, ro.rows(slice(None)), 1.0, hidden=True)  # group_size 1: the per-row forward
+    want = credit.output_layer_token_dots(out.hidden.detach().float(), out.logits.detach(),
                                           ro.completion_ids, grad_W, 1.0)
     torch.testing.assert_close(d * mask, want * mask, rtol=1e-5, atol=1e-8)
     assert (d * mask).abs().sum() > 0

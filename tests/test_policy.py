@@ -198,6 +198,32 @@ def test_token_logprobs_with_padding_equals_naive_per_row_forward(arch, prompts,
                           out.logprobs[sel], atol=1e-6)
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+def test_shared_prompt_forward_equals_per_row_forward(arch):
+    """Each prompt run once for its G completions: the same log-probs, entropies, lm-head inputs, logits and
+    parameter gradients as token_logprobs on the concatenated, padded rows."""
+    model, tok = policy_model(arch, seed=3)
+    prompts, G = [[5, 6, 7, 8, 9], [10], [11, 12, 13]], 2
+    comps = [[14, 15, 3], [16, 17, 18, 5, 6], [7], [8, 9], [10, 11, 12], [13]]
+    ids, attn, comp = P.build_sequences([p for p in prompts for _ in range(G)], comps, tok.pad_token_id)
+    L = ids.shape[1]
+    Pl = L - max(len(c) for c in comps)
+    ref = P.token_logprobs(model, ids, attn, comp, 0.7, return_entropy=True, return_hidden=True)
+    out = P.completion_logprobs_shared_prompt(model, ids[::G, :Pl], attn[::G, :Pl], ids[:, Pl:], comp[:, Pl:], G, 0.7,
+                                              return_entropy=True, return_hidden=True)
+    for got, want in zip(out, ref):
+        torch.testing.assert_close(got, want[:, Pl:], rtol=1e-5, atol=2e-6)
+    params = list(model.parameters())
+    g_ref = torch.autograd.grad((ref.logprobs * torch.arange(L)).sum(), params, allow_unused=True)
+    g_out = torch.autograd.grad((out.logprobs * torch.arange(Pl, L)).sum(), params, allow_unused=True)
+    for a, b in zip(g_ref, g_out):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="completion rows"):
+        P.completion_logprobs_shared_prompt(model, ids[::G, :Pl], attn[::G, :Pl], ids[:5, Pl:], comp[:5, Pl:], G, 1.0)
+
+
 def test_token_logprobs_temperature_one_is_plain_log_softmax_and_gradients_flow():
     model, tok = tiny(seed=4)
     ids, attn, comp = P.build_sequences([[5, 6]], [[7, 8]], tok.pad_token_id)
