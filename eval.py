@@ -275,6 +275,9 @@ def plot_panels(panels: dict[str, dict[str, list[tuple[Sequence, Sequence]]]], p
     fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, 4.2 * nrows), squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
+    labels = list(dict.fromkeys(label for lines in panels.values() for label in lines))
+    palette = plt.get_cmap("tab20" if len(labels) > 10 else "tab10")
+    color = {label: palette(i % palette.N) for i, label in enumerate(labels)}  # one colour per line in every panel
     for ax, (title, lines) in zip(axes.flat, panels.items()):
         w = (smooth or {}).get(title, 1)
         for label, runs in lines.items():
@@ -286,14 +289,14 @@ def plot_panels(panels: dict[str, dict[str, list[tuple[Sequence, Sequence]]]], p
                 continue
             ys = np.array([[dict(zip(xs, y))[x] for x in common] for xs, y in runs], dtype=float)
             mean = ys.mean(axis=0)
-            (line,) = ax.plot(common, mean, label=f"{label} (n={len(runs)})", lw=1.4)
+            ax.plot(common, mean, label=f"{label} (n={len(runs)})", lw=1.4, color=color[label])
             if len(runs) > 1:
                 sd = ys.std(axis=0, ddof=1)
-                ax.fill_between(common, mean - sd, mean + sd, color=line.get_color(), alpha=0.15, lw=0)
+                ax.fill_between(common, mean - sd, mean + sd, color=color[label], alpha=0.12, lw=0)
         ax.set_title(title + (f", moving average {w}" if w > 1 else ""), fontsize=10)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
-    axes.flat[len(panels) - 1].legend(fontsize=7, loc="best")
+        ax.legend(fontsize=6, loc="best")  # per panel: panels may hold different lines
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -196,6 +196,13 @@ def reward_curve(metrics_path: str) -> tuple[list[int], list[float]]:
     return [r["step"] + 1 for r in recs], [r["reward"] for r in recs]
 
 
+def alpha_curves(metrics_path: str) -> dict[str, tuple[list[int], list[float]]]:
+    """{'alpha/<edge type>': (updates, alpha after that step)} of an RL run."""
+    recs = [json.loads(line) for line in open(metrics_path)]
+    keys = sorted({k for r in recs for k in r if k.startswith("alpha/")})
+    return {k: ([r["step"] + 1 for r in recs if k in r], [r[k] for r in recs if k in r]) for k in keys}
+
+
 def credit_summary(metrics_path: str) -> dict:
     """Per run: the mean over steps of every credit/ and controller/ statistic, and the final alpha per edge type."""
     recs = [json.loads(line) for line in open(metrics_path)]
@@ -255,6 +262,7 @@ def collect(out: str, seeds: list[int]) -> dict:
             if row.kind == "rl" and os.path.exists(mpath):
                 rec["curves"] = {f"{s}/{k}": eval_curve(mpath, s, k) for s in SPLITS for k in ("accuracy", "macro_f1")}
                 rec["curves"]["reward"] = reward_curve(mpath)
+                rec["curves"].update(alpha_curves(mpath))
                 rec["credit"] = credit_summary(mpath)
             found.setdefault(row.name, {})[seed] = rec
     return found
@@ -352,7 +360,8 @@ def mean_curve(curves: list[tuple[list, list]]) -> tuple[list, list]:
 
 
 def plot(found: dict, path: str) -> None:
-    """results/ablation.png: reward and long-tail accuracy during RL, one line per RL row, shaded over seeds."""
+    """results/ablation.png: reward and long-tail / in-distribution accuracy during RL, one line per RL row, shaded
+    over seeds; results/ablation_alpha.png: alpha per edge type of the meta-controller rows."""
     panels = {"reward (training batch)": {}, "test_longtail accuracy (drift evaluations)": {},
               "test_id accuracy (drift evaluations)": {}}
     for row in ROWS:
@@ -363,6 +372,15 @@ def plot(found: dict, path: str) -> None:
         panels["test_longtail accuracy (drift evaluations)"][row.title] = [c["test_longtail/accuracy"] for c in curves]
         panels["test_id accuracy (drift evaluations)"][row.title] = [c["test_id/accuracy"] for c in curves]
     evaluation.plot_panels(panels, path, xlabel="RL updates", smooth={"reward (training batch)": 10})
+    alphas: dict[str, dict] = {}  # the Eq. 3 controller's alpha per edge type, rows with controller.mode=meta
+    for row in ROWS:
+        if "--controller.mode=meta" not in row.overrides:
+            continue
+        for r in found.get(row.name, {}).values():
+            for k, curve in r.get("curves", {}).items():
+                if k.startswith("alpha/"):
+                    alphas.setdefault(k, {}).setdefault(row.title, []).append(curve)
+    evaluation.plot_panels(alphas, os.path.splitext(path)[0] + "_alpha.png", xlabel="RL updates")
 
 
 def main(argv=None):
