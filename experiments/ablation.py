@@ -74,6 +74,10 @@ ROWS = (
         ("--credit.mode=graph", "--credit.evidence=group", "--controller.mode=fixed", "--credit.alpha_init=0"), 3),
     Row("graph_fixed_a05", "7''. + Graph-GRPO, fixed alpha = 0.5", "rl", "sft_masked",
         ("--credit.mode=graph", "--credit.evidence=group", "--controller.mode=fixed", "--credit.alpha_init=0.5"), 3),
+    # Follow-up to the credit diagnostics (README): most nodes get zero own evidence under DESIGN's V; the
+    # leave-one-out V (credit.value) keeps the outcome where a node's parent content is unique in its group.
+    Row("graph_meta_loo", "8'. + Graph-GRPO, meta, leave-one-out V", "rl", "sft_masked",
+        GRAPH_META + ("--credit.value=leave_one_out",)),
 )
 BY_NAME = {r.name: r for r in ROWS}
 SCRIPTS = {"sft": "sft_mask.py", "rl": "graph_grpo.py", "distill": "distill.py"}
@@ -237,8 +241,8 @@ def paired_test(a: list[float], b: list[float]) -> dict:
     signs = np.array(list(itertools.product((1.0, -1.0), repeat=n))) if n else np.zeros((1, 0))
     means = np.abs((signs * d).mean(axis=1)) if n else np.zeros(1)
     p = float((means >= abs(d.mean()) - 1e-12).mean()) if n else float("nan")
-    wins = int((d > 0).sum())
-    return {"n": n, "mean_diff": float(d.mean()) if n else float("nan"), "std_diff": sd, "t": t, "p": p, "wins": wins}
+    return {"n": n, "mean_diff": float(d.mean()) if n else float("nan"), "std_diff": sd, "t": t, "p": p,
+            "wins": int((d > 0).sum()), "ties": int((d == 0).sum()), "losses": int((d < 0).sum())}
 
 
 def mean_std(vals: list[float], digits: int = 3) -> str:
@@ -312,7 +316,7 @@ def report(found: dict, ref_row: str = "grpo") -> str:
            "## Long-tail diagnostics (final checkpoints, test_longtail)", "", *diag, "",
            "## Credit diagnostics (graph rows; means over steps and seeds, final alpha)", "", *credit_table(found), "",
            "## Paired claims", "",
-           "| claim | seeds | mean difference | std of differences | wins | paired t | exact sign-flip p |",
+           "| claim | seeds | mean difference | std of differences | wins / ties / losses | paired t | exact sign-flip p |",
            "|---|---:|---:|---:|---:|---:|---:|"]
     for a, b, split, key, what in (("graph_meta", "grpo", "test_longtail", "macro_f1", "graph-meta vs GRPO, lt macro-F1"),
                                    ("graph_meta", "graph_fixed", "test_longtail", "macro_f1",
@@ -326,7 +330,7 @@ def report(found: dict, ref_row: str = "grpo") -> str:
             continue
         pt = paired_test([found[a][s]["final"][split][key] for s in seeds],
                          [found[b][s]["final"][split][key] for s in seeds])
-        out.append(f"| {what} | {pt['n']} | {pt['mean_diff']:+.4f} | {pt['std_diff']:.4f} | {pt['wins']}/{pt['n']} | "
+        out.append(f"| {what} | {pt['n']} | {pt['mean_diff']:+.4f} | {pt['std_diff']:.4f} | {pt['wins']} / {pt['ties']} / {pt['losses']} | "
                    f"{pt['t']:.2f} | {pt['p']:.3f} |")
     return "\n".join(out) + "\n"
 

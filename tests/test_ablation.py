@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_paired_test_hand_numbers():
     pt = ablation.paired_test([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])
-    assert pt["n"] == 3 and pt["wins"] == 3
+    assert pt["n"] == 3 and (pt["wins"], pt["ties"], pt["losses"]) == (3, 0, 0)
     assert pt["mean_diff"] == pytest.approx(2.0) and pt["std_diff"] == pytest.approx(1.0)
     assert pt["t"] == pytest.approx(2.0 * math.sqrt(3))
     # |mean| of the 8 sign patterns of (1, 2, 3): 2, 0, 2/3, 4/3, 4/3, 2/3, 0, 2 -> two reach 2
@@ -79,7 +79,7 @@ def test_report_on_fake_runs(tmp_path):
     assert credit_line.startswith("| 8. ") and "/ 0.30 / nan |" in credit_line and "| 0.80 |" in credit_line
     assert "| 1.20 |" in credit_line
     claim = next(line for line in md.splitlines() if line.startswith("| graph-meta vs GRPO"))
-    assert "| 2 | +0.0700 |" in claim and "| 2/2 |" in claim
+    assert "| 2 | +0.0700 |" in claim and "| 2 / 0 / 0 |" in claim
 
 
 def _fake_run_dir(d, id_acc, student=None):
