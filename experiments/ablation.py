@@ -324,7 +324,14 @@ def report(found: dict, ref_row: str = "grpo") -> str:
                                    ("grpo", "grpo_plain_sft", "test_longtail", "macro_f1",
                                     "masked vs plain SFT after GRPO, lt macro-F1"),
                                    ("grpo", "grpo_plain_sft", "test_id", "macro_f1",
-                                    "masked vs plain SFT after GRPO, id macro-F1")):
+                                    "masked vs plain SFT after GRPO, id macro-F1"),
+                                   # follow-ups the diagnostics suggested (not among the three claims)
+                                   ("graph_meta_both", "grpo", "test_longtail", "macro_f1",
+                                    "graph-meta with verifier evidence vs GRPO, lt macro-F1"),
+                                   ("graph_meta_both", "grpo", "test_id", "macro_f1",
+                                    "graph-meta with verifier evidence vs GRPO, id macro-F1"),
+                                   ("graph_meta_loo", "graph_meta", "test_longtail", "macro_f1",
+                                    "leave-one-out V vs DESIGN's V (graph-meta), lt macro-F1")):
         seeds = sorted(set(found.get(a, {})) & set(found.get(b, {})))
         if not seeds:
             continue
