@@ -284,10 +284,9 @@ def plot_panels(panels: dict[str, dict[str, list[tuple[Sequence, Sequence]]]], p
             runs = [(list(xs), moving_average(list(ys), w)) for xs, ys in runs if len(xs)]
             if not runs:
                 continue
-            common = sorted(set.intersection(*[set(xs) for xs, _ in runs]))
+            common, ys = aligned_runs(runs)
             if not common:
                 continue
-            ys = np.array([[dict(zip(xs, y))[x] for x in common] for xs, y in runs], dtype=float)
             mean = ys.mean(axis=0)
             ax.plot(common, mean, label=f"{label} (n={len(runs)})", lw=1.4, color=color[label])
             if len(runs) > 1:
@@ -301,6 +300,32 @@ def plot_panels(panels: dict[str, dict[str, list[tuple[Sequence, Sequence]]]], p
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def aligned_runs(runs: Sequence[tuple[Sequence, Sequence]]) -> tuple[list, np.ndarray]:
+    """(x values every run has, (n_runs, n_x) array of the runs' values there)."""
+    common = sorted(set.intersection(*[set(xs) for xs, _ in runs])) if runs else []
+    return common, np.array([[dict(zip(xs, ys))[x] for x in common] for xs, ys in runs], dtype=float)
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The records of a metrics.jsonl; a killed run's torn last line is skipped."""
+    recs = []
+    for line in open(path):
+        try:
+            recs.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return recs
+
+
+def metric_curve(recs: Sequence[dict], key: str) -> tuple[list[int], list[float]]:
+    """(RL updates, values) of one metric: the record of step s is after s + 1 updates; an eval/ metric also
+    gets its pre-RL point (eval_start/, logged with step 0) at 0 updates."""
+    start = key.replace("eval/", "eval_start/", 1)
+    pts = [(0, r[start]) for r in recs[:1] if key.startswith("eval/") and start in r]
+    pts += [(r["step"] + 1, r[key]) for r in recs if isinstance(r.get(key), (int, float))]
+    return [x for x, _ in pts], [y for _, y in pts]
 
 
 def moving_average(ys: list[float], window: int) -> list[float]:
@@ -371,19 +396,11 @@ def training_curves(paths: Sequence[str]) -> dict:
         mpath = os.path.join(path, "metrics.jsonl")
         if not os.path.exists(mpath):
             continue
-        recs = []
-        for line in open(mpath):
-            try:
-                recs.append(json.loads(line))
-            except json.JSONDecodeError:  # a killed run's torn last line
-                pass
-        keys = sorted({k for r in recs for k in r if _is_curve_key(k)})
-        for key in keys:
-            start = key.replace("eval/", "eval_start/", 1)  # the drift curve's pre-RL point
-            pts = [(0, r[start]) for r in recs[:1] if key.startswith("eval/") and start in r]
-            pts += [(r["step"] + 1, r[key]) for r in recs if isinstance(r.get(key), (int, float))]
-            if pts:
-                panels.setdefault(key, {})[path] = [([x for x, _ in pts], [y for _, y in pts])]
+        recs = read_metrics(mpath)
+        for key in sorted({k for r in recs for k in r if _is_curve_key(k)}):
+            xs, ys = metric_curve(recs, key)
+            if xs:
+                panels.setdefault(key, {})[path] = [(xs, ys)]
     return panels
 
 
