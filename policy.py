@@ -273,6 +273,15 @@ class TokenLogprobs(NamedTuple):
     logits: torch.Tensor | None  # (B, L, V) float32, logits / T (softmax of it is pi at temperature T)
 
 
+def rolled_to_right_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """Left-padded rows (B, L) rolled so that their padding is on the right: (ids, mask, left), left (B,) the
+    leading pads per row; rolled[:, j] = original[:, (j + left) % L]."""
+    L = input_ids.shape[1]
+    left = (attention_mask.long().cumsum(1) == 0).sum(1)
+    roll = (torch.arange(L, device=input_ids.device)[None] + left[:, None]) % L
+    return input_ids.gather(1, roll), attention_mask.gather(1, roll), left
+
+
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
                    temperature: float, return_entropy: bool = False, return_hidden: bool = False,
                    targets: torch.Tensor | None = None) -> TokenLogprobs:
@@ -302,10 +311,7 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     # Left padding is rolled to the right for the forward: a left pad is a query row with no key to attend to,
     # and CUDA SDPA under bf16 autocast returned NaN gradients for such rows (README, experiments/gpu_debug.py);
     # rolled, every pad row sees the real tokens before it. Real tokens see exactly what they saw before.
-    left = (attention_mask.long().cumsum(1) == 0).sum(1)  # (B,) leading pads per row
-    ar = torch.arange(L, device=input_ids.device)
-    roll = (ar[None] + left[:, None]) % L                  # rolled[:, j] = original[:, roll[:, j]]
-    ids_r, mask_r = input_ids.gather(1, roll), attention_mask.gather(1, roll)
+    ids_r, mask_r, left = rolled_to_right_padding(input_ids, attention_mask)
     # Logits only where a completion token is predicted: original positions first-1 .. L-2, which sit at rolled
     # positions >= first-1-left >= `start` (a (B, L, V) tensor over the prompt is memory wasted with a 150k vocabulary).
     start = max(0, first - 1 - int(left.max()))
@@ -361,10 +367,7 @@ def completion_logprobs_shared_prompt(model, prompt_ids: torch.Tensor, prompt_ma
         raise ValueError(f"completion_logprobs_shared_prompt: {B} completion rows for {n} prompts x G = {group_size}")
     raw = getattr(model, "module", model)
     # prompts rolled to right padding (no query row without a key: the CUDA SDPA NaN, see token_logprobs)
-    left = (prompt_mask.long().cumsum(1) == 0).sum(1)                      # (n,)
-    ar = torch.arange(P, device=prompt_ids.device)
-    roll = (ar[None] + left[:, None]) % P
-    ids_r, mask_r = prompt_ids.gather(1, roll), prompt_mask.gather(1, roll)
+    ids_r, mask_r, _ = rolled_to_right_padding(prompt_ids, prompt_mask)
     lens = mask_r.long().sum(1)                                             # (n,) real prompt tokens
     captured = []
     hook = raw.get_output_embeddings().register_forward_hook(
