@@ -71,19 +71,18 @@ class Rollouts:
         return Rollouts(self.input_ids[idx], self.attention_mask[idx], self.completion_mask[idx], self.prompt_len,
                         self.rewards[idx], self.adv[idx], cut(self.old_logp), cut(self.ref_logp), group_size)
 
-    def trimmed(self) -> tuple["Rollouts", int]:
+    def trimmed(self) -> "Rollouts":
         """These rows without the columns that are padding in every row: leading prompt columns (left pad) and
-        trailing completion columns (right pad). Returns (rollouts, T'): the kept completion columns are the first
-        T' of the (B, T) tensors. Padding has no effect on the loss: only work is saved."""
+        trailing completion columns (right pad); the kept completion columns are the first ones of the (B, T)
+        tensors. Padding has no effect on the loss: only work is saved."""
         lead = int((self.attention_mask.long().cumsum(1) == 0).all(0).sum())  # columns all-pad from the left
         lead = min(lead, self.prompt_len - 1)                                 # keep one prompt column
         used = self.completion_mask.any(0).nonzero()
         T = int(used[-1]) + 1 if len(used) else 1
         P = self.prompt_len
         cut = lambda t: None if t is None else t[:, :T]  # noqa: E731
-        return (Rollouts(self.input_ids[:, lead:P + T], self.attention_mask[:, lead:P + T], self.completion_mask[:, :T],
-                         P - lead, self.rewards, self.adv[:, :T], cut(self.old_logp), cut(self.ref_logp),
-                         self.group_size), T)
+        return Rollouts(self.input_ids[:, lead:P + T], self.attention_mask[:, lead:P + T], self.completion_mask[:, :T],
+                        P - lead, self.rewards, self.adv[:, :T], cut(self.old_logp), cut(self.ref_logp), self.group_size)
 
     def state(self) -> dict:
         return {k: getattr(self, k) for k in ("input_ids", "attention_mask", "completion_mask", "prompt_len",
@@ -679,7 +678,8 @@ def accumulate_policy_gradient(ddp_model, ro: Rollouts, mask: torch.Tensor, rl, 
     starts = list(range(0, ro.input_ids.shape[0], rl.micro_batch_size))
     for j, s in enumerate(starts):
         idx = order[s:s + rl.micro_batch_size]
-        mb, T = ro.rows(idx, G).trimmed()
+        mb = ro.rows(idx, G).trimmed()
+        T = mb.completion_mask.shape[1]
         mmask = mask[idx][:, :T]
         last = j == len(starts) - 1
         ctx = ddp_model.no_sync() if (world > 1 and not last) else contextlib.nullcontext()

@@ -422,7 +422,8 @@ def test_trimmed_micro_batches_give_the_untrimmed_log_probs_and_token_dots():
     model = policy.build_tiny_model(50, 0, 1, 2, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
                                     intermediate_size=64)
     ro = _fake_rollouts(seed=3)
-    sub, T = ro.rows(torch.tensor([5, 1])).trimmed()
+    sub = ro.rows(torch.tensor([5, 1])).trimmed()
+    T = sub.completion_mask.shape[1]
     assert T <= ro.adv.shape[1] and sub.input_ids.shape[1] - sub.prompt_len == T
     full = gg.logprobs_of(model, ro.rows(torch.tensor([5, 1])), 1.0).logprobs
     torch.testing.assert_close(gg.logprobs_of(model, sub, 1.0).logprobs, full[:, :T], rtol=1e-5, atol=1e-6)
