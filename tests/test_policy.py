@@ -219,7 +219,9 @@ def test_shared_prompt_forward_equals_per_row_forward(arch):
     for a, b in zip(g_ref, g_out):
         assert (a is None) == (b is None)
         if a is not None:
-            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+            # relative to the tensor's scale: the two paths sum in different orders, and Qwen2's RMSNorm runs in
+            # fp32 whatever the model dtype, so elementwise rounding differs by about 1e-7 of the largest entry
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-5 * float(a.abs().max()))
     with pytest.raises(ValueError, match="completion rows"):
         P.completion_logprobs_shared_prompt(model, ids[::G, :Pl], attn[::G, :Pl], ids[:5, Pl:], comp[:5, Pl:], G, 1.0)
 
