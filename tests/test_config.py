@@ -228,8 +228,8 @@ def test_shipped_configs_load():
     base = load_config(str(CONFIGS / "base.yaml"), [])
     assert base.run.name == "base" and base.credit.mode == "graph" and base.controller.mode == "meta"
     tiny = load_config(str(CONFIGS / "tiny.yaml"), [])
-    assert (tiny.model.hidden_size, tiny.model.num_layers, tiny.sft.steps) == (32, 1, 30)
-    assert (tiny.data.n_sft, tiny.data.n_rl, tiny.data.n_test_id, tiny.data.n_test_longtail) == (64, 256, 64, 64)
+    assert (tiny.model.hidden_size, tiny.model.num_layers, tiny.sft.steps) == (64, 1, 400)
+    assert (tiny.data.n_sft, tiny.data.n_rl, tiny.data.n_test_id, tiny.data.n_test_longtail) == (256, 256, 64, 64)
     assert (tiny.rl.steps, tiny.rl.prompts_per_step, tiny.rl.num_generations, tiny.rl.max_new_tokens) == (2, 4, 4, 48)
     assert (tiny.eval.batch_size, tiny.distill.steps) == (64, 20)
     assert tiny.data.dir != Config().data.dir  # tiny splits never overwrite the real ones
