@@ -21,6 +21,7 @@ a dataclass and a field of `Config`. Nothing else needs to know.
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import difflib
 import functools
@@ -51,7 +52,7 @@ class RunConfig:
     out_dir: str = ""
     """run directory (metrics, checkpoints, resolved config); empty: runs/<name>"""
     seed: int = 0
-    """global seed; each DDP rank adds its rank"""
+    """global seed (model init, data order); sampling noise also depends on the step and the DDP rank"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: cuda when available, else cpu"""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -59,7 +60,7 @@ class RunConfig:
     resume: bool = True
     """resume when the run directory holds a checkpoint (--resume / --no-resume)"""
     log_every: int = 1
-    """write a metrics line every N steps"""
+    """RL and distillation: write a metrics line every N steps (RL also at every evaluation and the last step)"""
     save_every: int = 50
     """write a checkpoint every N steps (and at the end)"""
     keep_last: int = 2
@@ -110,14 +111,19 @@ class DataConfig:
 
 @dataclass
 class GraphConfig:
-    """Reasoning-graph schema (DESIGN section 1)."""
+    """Reasoning-graph schema (DESIGN sections 1 and 0.1): a new graph is config, not code."""
 
     facets: list[str] = field(default_factory=lambda: ["category", "brand", "color", "size"])
-    """product facets a query can mention; one F node per mentioned facet"""
-    nodes: list[str] = field(default_factory=lambda: ["q", "p", "f", "y"])
-    """node types (CoT span tags): query, product, facet match, label"""
+    """product facets a query can mention"""
+    nodes: list[str | dict[str, str | bool | list[str]]] = field(default_factory=lambda: [
+        {"name": "q", "role": "evidence", "side": "query"}, {"name": "p", "role": "evidence", "side": "product"},
+        {"name": "f", "role": "verdict", "per_facet": True}, {"name": "y", "role": "label"}])
+    """node types: {name (the CoT tag), role (evidence | verdict | label), side (evidence: query | product), facets (default all), per_facet (one node per facet)}; data.py's docstring has the format"""
     edges: list[list[str]] = field(default_factory=lambda: [["q", "f"], ["p", "f"], ["f", "y"]])
     """edge types [parent, child] between node types; one alpha per edge type (Eq. 1b)"""
+    severity: dict[str, list[int]] = field(default_factory=lambda: {"category": [3, 2, 0], "brand": [3, 2, 1],
+                                                                     "size": [3, 2, 1]})
+    """business rule: per facet, the rule level (0..3) its [match, partial, mismatch] verdict forces; the label is the lowest level over the facets; facets not listed: [3, 2, 2]"""
 
 
 @dataclass
@@ -153,7 +159,7 @@ class SFTConfig:
     lr: float = 1e-3
     """peak AdamW learning rate"""
     warmup: int = 50
-    """linear warm-up steps, then cosine decay to 0"""
+    """linear warm-up steps, then cosine decay to 10% of lr"""
     weight_decay: float = 0.01
     """AdamW weight decay"""
     grad_clip: float = 1.0
@@ -205,7 +211,7 @@ class RLConfig:
     aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
     """loss reduction: global token mean | GRPO per-sequence mean | Dr. GRPO sum / max length"""
     num_iterations: int = 1
-    """policy updates per batch of rollouts (pi_old is stored at sampling time)"""
+    """policy updates per batch of rollouts (with more than 1, pi_old is recomputed by a forward before the first update)"""
     micro_batch_size: int = 32
     """rollouts per forward/backward pass (memory only: the loss does not depend on it)"""
     drop_zero_std: bool = False
@@ -377,7 +383,7 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------
-# Schema: sections, keys and their types, read from the dataclasses above
+# Machinery: the schema read from the dataclasses, typed values, YAML with line numbers, --help
 # ---------------------------------------------------------------------------------------------
 
 class ConfigError(ValueError):
@@ -389,27 +395,23 @@ class ConfigError(ValueError):
 
 def _schema() -> dict[str, tuple[type, dict[str, Any]]]:
     """{section: (dataclass, {key: annotation})}, in declaration order."""
-    section_types = typing.get_type_hints(Config)
-    schema = {}
-    for sec in dataclasses.fields(Config):
-        cls = section_types[sec.name]
-        hints = typing.get_type_hints(cls)
-        schema[sec.name] = (cls, {f.name: hints[f.name] for f in dataclasses.fields(cls)})
-    return schema
+    hints = typing.get_type_hints(Config)
+    return {sec.name: (hints[sec.name], {f.name: typing.get_type_hints(hints[sec.name])[f.name]
+                                         for f in dataclasses.fields(hints[sec.name])})
+            for sec in dataclasses.fields(Config)}
+
+
+def _all_keys(schema) -> list[str]:
+    return [f"{s}.{k}" for s, (_, keys) in schema.items() for k in keys]
 
 
 @functools.lru_cache(maxsize=None)
 def field_docs(cls: type) -> dict[str, str]:
     """{field name: docstring} of a dataclass: the string literal right under each field."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs = {}
-    for stmt, nxt in zip(body, body[1:]):
-        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
-                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)):
-            docs[stmt.target.id] = inspect.cleandoc(nxt.value.value)
-    return docs
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {a.target.id: inspect.cleandoc(b.value.value) for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)
+            and isinstance(b.value.value, str)}
 
 
 def _did_you_mean(name: str, candidates: list[str]) -> str:
@@ -421,76 +423,54 @@ def _did_you_mean(name: str, candidates: list[str]) -> str:
 
 
 def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Literal:
-        return "one of " + ", ".join(map(repr, typing.get_args(tp)))
+        return "one of " + ", ".join(map(repr, args))
     if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+        return " | ".join(map(_type_name, args))
     if origin in (list, dict):
-        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
-    if tp is type(None):
-        return "None"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _show(value: Any) -> str:
-    """'str 'abc'': the type and a short repr of a value, for error messages."""
-    text = repr(value)
-    text = text if len(text) <= 80 else text[:77] + "..."
-    return f"{type(value).__name__} {text}"
+        return f"{origin.__name__}[{', '.join(map(_type_name, args))}]"
+    return "None" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
 def check_value(value: Any, tp: Any, key: str) -> Any:
-    """`value` checked against the annotation `tp`; returns it (an int becomes a float for a float
-    field). Raises ConfigError('key: expected ..., got ...'). bool is not an int here."""
-    origin = typing.get_origin(tp)
+    """`value` checked against the annotation `tp`; returns it (an int becomes a float for a float field).
+    Raises ConfigError('key: expected ..., got ...'). bool is not an int here."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if tp is Any:
         return value
     if origin is Literal:
-        choices = typing.get_args(tp)
-        if any(type(value) is type(c) and value == c for c in choices):
+        if any(type(value) is type(c) and value == c for c in args):
             return value
-        hint = _did_you_mean(value, [c for c in choices if isinstance(c, str)]) if isinstance(value, str) else ""
-        raise ConfigError(f"{key}: invalid choice {value!r} (choose from {', '.join(map(repr, choices))}){hint}")
+        hint = _did_you_mean(value, [c for c in args if isinstance(c, str)]) if isinstance(value, str) else ""
+        raise ConfigError(f"{key}: invalid choice {value!r} (choose from {', '.join(map(repr, args))}){hint}")
     if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            try:
+        for arg in args:
+            with contextlib.suppress(ConfigError):
                 return check_value(value, arg, key)
-            except ConfigError:
-                pass
-    elif origin is list or tp is list:
-        if isinstance(value, list):
-            (elem,) = typing.get_args(tp) or (Any,)
-            return [check_value(v, elem, f"{key}[{i}]") for i, v in enumerate(value)]
-    elif origin is dict or tp is dict:
-        if isinstance(value, dict):
-            k_tp, v_tp = typing.get_args(tp) or (Any, Any)
-            return {check_value(k, k_tp, f"{key} key"): check_value(v, v_tp, f"{key}[{k!r}]")
-                    for k, v in value.items()}
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is type(None):
-        if value is None:
-            return value
-    elif isinstance(value, tp):
+    elif (origin is list or tp is list) and isinstance(value, list):
+        return [check_value(v, (args or (Any,))[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    elif (origin is dict or tp is dict) and isinstance(value, dict):
+        k_tp, v_tp = args or (Any, Any)
+        return {check_value(k, k_tp, f"{key} key"): check_value(v, v_tp, f"{key}[{k!r}]") for k, v in value.items()}
+    elif (tp is float and number) or (tp is int and number and isinstance(value, int)):
+        return tp(value)
+    elif tp is type(None) and value is None or tp in (str, bool) and isinstance(value, tp):
         return value
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_show(value)}")
 
 
+def _show(value: Any) -> str:
+    """"str 'abc'": the type and a short repr of a value, for error messages."""
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 80 else text[:77] + '...'}"
+
+
 def _is_text(tp: Any) -> bool:
-    """A field whose override value is taken as typed, not parsed as YAML."""
-    if typing.get_origin(tp) is Literal:
-        return all(isinstance(c, str) for c in typing.get_args(tp))
-    return tp is str
+    """A field whose override value is taken as typed, not parsed as YAML: str, or a Literal of strings."""
+    return tp is str or (typing.get_origin(tp) is Literal and all(isinstance(c, str) for c in typing.get_args(tp)))
 
-
-# ---------------------------------------------------------------------------------------------
-# YAML with line numbers
-# ---------------------------------------------------------------------------------------------
 
 # YAML 1.1 reads 1e-4 as a string (its floats need a dot); a config reads it as the float it means.
 _FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
@@ -507,132 +487,161 @@ class _Dumper(yaml.SafeDumper):
 for _cls in (_Loader, _Dumper):  # the dumper must quote what the loader would read as a float
     _cls.yaml_implicit_resolvers = {k: list(v) for k, v in _cls.yaml_implicit_resolvers.items()}
     _cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
-# sections and keys one per line, list values on one line: [q, f]
-_Dumper.add_representer(list, lambda dumper, value: dumper.represent_sequence(
-    "tag:yaml.org,2002:seq", value, flow_style=True))
-
-
-def _yaml_problem(err: yaml.YAMLError, path: str) -> str:
-    """'file:line: invalid YAML: problem (context at line N)' from a PyYAML error."""
-    problem, mark = getattr(err, "problem", None), getattr(err, "problem_mark", None)
-    context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
-    where = f"{path}:{mark.line + 1}" if mark is not None else path
-    text = f"{where}: invalid YAML: {problem or err}"
-    if context:
-        text += f" ({context}" + (f" at line {context_mark.line + 1})" if context_mark else ")")
-    return text
+_Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
 
 
 def _read_sections(path: str) -> list[tuple[str, int, list[tuple[str, int, Any]]]]:
     """[(section, line, [(key, line, value), ...]), ...] from a YAML file, with 1-based lines."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        loader = _Loader(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
-    except OSError as err:
-        raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
-    loader = _Loader(text)
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read config file {path}: {getattr(err, 'strerror', None) or err}") from None
+    line = lambda node: node.start_mark.line + 1  # noqa: E731
+
+    def mapping(node, what: str) -> list[tuple[str, int, Any]]:
+        """(key, line, node) pairs of a mapping node; duplicate keys are errors."""
+        loader.flatten_mapping(node)  # resolve `<<: *anchor` merges
+        seen, out = {}, []
+        for k, v in node.value:
+            key = str(loader.construct_object(k))
+            if key in seen:
+                raise ConfigError(f"{path}:{line(k)}: duplicate {what.format(key)} (first at line {seen[key]})")
+            seen[key] = line(k)
+            out.append((key, line(k), v))
+        return out
     try:
         root = loader.get_single_node()
-        if root is None:  # empty file, or only comments
+        if root is None:  # an empty file, or only comments
             return []
         if not isinstance(root, yaml.MappingNode):
-            raise ConfigError(f"{path}:{root.start_mark.line + 1}: expected sections (run:, rl:, ...) at the "
-                              f"top level, got {_show(loader.construct_object(root, deep=True))}")
-        loader.flatten_mapping(root)  # resolve `<<: *anchor` merges
-        sections, seen = [], {}
-        for key_node, value_node in root.value:
-            name, line = str(loader.construct_object(key_node)), key_node.start_mark.line + 1
-            if name in seen:
-                raise ConfigError(f"{path}:{line}: duplicate section {name!r} (first at line {seen[name]})")
-            seen[name] = line
-            value = loader.construct_object(value_node, deep=True)
-            if value is None:  # a section whose keys are all commented out
-                sections.append((name, line, []))
-                continue
-            if not isinstance(value_node, yaml.MappingNode):
-                raise ConfigError(f"{path}:{line}: section {name!r} must hold key: value lines, got {_show(value)}")
-            loader.flatten_mapping(value_node)
-            keys, seen_keys = [], {}
-            for k_node, v_node in value_node.value:
-                key, k_line = str(loader.construct_object(k_node)), k_node.start_mark.line + 1
-                if key in seen_keys:
-                    raise ConfigError(f"{path}:{k_line}: duplicate key '{name}.{key}' (first at line {seen_keys[key]})")
-                seen_keys[key] = k_line
-                keys.append((key, k_line, loader.construct_object(v_node, deep=True)))
-            sections.append((name, line, keys))
+            raise ConfigError(f"{path}:{line(root)}: expected sections (run:, rl:, ...) at the top level, got "
+                              f"{_show(loader.construct_object(root, deep=True))}")
+        sections = []
+        for name, at, node in mapping(root, "section {!r}"):
+            if isinstance(node, yaml.ScalarNode) and loader.construct_object(node) is None:
+                sections.append((name, at, []))  # a section whose keys are all commented out
+            elif not isinstance(node, yaml.MappingNode):
+                raise ConfigError(f"{path}:{at}: section {name!r} must hold key: value lines, got "
+                                  f"{_show(loader.construct_object(node, deep=True))}")
+            else:
+                sections.append((name, at, [(k, kl, loader.construct_object(v, deep=True))
+                                            for k, kl, v in mapping(node, f"key '{name}.{{}}'")]))
         return sections
     except yaml.YAMLError as err:
-        raise ConfigError(_yaml_problem(err, path)) from None
+        mark, ctx = getattr(err, "problem_mark", None), getattr(err, "context", None)
+        ctx_mark = getattr(err, "context_mark", None)
+        raise ConfigError(f"{path}{f':{mark.line + 1}' if mark else ''}: invalid YAML: {getattr(err, 'problem', None) or err}"
+                          + (f" ({ctx}" + (f" at line {ctx_mark.line + 1})" if ctx_mark else ")") if ctx else "")) from None
     finally:
         loader.dispose()
 
 
-# ---------------------------------------------------------------------------------------------
-# Loading, overrides, saving
-# ---------------------------------------------------------------------------------------------
-
 def _check_key(schema, section: str, key: str) -> Any:
     """The annotation of section.key; ConfigError (no location) when there is no such key."""
-    all_keys = [f"{s}.{k}" for s, (_, keys) in schema.items() for k in keys]
     if section not in schema:
         raise ConfigError(f"unknown section {section!r}{_did_you_mean(section, list(schema))}")
     if key not in schema[section][1]:
-        raise ConfigError(f"unknown key '{section}.{key}'{_did_you_mean(f'{section}.{key}', all_keys)}")
+        raise ConfigError(f"unknown key '{section}.{key}'{_did_you_mean(f'{section}.{key}', _all_keys(schema))}")
     return schema[section][1][key]
 
 
 def parse_override(item: str, schema=None) -> tuple[str, str, Any]:
-    """'--section.key=value' -> (section, key, value); the value parsed as YAML unless the field is
-    text (str or a Literal of strings), whose value is the text as typed."""
+    """'--section.key=value' -> (section, key, value); the value parsed as YAML unless the field is text."""
     schema = schema or _schema()
     usage = f"malformed override {item!r}: expected --section.key=value"
-    if not item.startswith("--"):
-        raise ConfigError(usage)
     name, eq, text = item[2:].partition("=")
-    if not eq:
-        raise ConfigError(f"{usage} (missing '=')")
     section, dot, key = name.partition(".")
+    if not item.startswith("--") or not eq:
+        raise ConfigError(usage + (" (missing '=')" if item.startswith("--") else ""))
     if not dot or not section or not key or "." in key:
-        all_keys = [f"{s}.{k}" for s, (_, keys) in schema.items() for k in keys]
-        raise ConfigError(usage + _did_you_mean(name, all_keys))
-    where = f"override {item}"
+        raise ConfigError(usage + _did_you_mean(name, _all_keys(schema)))
     try:
         tp = _check_key(schema, section, key)
+        return section, key, text if _is_text(tp) else yaml.load(text, Loader=_Loader)
     except ConfigError as err:
-        raise ConfigError(f"{where}: {err}") from None
-    if _is_text(tp):
-        return section, key, text
-    try:
-        return section, key, yaml.load(text, Loader=_Loader)
+        raise ConfigError(f"override {item}: {err}") from None
     except yaml.YAMLError:
-        raise ConfigError(f"{where}: cannot parse {text!r} as a YAML value") from None
+        raise ConfigError(f"override {item}: cannot parse {text!r} as a YAML value") from None
 
 
 def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Config from the dataclass defaults, the YAML file at `path`, then `--section.key=value`
-    overrides (later ones win), with the derived defaults filled in (`resolve`)."""
+    """Config from the dataclass defaults, the YAML file at `path`, then `--section.key=value` overrides (later
+    ones win), range-checked (check_ranges), with the derived defaults filled in (`resolve`)."""
     schema = _schema()
     values = config_to_dict(Config())
+    origin: dict[str, str] = {}  # section.key -> where its value was set, for range errors
 
     def assign(section: str, key: str, value: Any, where: str) -> None:
         try:
             values[section][key] = check_value(value, _check_key(schema, section, key), f"{section}.{key}")
         except ConfigError as err:
             raise ConfigError(f"{where}: {err}") from None
+        origin[f"{section}.{key}"] = where
 
     for section, line, keys in _read_sections(path):
         if section not in schema:
-            all_keys = [f"{s}.{k}" for s, (_, ks) in schema.items() for k in ks]
             raise ConfigError(f"{path}:{line}: unknown section {section!r}"
-                              f"{_did_you_mean(section, list(schema) + all_keys)}")
+                              f"{_did_you_mean(section, list(schema) + _all_keys(schema))}")
         for key, k_line, value in keys:
             assign(section, key, value, f"{path}:{k_line}")
     for item in overrides:
-        section, key, value = parse_override(item, schema)
-        assign(section, key, value, f"override {item}")
+        assign(*parse_override(item, schema), f"override {item}")
     cfg = Config(**{s: cls(**values[s]) for s, (cls, _) in schema.items()})
+    check_ranges(cfg, origin)
     return resolve(cfg, path)
+
+
+# Values that parse but cannot be right, refused when the config is loaded, before anything is written.
+POSITIVE = ("run.log_every run.save_every run.keep_last data.n_sft data.n_rl model.hidden_size model.num_layers "
+            "model.num_heads model.num_kv_heads model.intermediate_size model.max_positions sft.steps sft.batch_size "
+            "sft.lr sft.log_every rl.steps rl.prompts_per_step rl.temperature rl.max_new_tokens rl.lr rl.num_iterations "
+            "rl.micro_batch_size rl.max_bad_steps rl.replay_k rl.curriculum_stages credit.eps credit.verifier_weight_max "
+            "controller.step_size eval.batch_size eval.max_new_tokens distill.steps distill.batch_size distill.lr "
+            "distill.tau distill.hidden_size distill.num_layers distill.num_heads distill.max_length").split()
+NON_NEGATIVE = ("run.num_threads data.n_test_id data.n_test_longtail sft.warmup sft.weight_decay sft.grad_clip "
+                "rl.weight_decay rl.grad_clip rl.warmup rl.beta rl.eps_high rl.eval_every rl.eval_items "
+                "rl.n_samples_logged credit.alpha_min controller.snr_z eval.max_items distill.warmup distill.max_train "
+                "distill.label_ce_weight").split()
+UNIT = "data.longtail_in_sft data.longtail_in_rl mask.p_node mask.p_tok".split()  # probabilities in [0, 1]
+BELOW_ONE = "rl.eps_low distill.dropout".split()                                  # in [0, 1)
+
+
+def check_ranges(cfg: Config, origin: dict[str, str] | None = None) -> None:
+    """ConfigError naming where the value was set (file:line or override) and the key, for a value out of range."""
+    def get(key):
+        section, name = key.split(".")
+        return getattr(getattr(cfg, section), name)
+
+    def fail(key, want):
+        where = (origin or {}).get(key, "default")
+        raise ConfigError(f"{where}: {key} = {get(key)!r}: {want}")
+
+    for key in POSITIVE:
+        if not get(key) > 0:
+            fail(key, "must be > 0")
+    for key in NON_NEGATIVE:
+        if not get(key) >= 0:
+            fail(key, "must be >= 0")
+    for key in UNIT + BELOW_ONE:
+        if not (0 <= get(key) <= 1 and (key not in BELOW_ONE or get(key) < 1)):
+            fail(key, "must be in [0, 1" + (")" if key in BELOW_ONE else "]"))
+    if cfg.rl.num_generations < 2:
+        fail("rl.num_generations", "a group needs >= 2 samples for a baseline")
+    if cfg.controller.accumulate < 2:
+        fail("controller.accumulate", "the signal-to-noise gate needs >= 2 steps of spread")
+    if cfg.rl.replay_k > cfg.rl.num_generations:
+        fail("rl.replay_k", f"at most rl.num_generations = {cfg.rl.num_generations}")
+    c = cfg.credit
+    if not c.alpha_min <= c.alpha_max or not c.alpha_init <= c.alpha_max:
+        fail("credit.alpha_max", f"must be >= credit.alpha_min = {c.alpha_min} and >= credit.alpha_init = {c.alpha_init}")
+    if cfg.model.num_heads and cfg.model.hidden_size % cfg.model.num_heads:
+        fail("model.hidden_size", f"must be a multiple of model.num_heads = {cfg.model.num_heads}")
+    if cfg.model.num_heads % cfg.model.num_kv_heads:
+        fail("model.num_kv_heads", f"must divide model.num_heads = {cfg.model.num_heads}")
+    if cfg.distill.hidden_size % cfg.distill.num_heads:
+        fail("distill.hidden_size", f"must be a multiple of distill.num_heads = {cfg.distill.num_heads}")
 
 
 def resolve(cfg: Config, config_path: str | None) -> Config:
@@ -657,41 +666,29 @@ def save_config(cfg: Config, path: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("# resolved config (config.save_config); load_config(this file) gives the same run\n"
-                   + text, encoding="utf-8")
+    tmp.write_text("# resolved config (config.save_config); load_config(this file) gives the same run\n" + text,
+                   encoding="utf-8")
     os.replace(tmp, path)
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------
-
-def _yaml_inline(value: Any) -> str:
-    text = yaml.dump(value, Dumper=_Dumper, default_flow_style=True, width=10**9).strip()
-    return text.removesuffix("...").strip()
-
-
-def _prog() -> str:
-    return os.path.basename(sys.argv[0]) or "script.py"
 
 
 def format_help(prog: str = "") -> str:
     """Usage and every field: --section.key=default, its type, and its docstring."""
-    prog = prog or _prog()
-    lines = [f"usage: {prog} CONFIG.yaml [--section.key=value ...] [--resume | --no-resume]",
-             "",
+    lines = [f"usage: {prog or _prog()} CONFIG.yaml [--section.key=value ...] [--resume | --no-resume]", "",
              "Settings: dataclass defaults < CONFIG.yaml < overrides (values read as YAML).",
              "--resume / --no-resume are --run.resume=true / false.", ""]
-    section_docs = field_docs(Config)
     defaults = config_to_dict(Config())
     for section, (cls, keys) in _schema().items():
-        lines.append(f"{section}: {section_docs.get(section, '')}".rstrip())
-        docs = field_docs(cls)
+        lines.append(f"{section}: {field_docs(Config).get(section, '')}".rstrip())
         for key, tp in keys.items():
-            lines.append(f"  --{section}.{key}={_yaml_inline(defaults[section][key])}  ({_type_name(tp)})")
-            lines.extend("      " + doc_line for doc_line in docs.get(key, "").splitlines())
+            value = yaml.dump(defaults[section][key], Dumper=_Dumper, default_flow_style=True, width=10**9)
+            lines.append(f"  --{section}.{key}={value.strip().removesuffix('...').strip()}  ({_type_name(tp)})")
+            lines.extend("      " + doc for doc in field_docs(cls).get(key, "").splitlines())
         lines.append("")
     return "\n".join(lines)
+
+
+def _prog() -> str:
+    return os.path.basename(sys.argv[0]) or "script.py"
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "") -> tuple[Config, str]:
@@ -701,16 +698,9 @@ def parse_args(argv: list[str] | None = None, prog: str = "") -> tuple[Config, s
     if "--help" in argv or "-h" in argv:
         print(format_help(prog))
         raise SystemExit(0)
-    paths, overrides = [], []
-    for arg in argv:
-        if arg == "--resume":
-            overrides.append("--run.resume=true")
-        elif arg == "--no-resume":
-            overrides.append("--run.resume=false")
-        elif arg.startswith("-") or "=" in arg:
-            overrides.append(arg)
-        else:
-            paths.append(arg)
+    flags = {"--resume": "--run.resume=true", "--no-resume": "--run.resume=false"}
+    overrides = [flags.get(a, a) for a in argv if a in flags or a.startswith("-") or "=" in a]
+    paths = [a for a in argv if not (a in flags or a.startswith("-") or "=" in a)]
     try:
         if len(paths) != 1:
             raise ConfigError(f"expected one config file, got {len(paths)}: {' '.join(paths) or '(none)'}"

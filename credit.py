@@ -156,12 +156,14 @@ def zero_std_groups(rewards: Tensor, group_size: int) -> Tensor:
     return r.amax(1) == r.amin(1)
 
 
-def outcome_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps: float = DEFAULT_EPS) -> Tensor:
+def outcome_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps: float = DEFAULT_EPS,
+                       batch_std: float | None = None) -> Tensor:
     """(B,) GRPO sequence advantage: (R_i - mean_group R) / (std + eps).
 
     scale: 'group' divides by the group's std (GRPO, TRL scale_rewards='group'); 'batch' by the std of
     all B rewards while still centring per group (TRL scale_rewards='batch'); 'none' does not divide
-    (Dr. GRPO). The std is the unbiased (n - 1) estimator, as in TRL, verl and OpenRLHF; eps = 1e-4
+    (Dr. GRPO). batch_std: the std of the whole batch over all ranks (TRL gathers the batch before it takes the
+    std); default: these rewards'. The std is the unbiased (n - 1) estimator, as in TRL, verl and OpenRLHF; eps = 1e-4
     matches TRL. A group of size 1 gets advantage 0 (TRL; verl would pass the raw score through), and
     a group whose rewards are all equal gets exactly 0 (its centred rewards are exact zeros).
     """
@@ -175,7 +177,7 @@ def outcome_advantages(rewards: Tensor, group_size: int, scale: str = "group", e
     if scale == "group":
         centred = centred / (r.std(1, keepdim=True) + eps)
     elif scale == "batch":
-        centred = centred / (rewards.std() + eps)
+        centred = centred / ((rewards.std() if batch_std is None else batch_std) + eps)
     return centred.reshape(-1)
 
 
@@ -450,7 +452,8 @@ def credit_stats(batch: CreditBatch, node_adv: Tensor, own_evidence: Tensor | No
 def compute_advantages(batch: CreditBatch, *, num_tokens: int, mode: str = "graph", evidence: str = "group",
                        gate: str = "rule", scale: str = "group_outcome", outcome_scale: str = "group",
                        eps: float = DEFAULT_EPS, alpha: Tensor | None = None,
-                       verifier_weights: Tensor | None = None, value: str = "include_self") -> tuple[Tensor, dict]:
+                       verifier_weights: Tensor | None = None, value: str = "include_self",
+                       batch_std: float | None = None) -> tuple[Tensor, dict]:
     """(B, T) token advantages and a stats dict: the one call the trainer makes (DESIGN sections 4, 6).
 
     mode 'outcome': plain GRPO, outcome_advantages(scale=outcome_scale) on every token.
@@ -464,7 +467,7 @@ def compute_advantages(batch: CreditBatch, *, num_tokens: int, mode: str = "grap
         raise ValueError(f"credit mode={mode!r}, expected one of {MODES}")
     b = batch
     b.validate()
-    outcome = outcome_advantages(b.rewards, b.group_size, outcome_scale, eps)  # (B,)
+    outcome = outcome_advantages(b.rewards, b.group_size, outcome_scale, eps, batch_std)  # (B,)
     if mode == "outcome":
         token_adv = outcome[:, None].expand(-1, num_tokens).clone()
         return token_adv, {"credit/outcome_abs_adv": float(outcome.abs().mean())}
@@ -507,15 +510,16 @@ def output_layer_token_dots(hidden: Tensor, logits: Tensor, tokens: Tensor, grad
     return (picked - expected) / temperature
 
 
-def lookahead_alpha_surrogate(token_adv: Tensor, d: Tensor, mask: Tensor, lr: float, n_tokens: int | float) -> Tensor:
-    """Scalar (eta / N) sum_t mask_t A_t d_t whose gradient w.r.t. alpha (and verifier weights) is Eq. 3.
+def lookahead_alpha_surrogate(token_adv: Tensor, d: Tensor, weights: Tensor, lr: float) -> Tensor:
+    """Scalar eta * sum_t w_t A_t d_t whose gradient w.r.t. alpha (and verifier weights) is Eq. 3.
 
     token_adv (B, T) attached to alpha; d (B, T) from output_layer_token_dots (treated as a constant);
-    lr = eta, the policy's learning rate; n_tokens = N, the token count L_graph averages over. Its value
-    is the first-order predicted change of L_main after the graph step (negative: the step helps).
-    Assumes the plain on-policy surrogate L_graph = -(1/N) sum_t A_t ratio_t (clipping inactive at ratio 1).
+    weights (B, T): w_t, the weight the policy loss's aggregation gives token t (1/N under token_mean, Eq. 3's
+    eta/N; 1/(N_seq |o_i|) under seq_mean_token_mean; 0 on padding and dropped groups); lr = eta, the policy's
+    learning rate. Its value is the first-order predicted change of L_main after the graph step (negative: the
+    step helps), for the on-policy surrogate L_graph = -sum_t w_t A_t ratio_t (clipping inactive at ratio 1).
     """
-    return (lr / n_tokens) * (token_adv * d.detach() * mask.to(token_adv.dtype)).sum()
+    return lr * (token_adv * d.detach() * weights.to(token_adv.dtype)).sum()
 
 
 class EdgeController:

@@ -42,6 +42,8 @@ from transformers import AutoConfig, AutoModel, BertConfig
 import data
 import eval as evaluation
 import policy
+import testbed
+from checkpoint import save_atomically
 from config import parse_args, save_config
 from sft_mask import lr_at
 
@@ -58,13 +60,19 @@ class DistillError(ValueError):
 # 1. Heads from the graph schema (DESIGN §10)
 
 def head_classes(schema: data.GraphSchema, heads: str = "all") -> dict[str, list[str]]:
-    """{head name: class names}: 'f:<facet>' for every facet of the schema (FACET_CLASSES), then 'y' (the
-    label names, lowest first). heads='label_only' keeps 'y' only. The order is the head order everywhere."""
+    """{head name: class names}: one head per verdict node of the schema ('f:brand' ..., or the paper's 'ms',
+    'ma'; FACET_CLASSES: its verdict, or absent when the query mentions none of its facets), then the label node
+    (the label names, lowest first). Evidence nodes (what the query or product says) get no head. heads='label_only'
+    keeps the label head only. The order is the head order everywhere."""
     if heads not in ("all", "label_only"):
         raise DistillError(f"distill.heads: expected 'all' or 'label_only', got {heads!r}")
-    out = {} if heads == "label_only" else {f"f:{k}": list(FACET_CLASSES) for k in schema.facets}
-    out["y"] = list(schema.label_names)
+    out = {} if heads == "label_only" else {n: list(FACET_CLASSES) for n in verdict_heads(schema)}
+    out[schema.label_slot] = list(schema.label_names)
     return out
+
+
+def verdict_heads(schema: data.GraphSchema) -> list[str]:
+    return [n for n, s in schema.slot_info.items() if s.type.role == "verdict"]
 
 
 def build_heads(schema: data.GraphSchema, heads: str = "all") -> dict[str, int]:
@@ -75,19 +83,21 @@ def build_heads(schema: data.GraphSchema, heads: str = "all") -> dict[str, int]:
 def resolve_head_weights(head_weights, schema: data.GraphSchema, heads: str = "all") -> dict[str, float]:
     """distill.head_weights -> {head: weight} over the heads in use.
 
-    A mapping: keys are head names ('f:brand', 'y') or node kinds ('f' = every facet head); a head name wins
-    over its kind; heads not named weigh 1. A list: one weight per head of build_heads(schema, 'all'), in order.
+    A mapping: keys are head names ('f:brand', 'y') or node types ('f' = every facet head); a head name wins
+    over its type; heads not named weigh 1. A list: one weight per head of build_heads(schema, 'all'), in order.
     """
     every = list(build_heads(schema, "all"))
+    kind = {h: schema.slot_info[h].type.name for h in every}
     if isinstance(head_weights, (list, tuple)):
         if len(head_weights) != len(every):
             raise DistillError(f"distill.head_weights: {len(head_weights)} weights for {len(every)} heads {every}")
         full = dict(zip(every, map(float, head_weights)))
     else:
-        bad = [k for k in head_weights if k not in every and k not in ("f", "y")]
+        bad = [k for k in head_weights if k not in every and k not in kind.values()]
         if bad:
-            raise DistillError(f"distill.head_weights: unknown head {bad[0]!r} (heads: {every}, kinds: ['f', 'y'])")
-        full = {h: float(head_weights.get(h, head_weights.get(h.split(":")[0], 1.0))) for h in every}
+            raise DistillError(f"distill.head_weights: unknown head {bad[0]!r} (heads: {every}, "
+                               f"types: {sorted(set(kind.values()))})")
+        full = {h: float(head_weights.get(h, head_weights.get(kind[h], 1.0))) for h in every}
     return {h: full[h] for h in build_heads(schema, heads)}
 
 
@@ -147,13 +157,13 @@ def single_token_ids(tokenizer, words) -> list[int]:
 
 
 def node_word_positions(completion: list[int], vocab: data.TagVocab, schema: data.GraphSchema) -> dict[str, int | None]:
-    """{node: completion index of its decision word} for the F and Y nodes of one completion (DESIGN §1 format:
-    `<f:k> value_q value_p verdict </f:k>`, `<y> label </y>`: the word right before the closing tag).
-    A node the CoT does not contain is not in the dict; a node that is there but broken maps to None."""
+    """{node: completion index of its decision word} for the verdict and label nodes of one completion (DESIGN §1
+    format: `<f:k> value_q value_p verdict </f:k>`, `<y> label </y>`, a pooled verdict last: the word right before
+    the closing tag). A node the CoT does not contain is not in the dict; a broken one maps to None."""
     parsed = data.parse_completion(completion, vocab, schema)
     out = {}
     for name, span in parsed.nodes.items():
-        if name.split(":")[0] in ("f", "y"):
+        if schema.slot_info[name].type.role in ("verdict", "label"):
             out[name] = None if span.broken else span.end - 2
     return out
 
@@ -165,12 +175,12 @@ def node_targets(completion: list[int], logits: torch.Tensor, vocab: data.TagVoc
     'absent' 0; a facet without an F node: 'absent' with probability 1. Y head: softmax over the label words at
     the label position. A broken node, or a position that does not hold one of those words: zeros (no signal)."""
     pos = node_word_positions(completion, vocab, schema)
-    out = {}
-    for name, words in (*((f"f:{k}", verdict_ids) for k in schema.facets), ("y", label_ids)):
-        size = len(FACET_CLASSES) if name != "y" else len(label_ids)
+    out, y = {}, schema.label_slot
+    for name, words in (*((n, verdict_ids) for n in verdict_heads(schema)), (y, label_ids)):
+        size = len(FACET_CLASSES) if name != y else len(label_ids)
         target = torch.zeros(size)
         j = pos.get(name, "missing")
-        if j == "missing" and name != "y":
+        if j == "missing" and name != y:
             target[-1] = 1.0
         elif isinstance(j, int) and completion[j] in words:
             target[:len(words)] = torch.softmax(logits[j, words].float(), -1)
@@ -334,7 +344,10 @@ def save_student(model: GraphNodeStudent, tokenizer, out_dir: str) -> None:
 
 
 def load_student(path: str, device="cpu"):
-    """(GraphNodeStudent in eval mode, tokenizer) from a save_student directory."""
+    """(GraphNodeStudent in eval mode, tokenizer) from a save_student directory, or a student run directory
+    holding one as checkpoint/ (what distill.py writes)."""
+    if not os.path.isfile(os.path.join(path, HEADS_FILE)) and os.path.isfile(os.path.join(path, "checkpoint", HEADS_FILE)):
+        path = os.path.join(path, "checkpoint")
     if not os.path.isfile(os.path.join(path, HEADS_FILE)):
         raise FileNotFoundError(f"load_student: {path} has no {HEADS_FILE} (not a distill.py student)")
     config = AutoConfig.from_pretrained(path, local_files_only=True)
@@ -362,16 +375,17 @@ def score_pairs(model: GraphNodeStudent, tokenizer, pairs, batch_size: int = 256
     """Per (query, product) pair: the label distribution, its argmax, the expected graded relevance
     sum_k k * p(k) (levels 0..K-1, lowest first) and each facet head's distribution. No generation."""
     probs = student_probs(model, tokenizer, list(pairs), batch_size)
-    names = model.classes["y"]
+    y = list(model.classes)[-1]  # the label head comes last (head_classes)
+    names = model.classes[y]
     levels = torch.arange(len(names), dtype=torch.float32)
     out = []
-    for i in range(len(probs["y"])):
-        py = probs["y"][i]
+    for i in range(len(probs[y])):
+        py = probs[y][i]
         out.append({"label": int(py.argmax()), "label_name": names[int(py.argmax())],
                     "relevance": float((py * levels).sum()),
                     "label_probs": dict(zip(names, py.tolist())),
-                    "facets": {h[2:]: dict(zip(model.classes[h], probs[h][i].tolist()))
-                               for h in model.classes if h != "y"}})
+                    "facets": {h.split(":")[-1]: dict(zip(model.classes[h], probs[h][i].tolist()))
+                               for h in model.classes if h != y}})
     return out
 
 
@@ -383,22 +397,24 @@ def student_metrics(examples, probs: dict[str, torch.Tensor], schema: data.Graph
     """Label metrics (eval.summarize_predictions), per-node accuracy against gold (facets the query asks for,
     as eval.score_completions counts the teacher's), long-tail facet accuracy and accuracy per long-tail kind,
     and with `teacher` signals: agreement with the teacher's label (its parsed CoT label) and facet classes."""
+    y = schema.label_slot
     gold = [ex.label for ex in examples]
-    pred = probs["y"].argmax(-1).tolist()
+    pred = probs[y].argmax(-1).tolist()
     out = evaluation.summarize_predictions(gold, pred, len(schema.label_names), list(schema.label_names))
-    cls = {h: probs[h].argmax(-1).tolist() for h in probs if h != "y"}
+    cls = {h: probs[h].argmax(-1).tolist() for h in probs if h != y}
     hits: dict[str, list[int]] = {}
     lt_hits, by_kind = [], {}
     for i, ex in enumerate(examples):
-        for facet, verdict in (ex.nodes or {}).items():
-            if f"f:{facet}" in cls:
-                hits.setdefault(f"f:{facet}", []).append(int(FACET_CLASSES[cls[f"f:{facet}"][i]] == verdict))
-        hits.setdefault("y", []).append(int(pred[i] == ex.label))
+        for h in cls:
+            g = data.gold_node(h, ex, schema)
+            if g is not None:
+                hits.setdefault(h, []).append(int(FACET_CLASSES[cls[h][i]] == g))
+        hits.setdefault(y, []).append(int(pred[i] == ex.label))
         kind = ex.meta.get("longtail")
         if kind:
-            facet = ex.meta["longtail_facet"]
-            if f"f:{facet}" in cls:
-                lt_hits.append(int(FACET_CLASSES[cls[f"f:{facet}"][i]] == ex.nodes[facet]))
+            h = next((h for h in cls if ex.meta["longtail_facet"] in schema.slot_info[h].facets), None)
+            if h is not None:
+                lt_hits.append(int(FACET_CLASSES[cls[h][i]] == data.gold_node(h, ex, schema)))
             by_kind.setdefault(kind, []).append(int(pred[i] == ex.label))
     out["node_accuracy"] = {k: sum(v) / len(v) for k, v in hits.items()}
     if lt_hits:
@@ -419,13 +435,13 @@ def student_metrics(examples, probs: dict[str, torch.Tensor], schema: data.Graph
     return out
 
 
-def report_table(teacher: dict, student: dict) -> str:
-    """Markdown: per test split, a teacher row and a student row."""
+def report_table(teacher: dict, student: dict, heads: list[str]) -> str:
+    """Markdown: per test split, a teacher row and a student row, with the node accuracy of the verdict `heads`."""
     rows = []
     for split in student:
         for who, m in (("teacher", teacher[split]), ("student", student[split])):
             row = {"split": split, "model": who, "n": m["n"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
-            row.update({f"node/{k}": v for k, v in m["node_accuracy"].items() if k.startswith("f:")})
+            row.update({f"node/{k}": v for k, v in m["node_accuracy"].items() if k in heads})
             row["longtail_facet_acc"] = m.get("longtail_facet_accuracy")
             row["agree_label"] = m.get("agreement/label")
             row["agree_facets"] = m.get("agreement/facets")
@@ -459,15 +475,14 @@ def run_distill(cfg, show_progress: bool = True, print_table: bool = True) -> di
     teacher_path = resolve_teacher(cfg)
     cache_dir = os.path.join(cfg.run.out_dir, "student")
     out_dir = dc.student_dir or cache_dir
-    schema, splits = data.load_splits(cfg)
-    strict = cfg.data.source == "synthetic"
+    task = testbed.load_task(cfg)
+    schema, splits, strict = task.schema, task.splits, task.strict
     classes = head_classes(schema, dc.heads)
     weights = resolve_head_weights(dc.head_weights, schema, dc.heads)
     os.makedirs(out_dir, exist_ok=True)
     save_config(cfg, os.path.join(out_dir, "config.yaml"))
     train = splits["rl"][:dc.max_train] if dc.max_train else splits["rl"]
-    tests = {s: splits[s][:cfg.eval.max_items] if cfg.eval.max_items else splits[s]
-             for s in data.test_split_names(splits)}
+    tests = {s: v[:cfg.eval.max_items] if cfg.eval.max_items else v for s, v in task.tests.items()}
 
     # teacher signals: loaded lazily, only for the splits whose cache is missing or stale
     teacher_state = {}
@@ -476,7 +491,7 @@ def run_distill(cfg, show_progress: bool = True, print_table: bool = True) -> di
         def compute():
             if "model" not in teacher_state:
                 teacher_state["model"], teacher_state["tok"] = policy.load_policy(
-                    teacher_path, data.vocabulary(schema), dtype=cfg.run.dtype, device=device)
+                    teacher_path, schema.words(), dtype=cfg.run.dtype, device=device)
             with policy.autocast(cfg.run.dtype, device):
                 return teacher_signals(teacher_state["model"], teacher_state["tok"], schema, examples,
                                        cfg.eval.batch_size, cfg.eval.max_new_tokens, strict, show_progress,
@@ -491,7 +506,7 @@ def run_distill(cfg, show_progress: bool = True, print_table: bool = True) -> di
     teacher_state.clear()
 
     # student
-    model, tokenizer = build_student(dc, classes, data.vocabulary(schema, sum(splits.values(), [])), seed=cfg.run.seed)
+    model, tokenizer = build_student(dc, classes, task.vocabulary(), seed=cfg.run.seed)
     model.to(device).train()
     s_strict = strict and not dc.student_init
     encoded = [encode_pair(tokenizer, ex.query, ex.product, model.max_length, s_strict) for ex in train]
@@ -518,10 +533,10 @@ def run_distill(cfg, show_progress: bool = True, print_table: bool = True) -> di
             bar.set_postfix(loss=f"{loss.item():.3f}")
     log.close()
     model.eval()
-    save_student(model, tokenizer, out_dir)
+    save_atomically(os.path.join(out_dir, "checkpoint"), lambda d: save_student(model, tokenizer, d))
 
     # report: the teacher's metrics are eval.score_completions on the same greedy CoTs eval.evaluate_policy makes
-    comparator = data.Catalogue().head_compare if strict else None
+    comparator = task.comparator
     results = {"teacher": {}, "student": {}}
     for s, exs in tests.items():
         results["teacher"][s] = evaluation.score_completions(exs, test_sig[s]["completions"], vocab, schema, comparator)
@@ -531,7 +546,7 @@ def run_distill(cfg, show_progress: bool = True, print_table: bool = True) -> di
         json.dump(results, f, indent=1)
     if print_table:
         print(f"teacher {teacher_path}; student ({dc.heads}) saved to {out_dir}")
-        print(report_table(results["teacher"], results["student"]))
+        print(report_table(results["teacher"], results["student"], verdict_heads(schema)))
     return results
 
 

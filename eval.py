@@ -18,6 +18,7 @@ import numpy as np
 
 import data
 import policy
+import testbed
 from config import load_config
 
 
@@ -172,7 +173,7 @@ def verifier_agreement(examples, parses, schema, comparator) -> dict:
                 continue
             for kind, s in zip(data.SCORE_KINDS, vals):
                 if not math.isnan(s):
-                    hits.setdefault(f"{kind}/{name.split(':')[0]}", []).append(int((s >= 0.5) == right))
+                    hits.setdefault(f"{kind}/{schema.slot_info[name].type.name}", []).append(int((s >= 0.5) == right))
     return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
 
 
@@ -192,12 +193,10 @@ def score_completions(examples, completions, vocab, schema, comparator=None) -> 
     lt_hits, lt_shares = [], {v: 0 for v in data.VERDICTS + ("missing",)}
     by_kind: dict[str, list[int]] = {}
     for ex, p, y in zip(examples, parsed, pred):
-        if ex.cot is not None:
-            for name in ("q", "p"):
-                node_hits.setdefault(name, []).append(int(data.node_is_correct(name, p, ex, schema)))
-        for facet, verdict in (ex.nodes or {}).items():
-            node_hits.setdefault("f:" + facet, []).append(int(p.verdicts.get(facet) == verdict))
-        node_hits.setdefault("y", []).append(int(y == ex.label))
+        for name, slot in schema.slot_info.items():  # nodes the example has gold for; the label counts invalid as wrong
+            right = int(y == ex.label) if slot.type.role == "label" else data.node_is_correct(name, p, ex, schema)
+            if right is not None:
+                node_hits.setdefault(name, []).append(int(right))
         kind = ex.meta.get("longtail")
         if kind:
             facet = ex.meta["longtail_facet"]
@@ -225,16 +224,17 @@ def generate_greedy(model, tokenizer, examples, batch_size: int, max_new_tokens:
     return out
 
 
-def evaluate_policy(model, tokenizer, schema, splits: dict, eval_cfg, strict: bool) -> dict:
-    """{split name: metrics} for every given split (DESIGN §11)."""
-    vocab = data.TagVocab.from_tokenizer(tokenizer, schema)
+def evaluate_policy(model, tokenizer, task, splits: dict, eval_cfg) -> dict:
+    """{split name: metrics} for every given split (DESIGN §11); `task` (testbed.Task) gives the schema, the
+    verifiers' comparator and whether the words must be known."""
+    vocab = data.TagVocab.from_tokenizer(tokenizer, task.schema)
     results = {}
     for name, examples in splits.items():
         if eval_cfg.max_items:
             examples = examples[:eval_cfg.max_items]
-        completions = generate_greedy(model, tokenizer, examples, eval_cfg.batch_size, eval_cfg.max_new_tokens, strict)
-        comparator = data.Catalogue().head_compare if strict else None
-        results[name] = score_completions(examples, completions, vocab, schema, comparator)
+        completions = generate_greedy(model, tokenizer, examples, eval_cfg.batch_size, eval_cfg.max_new_tokens,
+                                      task.strict)
+        results[name] = score_completions(examples, completions, vocab, task.schema, task.comparator)
     return results
 
 
@@ -339,11 +339,11 @@ def moving_average(ys: list[float], window: int) -> list[float]:
 def evaluate_run(cfg, checkpoint: str, out_dir: str, print_table: bool = True) -> dict:
     """Load the policy from `checkpoint`, evaluate every test split of cfg, write out_dir/eval.json."""
     device = policy.resolve_device(cfg.run.device)
-    schema, splits = data.load_splits(cfg)
-    model, tokenizer = policy.load_policy(checkpoint, data.vocabulary(schema), dtype=cfg.run.dtype, device=device)
-    tests = {s: splits[s] for s in data.test_split_names(splits)}
+    task = testbed.load_task(cfg)
+    schema = task.schema
+    model, tokenizer = policy.load_policy(checkpoint, schema.words(), dtype=cfg.run.dtype, device=device)
     with policy.autocast(cfg.run.dtype, device):
-        results = evaluate_policy(model, tokenizer, schema, tests, cfg.eval, strict=cfg.data.source == "synthetic")
+        results = evaluate_policy(model, tokenizer, task, task.tests, cfg.eval)
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
         json.dump(results, f, indent=1)
     if print_table:

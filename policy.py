@@ -193,7 +193,7 @@ def load_policy(name_or_path: str | None, tokenizer_words: Iterable[str], dtype=
         raise FileNotFoundError(f"load_policy: model directory not found: {name_or_path}")
     tokenizer = _load_tokenizer(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(name_or_path, local_files_only=True, dtype=dtype)
-    add_graph_tokens(tokenizer, model, [w for w in words if is_tag_token(w)])
+    add_graph_tokens(tokenizer, model, sorted(w for w in words if is_tag_token(w)))
     return model.to(device=device, dtype=dtype), tokenizer
 
 

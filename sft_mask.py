@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import sys
 import time
 
@@ -23,6 +22,8 @@ from tqdm import tqdm
 
 import data
 import policy
+import testbed
+from checkpoint import save_atomically
 from config import parse_args, save_config
 
 
@@ -30,17 +31,17 @@ from config import parse_args, save_config
 # CoT random masking (DESIGN §9)
 
 def cot_mask_positions(spans: list[tuple[str, int, int]], length: int, p_node: float, p_tok: float,
-                       gen: torch.Generator) -> torch.Tensor:
+                       gen: torch.Generator, label: str = "y") -> torch.Tensor:
     """Which completion positions get the mask token as INPUT (DESIGN §9) -> (length,) bool.
 
     spans: (node name, start, end) with [start, end) covering the node's tags. A whole node's content is masked
     with probability p_node; any other content token with probability p_tok. Choices (DESIGN leaves them open):
     tags are never masked (the policy writes the structure reliably; what is imperfect at sampling time is the
-    content), and the label node 'y' is never masked (it is the output every other step serves).
+    content), and the label node (`label`) is never masked (it is the output every other step serves).
     """
     mask = torch.zeros(length, dtype=torch.bool)
     for name, start, end in spans:
-        if name == "y" or end - start <= 2:
+        if name == label or end - start <= 2:
             continue
         content = slice(start + 1, end - 1)
         if torch.rand((), generator=gen).item() < p_node:
@@ -73,7 +74,7 @@ def encode_sft_examples(examples, tokenizer, schema, strict: bool):
     return out
 
 
-def sft_batch(items, tokenizer, mask_cfg, gen: torch.Generator):
+def sft_batch(items, tokenizer, mask_cfg, gen: torch.Generator, label: str = "y"):
     """-> input_ids (masked inputs), attention_mask, targets (the original ids), completion_mask; all (B, L)."""
     prompts, completions = [p for p, _, _ in items], [c for _, c, _ in items]
     input_ids, attn, comp_mask = policy.build_sequences(prompts, completions, tokenizer.pad_token_id)
@@ -81,7 +82,7 @@ def sft_batch(items, tokenizer, mask_cfg, gen: torch.Generator):
     if mask_cfg.enabled:
         mask_id = tokenizer.convert_tokens_to_ids(policy.SPECIAL_TOKENS["mask_token"])
         for b, (prompt, completion, spans) in enumerate(items):
-            pos = cot_mask_positions(spans, len(completion), mask_cfg.p_node, mask_cfg.p_tok, gen)
+            pos = cot_mask_positions(spans, len(completion), mask_cfg.p_node, mask_cfg.p_tok, gen, label)
             start = int(comp_mask[b].nonzero()[0])
             row = input_ids[b, start:start + len(completion)]
             input_ids[b, start:start + len(completion)] = torch.where(pos, torch.full_like(row, mask_id), row)
@@ -110,12 +111,12 @@ def train_sft(cfg, out_dir: str, show_progress: bool = True) -> str:
     if cfg.run.num_threads:
         torch.set_num_threads(cfg.run.num_threads)
     device = policy.resolve_device(cfg.run.device)
-    schema, splits = data.load_splits(cfg)
-    model, tokenizer = policy.load_policy(cfg.model.name_or_path or None, data.vocabulary(schema, sum(splits.values(), [])),
+    task = testbed.load_task(cfg)
+    schema = task.schema
+    model, tokenizer = policy.load_policy(cfg.model.name_or_path or None, task.vocabulary(),
                                           dtype=policy.resolve_dtype(cfg.run.dtype, device), device=device,
                                           tiny_kwargs=policy.tiny_kwargs(cfg.model, seed=cfg.run.seed))
-    strict = cfg.data.source == "synthetic"
-    items = encode_sft_examples(splits["sft"], tokenizer, schema, strict)
+    items = encode_sft_examples(task.splits["sft"], tokenizer, schema, task.strict)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft.lr, weight_decay=cfg.sft.weight_decay)
     gen = torch.Generator().manual_seed(cfg.run.seed)
     os.makedirs(out_dir, exist_ok=True)
@@ -125,14 +126,15 @@ def train_sft(cfg, out_dir: str, show_progress: bool = True) -> str:
     t0, tokens = time.time(), 0
     for step in bar:
         idx = torch.randint(len(items), (cfg.sft.batch_size,), generator=gen).tolist()
-        input_ids, attn, targets, comp = [t.to(device) for t in sft_batch([items[i] for i in idx], tokenizer, cfg.mask, gen)]
+        input_ids, attn, targets, comp = [t.to(device) for t in sft_batch([items[i] for i in idx], tokenizer, cfg.mask,
+                                                                          gen, schema.label_slot)]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.sft.steps, cfg.sft.warmup, cfg.sft.lr)
         with policy.autocast(cfg.run.dtype, device):
             loss = completion_loss(model, input_ids, attn, targets, comp)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.sft.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.sft.grad_clip or float("inf"))  # 0: no clip
         opt.step()
         tokens += int(comp.sum())
         if step % cfg.sft.log_every == 0 or step == cfg.sft.steps - 1:
@@ -142,12 +144,8 @@ def train_sft(cfg, out_dir: str, show_progress: bool = True) -> str:
             log.flush()
             bar.set_postfix(loss=f"{loss.item():.3f}")
     log.close()
-    ckpt = os.path.join(out_dir, "checkpoint")
     model.eval()
-    policy.save_policy(model, tokenizer, ckpt + ".tmp")
-    shutil.rmtree(ckpt, ignore_errors=True)
-    os.replace(ckpt + ".tmp", ckpt)
-    return ckpt
+    return save_atomically(os.path.join(out_dir, "checkpoint"), lambda d: policy.save_policy(model, tokenizer, d))
 
 
 def run_sft(cfg, out_dir: str, print_table: bool = True) -> str:

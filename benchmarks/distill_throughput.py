@@ -24,20 +24,19 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import data  # noqa: E402
+import testbed  # noqa: E402
 import distill  # noqa: E402
 import eval as evaluation  # noqa: E402
 import policy  # noqa: E402
 from config import load_config  # noqa: E402
 
 
-def benchmark_pairs(cfg, n: int):
-    """(schema, split names, examples): the first n // S examples of each of the S test splits (test_id,
-    test_longtail), the first split taking the remainder."""
-    schema, splits = data.load_splits(cfg)
-    names = data.test_split_names(splits)
+def benchmark_pairs(task, n: int):
+    """(split names, examples): the first n // S examples of each of the S test splits (test_id, test_longtail),
+    the first split taking the remainder."""
+    names = list(task.tests)
     per = [n - n // len(names) * (len(names) - 1)] + [n // len(names)] * (len(names) - 1)
-    return schema, names, [ex for name, k in zip(names, per) for ex in splits[name][:k]]
+    return names, [ex for name, k in zip(names, per) for ex in task.tests[name][:k]]
 
 
 def main():
@@ -59,11 +58,12 @@ def main():
     os.chdir(ROOT)  # the run's relative data.dir is relative to the repository root
     device = policy.resolve_device(cfg.run.device)
     batch_size = args.batch_size or cfg.eval.batch_size
-    strict = cfg.data.source == "synthetic"
-    schema, split_names, examples = benchmark_pairs(cfg, args.pairs)
+    task = testbed.load_task(cfg)
+    schema, strict = task.schema, task.strict
+    split_names, examples = benchmark_pairs(task, args.pairs)
     pairs = [(ex.query, ex.product) for ex in examples]
 
-    teacher, t_tok = policy.load_policy(checkpoint, data.vocabulary(schema), dtype=cfg.run.dtype, device=device)
+    teacher, t_tok = policy.load_policy(checkpoint, schema.words(), dtype=cfg.run.dtype, device=device)
     student, s_tok = distill.load_student(args.student, device)
     teacher.eval()
 

@@ -33,6 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import data  # noqa: E402
+import testbed  # noqa: E402
 import graph_grpo  # noqa: E402
 import policy  # noqa: E402
 from config import parse_args  # noqa: E402
@@ -81,17 +82,18 @@ def check_same_inputs(init_from: str, threads: int) -> str:
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(threads)
     cfg = config()
-    schema, splits = data.load_splits(cfg)
-    model, tok = policy.load_policy(init_from, data.vocabulary(schema))
+    task = testbed.load_task(cfg)
+    schema, splits = task.schema, task.splits
+    model, tok = policy.load_policy(init_from, schema.words())
     vocab = data.TagVocab.from_tokenizer(tok, schema)
     exs = step_examples(cfg, splits["rl"], 0, 1)[0]
     prompts = [data.format_prompt(e.query, e.product) for e in exs]
     ours_ids = [policy.encode(tok, p, strict=True) for p in prompts]
     if tok(text=prompts)["input_ids"] != ours_ids:
         raise SystemExit("check failed: TRL's prompt tokenisation differs from ours")
-    completions, _, rewards, _, _, _ = graph_grpo.make_rollouts(model, tok, vocab, schema, exs, ours_ids, cfg,
-                                                                graph_grpo.sampling_seed(cfg.run.seed, 0, 0),
-                                                                data.Catalogue())
+    ro = graph_grpo.sample_rollouts(model, tok, exs, ours_ids, cfg.rl, graph_grpo.sampling_seed(cfg.run.seed, 0, 0))
+    graph_grpo.score_rollouts(ro, vocab, schema, cfg.reward)
+    completions, rewards = ro.completions, ro.rewards
     G = cfg.rl.num_generations
     theirs = trl_reward_function(vocab, schema, cfg.reward)(
         prompts=[p for p in prompts for _ in range(G)], completions=tok.batch_decode(completions),
@@ -175,8 +177,9 @@ def trl_worker(args) -> None:
     torch.set_num_threads(args.threads)
     cfg = config()
     rl = cfg.rl
-    schema, splits = data.load_splits(cfg)
-    model, tok = policy.load_policy(args.init_from, data.vocabulary(schema))
+    task = testbed.load_task(cfg)
+    schema, splits = task.schema, task.splits
+    model, tok = policy.load_policy(args.init_from, schema.words())
     vocab = data.TagVocab.from_tokenizer(tok, schema)
     rows = [{"prompt": data.format_prompt(e.query, e.product), "label": e.label}
             for exs in step_examples(cfg, splits["rl"], args.first_step, args.steps) for e in exs]

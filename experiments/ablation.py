@@ -1,16 +1,20 @@
-"""The paper's ablation in miniature: every row for 8 seeds on CPU, resumable, then results/ablation.md + .png.
+"""The project's one experiment runner: named studies, each rows x seeds of the product CLIs, resumable, then a
+report with paired tests in results/<study>.md (+ .png).
 
-    python experiments/ablation.py                    # run what is missing (finished runs are skipped), then report
-    python experiments/ablation.py --report-only      # only rebuild results/ from the run directories
+    python experiments/ablation.py                         # the ablation study (8 seeds); finished runs are skipped
+    python experiments/ablation.py --study masking         # SFT with vs without CoT random masking, 3 seeds
+    python experiments/ablation.py --study modes           # credit modes side by side, short RL, 3 seeds
+    python experiments/ablation.py --study reach           # can outcome RL move the long tail at this budget?
+    python experiments/ablation.py --report-only           # only rebuild results/ from the run directories
     nohup python experiments/ablation.py > runs/ablation.log 2>&1 &     # the background-friendly way
 
 Every run is one subprocess of the product CLIs (sft_mask.py, graph_grpo.py, distill.py) with one torch thread;
 `--jobs` run side by side. A run is finished when its eval.json exists; a killed RL run resumes from its last
 checkpoint. Jobs are ordered seed by seed, so an interrupted study has complete seeds to report.
 
-Per seed, the SFT rows train their own checkpoint (seed = init and batch order); every RL row starts from the
-masked SFT checkpoint of its seed (grpo_plain_sft from the plain one), with the same steps, batch, G, learning
-rate, clipping and KL (none) as every other RL row: only the credit / controller / graph keys differ.
+Per seed, the SFT rows train their own checkpoint (seed = init and batch order); every RL row starts from its
+parent SFT row's checkpoint of the same seed, with the same steps, batch, G, learning rate, clipping and KL (none)
+as every other RL row of the study: only the row's own overrides differ.
 """
 from __future__ import annotations
 
@@ -79,7 +83,41 @@ ROWS = (
     Row("graph_meta_loo", "8'. + Graph-GRPO, meta, leave-one-out V", "rl", "sft_masked",
         GRAPH_META + ("--credit.value=leave_one_out",)),
 )
-BY_NAME = {r.name: r for r in ROWS}
+MASKING_ROWS = (ROWS[0], ROWS[1])
+MODES_ROWS = (ROWS[1],) + tuple(r for r in ROWS if r.name in ("grpo", "process", "agrl", "she", "graph_fixed", "graph_meta"))
+REACH_ROWS = (ROWS[1], ROWS[2],
+              Row("grpo_lr2e-4", "+ GRPO, lr 2e-4", "rl", "sft_masked", GRPO + ("--rl.lr=2e-4",)),
+              Row("grpo_g16", "+ GRPO, G = 16, 8 prompts", "rl", "sft_masked",
+                  GRPO + ("--rl.num_generations=16", "--rl.prompts_per_step=8")),
+              Row("grpo_t13", "+ GRPO, temperature 1.3", "rl", "sft_masked", GRPO + ("--rl.temperature=1.3",)))
+# Paired claims of a study: (row A, row B, split, metric, text); A minus B per seed.
+CLAIMS = (("graph_meta", "grpo", "test_longtail", "macro_f1", "graph-meta vs GRPO, lt macro-F1"),
+          ("graph_meta", "graph_fixed", "test_longtail", "macro_f1", "graph-meta vs graph-fixed, lt macro-F1"),
+          ("grpo", "grpo_plain_sft", "test_longtail", "macro_f1", "masked vs plain SFT after GRPO, lt macro-F1"),
+          ("grpo", "grpo_plain_sft", "test_id", "macro_f1", "masked vs plain SFT after GRPO, id macro-F1"),
+          ("graph_meta_both", "grpo", "test_longtail", "macro_f1", "graph-meta with verifier evidence vs GRPO, lt macro-F1"),
+          ("graph_meta_both", "grpo", "test_id", "macro_f1", "graph-meta with verifier evidence vs GRPO, id macro-F1"),
+          ("graph_meta_loo", "graph_meta", "test_longtail", "macro_f1", "leave-one-out V vs DESIGN's V (graph-meta), lt macro-F1"),
+          ("sft_masked", "sft_plain", "test_longtail", "macro_f1", "masked vs plain SFT, lt macro-F1"),
+          ("sft_masked", "sft_plain", "test_id", "macro_f1", "masked vs plain SFT, id macro-F1"))
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    rows: tuple[Row, ...]
+    seeds: str = "0-7"
+    rl_steps: int = 60
+    what: str = ""
+
+
+STUDIES = {s.name: s for s in (
+    Study("ablation", ROWS, what="every row of the paper's ablation in miniature"),
+    Study("masking", MASKING_ROWS, seeds="0-2", what="SFT with vs without CoT random masking"),
+    Study("modes", MODES_ROWS, seeds="0-2", rl_steps=70, what="the credit modes side by side (a first comparison)"),
+    Study("reach", REACH_ROWS, seeds="0-1", rl_steps=120, what="can outcome RL move the long tail at this budget"),
+)}
+BY_NAME = {r.name: r for st in STUDIES.values() for r in st.rows}
 SCRIPTS = {"sft": "sft_mask.py", "rl": "graph_grpo.py", "distill": "distill.py"}
 SPLITS = ("test_id", "test_longtail")
 
@@ -111,7 +149,7 @@ def make_jobs(args) -> list[Job]:
     common = ["--run.device=cpu", "--run.num_threads=1", f"--data.dir={os.path.join(args.out, 'data')}",
               "--run.save_every=20", "--run.keep_last=1", *args.extra]
     rl = [f"--rl.steps={args.rl_steps}", f"--rl.eval_every={args.eval_every}", f"--rl.eval_items={args.eval_items}"]
-    rows = [BY_NAME[n] for n in args.rows] if args.rows else ROWS
+    rows = [BY_NAME[n] for n in args.rows] if args.rows else list(STUDIES[args.study].rows)
     jobs = []
     for seed, row in itertools.product(args.seeds, rows):
         if row.max_seeds and seed not in args.seeds[:row.max_seeds]:
@@ -240,10 +278,10 @@ def mean_std(vals: list[float], digits: int = 3) -> str:
     return f"{np.mean(vals):.{digits}f} ± {np.std(vals, ddof=1):.{digits}f}"
 
 
-def collect(out: str, seeds: list[int]) -> dict:
+def collect(out: str, seeds: list[int], rows=ROWS) -> dict:
     """{row name: {seed: {'final': {split: metrics}, 'curves': {...} (rl rows)}}} for the finished runs."""
     found = {}
-    for row in ROWS:
+    for row in rows:
         for seed in seeds:
             path = eval_json_of(out, row, seed)
             if not os.path.exists(path):
@@ -257,7 +295,7 @@ def collect(out: str, seeds: list[int]) -> dict:
     return found
 
 
-def report(found: dict, ref_row: str = "grpo") -> str:
+def report(found: dict, ref_row: str = "grpo", rows=ROWS) -> str:
     """The markdown of results/ablation.md (without its header): the main table, the diagnostics table, the
     three paired claims."""
     lines = ["| row | seeds | test_longtail macro-F1 | test_longtail acc | test_id macro-F1 | test_id acc | "
@@ -268,7 +306,7 @@ def report(found: dict, ref_row: str = "grpo") -> str:
     target = float(np.mean([ys[-1] for _, ys in ref_curves])) if ref_curves else None
     diag = ["| row | lt facet acc | lt verdicts match / partial / mismatch / absent / missing | rule consistency (lt) | "
             "format valid (lt) |", "|---|---:|---|---:|---:|"]
-    for row in ROWS:
+    for row in rows:
         runs = found.get(row.name)
         if not runs:
             continue
@@ -295,28 +333,15 @@ def report(found: dict, ref_row: str = "grpo") -> str:
                         f"{mean_std(col('test_longtail', 'rule_consistency'))} | "
                         f"{mean_std(col('test_longtail', 'format_valid'))} |")
     out = ["## Main table (mean ± std over seeds; final checkpoints on the full test splits)", "", *lines, "",
-           f"Drift, collapse and steps-to-reach come from the evaluations during RL (first items of each split). "
-           f"Target for the last column: the GRPO row's mean final long-tail macro-F1 on those items"
+           "Drift, collapse and steps-to-reach come from the evaluations during RL (first items of each split). "
+           "Target for the last column: the GRPO row's mean final long-tail macro-F1 on those items"
            + (f" ({target:.3f})." if target is not None else "."), "",
            "## Long-tail diagnostics (final checkpoints, test_longtail)", "", *diag, "",
-           "## Credit diagnostics (graph rows; means over steps and seeds, final alpha)", "", *credit_table(found), "",
+           "## Credit diagnostics (graph rows; means over steps and seeds, final alpha)", "", *credit_table(found, rows), "",
            "## Paired claims", "",
            "| claim | seeds | mean difference | std of differences | wins / ties / losses | paired t | exact sign-flip p |",
            "|---|---:|---:|---:|---:|---:|---:|"]
-    for a, b, split, key, what in (("graph_meta", "grpo", "test_longtail", "macro_f1", "graph-meta vs GRPO, lt macro-F1"),
-                                   ("graph_meta", "graph_fixed", "test_longtail", "macro_f1",
-                                    "graph-meta vs graph-fixed, lt macro-F1"),
-                                   ("grpo", "grpo_plain_sft", "test_longtail", "macro_f1",
-                                    "masked vs plain SFT after GRPO, lt macro-F1"),
-                                   ("grpo", "grpo_plain_sft", "test_id", "macro_f1",
-                                    "masked vs plain SFT after GRPO, id macro-F1"),
-                                   # follow-ups the diagnostics suggested (not among the issue's three claims)
-                                   ("graph_meta_both", "grpo", "test_longtail", "macro_f1",
-                                    "graph-meta with verifier evidence vs GRPO, lt macro-F1"),
-                                   ("graph_meta_both", "grpo", "test_id", "macro_f1",
-                                    "graph-meta with verifier evidence vs GRPO, id macro-F1"),
-                                   ("graph_meta_loo", "graph_meta", "test_longtail", "macro_f1",
-                                    "leave-one-out V vs DESIGN's V (graph-meta), lt macro-F1")):
+    for a, b, split, key, what in CLAIMS:
         seeds = sorted(set(found.get(a, {})) & set(found.get(b, {})))
         if not seeds:
             continue
@@ -327,12 +352,12 @@ def report(found: dict, ref_row: str = "grpo") -> str:
     return "\n".join(out) + "\n"
 
 
-def credit_table(found: dict) -> list[str]:
+def credit_table(found: dict, rows=ROWS) -> list[str]:
     """Where node credit puts its mass: mean |A| per node type against the outcome advantage's, the share of nodes
     with zero own evidence, the key repeat rate, how often the rule gate is open, alpha and the controller gate."""
     lines = ["| row | mean abs A: outcome / q / p / f (avg of facets) / y | zero own evidence | key repeat | "
              "rule gate open | final alpha per edge type (names sorted) | controller gate open |", "|---|---|---:|---:|---:|---|---:|"]
-    for row in ROWS:
+    for row in rows:
         sums = [r["credit"] for r in found.get(row.name, {}).values() if r.get("credit", {}).get("credit/zero_evidence_rate")
                 is not None]
         if not sums:
@@ -355,12 +380,12 @@ def mean_curve(curves: list[tuple[list, list]]) -> tuple[list, list]:
     return common, [float(v) for v in ys.mean(axis=0)] if common else []
 
 
-def plot(found: dict, path: str) -> None:
+def plot(found: dict, path: str, rows=ROWS) -> None:
     """results/ablation.png: reward and long-tail / in-distribution accuracy during RL, one line per RL row, shaded
     over seeds; results/ablation_alpha.png: alpha per edge type of the meta-controller rows."""
     panels = {"reward (training batch)": {}, "test_longtail accuracy (drift evaluations)": {},
               "test_id accuracy (drift evaluations)": {}}
-    for row in ROWS:
+    for row in rows:
         curves = [r["curves"] for r in found.get(row.name, {}).values() if "curves" in r]
         if not curves:
             continue
@@ -369,7 +394,7 @@ def plot(found: dict, path: str) -> None:
         panels["test_id accuracy (drift evaluations)"][row.title] = [c["test_id/accuracy"] for c in curves]
     evaluation.plot_panels(panels, path, xlabel="RL updates", smooth={"reward (training batch)": 10})
     alphas: dict[str, dict] = {}  # the Eq. 3 controller's alpha per edge type, rows with controller.mode=meta
-    for row in ROWS:
+    for row in rows:
         if "--controller.mode=meta" not in row.overrides:
             continue
         for r in found.get(row.name, {}).values():
@@ -381,13 +406,14 @@ def plot(found: dict, path: str) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--study", default="ablation", choices=list(STUDIES), help="which study (module docstring)")
     ap.add_argument("--config", default="configs/base.yaml", help="base config of every run")
-    ap.add_argument("--out", default="runs/ablation", help="directory of the run directories")
-    ap.add_argument("--results", default="results", help="where ablation.md and ablation.png go")
-    ap.add_argument("--seeds", default="0-7", help="seeds: 0-7 or 0,3,5")
+    ap.add_argument("--out", default="", help="directory of the run directories; default runs/<study>")
+    ap.add_argument("--results", default="results", help="where <study>.md and <study>.png go")
+    ap.add_argument("--seeds", default="", help="seeds: 0-7 or 0,3,5; default: the study's")
     ap.add_argument("--jobs", type=int, default=2, help="runs side by side (one torch thread each)")
-    ap.add_argument("--rows", default="", help="comma-separated row names (default: all)")
-    ap.add_argument("--rl-steps", type=int, default=60, help="RL steps of every RL row")
+    ap.add_argument("--rows", default="", help="comma-separated row names (default: the study's)")
+    ap.add_argument("--rl-steps", type=int, default=0, help="RL steps of every RL row; default: the study's")
     ap.add_argument("--eval-every", type=int, default=10, help="drift evaluation every N RL steps")
     ap.add_argument("--eval-items", type=int, default=500, help="items per test split in drift evaluations")
     ap.add_argument("--distill-steps", type=int, default=2000, help="student optimizer steps (row 12)")
@@ -395,32 +421,37 @@ def main(argv=None):
     ap.add_argument("--extra", nargs="*", default=[], help="overrides appended to every run (e.g. --extra=--eval.max_items=8)")
     ap.add_argument("--report-only", action="store_true", help="do not run anything; rebuild the report")
     args = ap.parse_args(argv)
-    args.seeds = parse_seeds(args.seeds)
+    study = STUDIES[args.study]
+    args.out = args.out or os.path.join("runs", study.name)
+    args.seeds = parse_seeds(args.seeds or study.seeds)
+    args.rl_steps = args.rl_steps or study.rl_steps
     args.rows = [r for r in args.rows.split(",") if r]
     for name in args.rows:
         if name not in BY_NAME:
             ap.error(f"--rows: unknown row {name!r} (rows: {', '.join(BY_NAME)})")
+    rows = [BY_NAME[n] for n in args.rows] if args.rows else list(study.rows)
     t0 = time.time()
     if not args.report_only:
         jobs = make_jobs(args)
-        subprocess.run([sys.executable, "data.py", args.config, f"--data.dir={os.path.join(args.out, 'data')}",
+        subprocess.run([sys.executable, "testbed.py", args.config, f"--data.dir={os.path.join(args.out, 'data')}",
                         *args.extra], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)  # once, before the runs
         print(f"{len(jobs)} runs, {sum(os.path.exists(j.eval_json) for j in jobs)} already finished", flush=True)
         counts = run_jobs(jobs, args.jobs)
         print(f"runs: {counts} in {(time.time() - t0) / 60:.1f} min", flush=True)
-    found = collect(args.out, args.seeds)
+    found = collect(args.out, args.seeds, rows)
     os.makedirs(args.results, exist_ok=True)
     command = f"python experiments/ablation.py {' '.join(argv if argv is not None else sys.argv[1:])}".strip()
     made_by = f"report of the runs under `{args.out}`, by `{command}`" if args.report_only else f"`{command}`"
-    header = (f"# Ablation ({made_by})\n\n"
+    header = (f"# Study '{study.name}': {study.what} ({made_by})\n\n"
               f"Base config `{args.config}`; RL rows: {args.rl_steps} steps; drift evaluations every "
               f"{args.eval_every} steps on the first {args.eval_items} items of each test split; seeds "
               f"{args.seeds}. Generated by the script; do not edit by hand.\n\n")
-    with open(os.path.join(args.results, "ablation.md"), "w") as f:
-        f.write(header + report(found))
-    print(report(found))
+    text = report(found, rows=rows)
+    with open(os.path.join(args.results, f"{study.name}.md"), "w") as f:
+        f.write(header + text)
+    print(text)
     try:
-        plot(found, os.path.join(args.results, "ablation.png"))
+        plot(found, os.path.join(args.results, f"{study.name}.png"), rows)
     except evaluation.PlotUnavailable as err:
         print(err)
 

@@ -6,7 +6,7 @@ lexical-overlap baseline, both scored on the real WANDS pairs (3 grades) with th
 
 Other arguments are overrides of configs/wands.yaml, e.g. --data.wands_dir=/path/to/WANDS/dataset (the full files).
 The policy reads the real text with the tokenizer of its training data: words that text lacks become <unk>, and
-the table reports their share (data.vocabulary keeps the real pairs' words out of the vocabulary).
+the table reports their share (testbed.vocabulary keeps the real pairs' words out of the vocabulary).
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import data  # noqa: E402
+import testbed  # noqa: E402
 import eval as evaluation  # noqa: E402
 import policy  # noqa: E402
 import sft_mask  # noqa: E402
@@ -35,8 +36,8 @@ STOPWORDS = {"a", "an", "and", "the", "for", "with", "in", "of", "to", "on", "by
 # Lexical-overlap baseline: a rule fixed before looking at any label, nothing fitted
 
 def content_words(text: str) -> list[str]:
-    """Lower-cased alphanumeric words, singular (data.singular), stopwords dropped, in order."""
-    return [data.singular(w) for w in re.findall(r"[^\W_]+", text.lower()) if w not in STOPWORDS]
+    """Lower-cased alphanumeric words, singular (testbed.singular), stopwords dropped, in order."""
+    return [testbed.singular(w) for w in re.findall(r"[^\W_]+", text.lower()) if w not in STOPWORDS]
 
 
 def lexical_label(query: str, product: str) -> int:
@@ -153,10 +154,11 @@ def main(argv=None):
     try:
         cfg = load_config(args.config, overrides)
         if args.convert:
-            exs = data.convert_wands(data.resolve_wands_dir(cfg.data.wands_dir), args.convert, cfg.data.wands_grades)
+            exs = testbed.convert_wands(testbed.resolve_wands_dir(cfg.data.wands_dir), args.convert, cfg.data.wands_grades)
             print(f"wrote {len(exs)} examples to {args.convert}")
             return
-        schema, splits = data.load_splits(cfg)
+        task = testbed.load_task(cfg)
+        schema, splits = task.schema, task.splits
     except (ConfigError, data.DataError, ValueError) as err:
         raise SystemExit(f"error: {err}")
     if cfg.run.num_threads:
@@ -170,12 +172,12 @@ def main(argv=None):
         print(f"# training the SFT policy -> {ckpt}")
         sft_mask.run_sft(cfg, sft_dir, print_table=False)
     device = policy.resolve_device(cfg.run.device)
-    model, tokenizer = policy.load_policy(ckpt, data.vocabulary(schema), dtype=cfg.run.dtype, device=device)
-    real = splits[data.WANDS_REAL_SPLIT]
+    model, tokenizer = policy.load_policy(ckpt, schema.words(), dtype=cfg.run.dtype, device=device)
+    real = splits[testbed.WANDS_REAL_SPLIT]
     synthetic = {s: splits[s] for s in ("test_id", "test_longtail")}
     vocab = data.TagVocab.from_tokenizer(tokenizer, schema)
     with policy.autocast(cfg.run.dtype, device):
-        synth = evaluation.evaluate_policy(model, tokenizer, schema, synthetic, cfg.eval, strict=False)
+        synth = evaluation.evaluate_policy(model, tokenizer, task, synthetic, cfg.eval)
         completions = evaluation.generate_greedy(model, tokenizer, real, cfg.eval.batch_size, cfg.eval.max_new_tokens,
                                                  strict=False)
     res_real = evaluation.score_completions(real, completions, vocab, schema)

@@ -16,6 +16,7 @@ from credit import (CreditBatch, EdgeController, baseline_credit, compute_advant
                     graph_node_advantages, group_own_evidence, lookahead_alpha_surrogate, node_advantages,
                     outcome_advantages, output_layer_grad, output_layer_token_dots, propagate_credit,
                     token_advantages, topological_order, verifier_evidence, zero_std_groups)
+from graph_grpo import aggregate_loss, aggregation_weights  # noqa: E402  (the trainer's loss aggregation)
 
 f64 = torch.float64
 EPS = 1e-4
@@ -524,7 +525,8 @@ def eq3_toy(seed=0):
     h = torch.randn(B, T, H, generator=g, dtype=f64)
     tokens = torch.randint(0, V, (B, T), generator=g)
     mask = torch.ones(B, T, dtype=f64)
-    mask[3, 6] = 0.  # a padded position
+    mask[3, 6] = 0.  # padded positions: rows of different lengths (seq_mean aggregations weigh them differently)
+    mask[0, 4:] = mask[5, 2:] = 0.
     # held-out main batch with outcome advantages
     hm = torch.randn(B, Tm, H, generator=g, dtype=f64)
     tokm = torch.randint(0, V, (B, Tm), generator=g)
@@ -536,22 +538,23 @@ def eq3_graph_adv(toy, alpha):
     return compute_advantages(toy["b"], num_tokens=toy["T"], evidence="group", alpha=alpha)[0]
 
 
-def eq3_main_loss_after_step(toy, alpha, eta):
-    """L_main(theta') with theta' = theta - eta grad L_graph(theta; alpha); ratios against the sampling W."""
-    W, temp = toy["W"], toy["temp"]
+def eq3_main_loss_after_step(toy, alpha, eta, aggregation="token_mean"):
+    """L_main(theta') with theta' = theta - eta grad L_graph(theta; alpha), L_graph aggregated as the trainer's loss
+    (graph_grpo.aggregate_loss); ratios against the sampling W."""
+    W, temp, mask = toy["W"], toy["temp"], toy["mask"]
     A = eq3_graph_adv(toy, alpha).detach()
     Wv = W.clone().requires_grad_()
     lp = log_pi(toy["h"] @ Wv.T, toy["tokens"], temp)
     old = log_pi(toy["h"] @ W.T, toy["tokens"], temp)
-    n = toy["mask"].sum()
-    L_graph = -(A * torch.exp(lp - old) * toy["mask"]).sum() / n
+    L_graph = aggregate_loss(-A * torch.exp(lp - old), mask, aggregation, float(mask.sum()), float(mask.shape[0]),
+                             toy["T"])
     W_new = W - eta * torch.autograd.grad(L_graph, Wv)[0]
     lp_m = log_pi(toy["hm"] @ W_new.T, toy["tokm"], temp)
     old_m = log_pi(toy["hm"] @ W.T, toy["tokm"], temp)  # the sampling policy theta, not theta'
     return -(toy["Am"] * torch.exp(lp_m - old_m)).mean()
 
 
-def eq3_analytic(toy, alpha, eta):
+def eq3_analytic(toy, alpha, eta, weights):
     W, temp = toy["W"], toy["temp"]
     logits_m = (toy["hm"] @ W.T).requires_grad_()
     lp = log_pi(logits_m, toy["tokm"], temp)
@@ -559,23 +562,45 @@ def eq3_analytic(toy, alpha, eta):
     G_W = output_layer_grad(toy["hm"], torch.autograd.grad(L_main, logits_m)[0])
     d = output_layer_token_dots(toy["h"], toy["h"] @ W.T, toy["tokens"], G_W, temp)
     a = alpha.clone().requires_grad_()
-    s = lookahead_alpha_surrogate(eq3_graph_adv(toy, a), d, toy["mask"], eta, toy["mask"].sum())
+    s = lookahead_alpha_surrogate(eq3_graph_adv(toy, a), d, weights, eta)
     return torch.autograd.grad(s, a)[0]
 
 
-def test_eq3_matches_finite_difference_of_main_loss_after_graph_step():
-    """Eq. 3 vs a central difference of L_main(theta'(alpha)); the gap is the O(eta^2) look-ahead error."""
-    toy = eq3_toy()
-    alpha, h = t([.6, .3]), 1e-3
+def eq3_relative_errors(toy, alpha, aggregation, weights, etas=(1e-2, 1e-3), h=1e-3):
     errors = {}
-    for eta in (1e-2, 1e-3):
-        fd = torch.stack([(eq3_main_loss_after_step(toy, alpha + h * e, eta) -
-                           eq3_main_loss_after_step(toy, alpha - h * e, eta)) / (2 * h) for e in torch.eye(2, dtype=f64)])
-        an = eq3_analytic(toy, alpha, eta)
+    for eta in etas:
+        fd = torch.stack([(eq3_main_loss_after_step(toy, alpha + h * e, eta, aggregation) -
+                           eq3_main_loss_after_step(toy, alpha - h * e, eta, aggregation)) / (2 * h)
+                          for e in torch.eye(len(alpha), dtype=f64)])
+        an = eq3_analytic(toy, alpha, eta, weights)
         assert (an.abs() > 1e-6 * eta).all()  # the toy has signal on both edge types
         errors[eta] = ((an - fd).abs() / fd.abs()).max().item()
+    return errors
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
+def test_eq3_matches_finite_difference_of_main_loss_after_graph_step(aggregation):
+    """Eq. 3 (d_t weighted by each token's aggregation weight) vs a central difference of L_main(theta'(alpha))
+    under every aggregation of the policy loss; the gap is the O(eta^2) look-ahead error."""
+    toy = eq3_toy()
+    mask, alpha = toy["mask"], t([.6, .3])
+    weights = aggregation_weights(mask, aggregation, float(mask.sum()), float(mask.shape[0]), toy["T"])
+    errors = eq3_relative_errors(toy, alpha, aggregation, weights)
     assert errors[1e-3] < 1e-3       # three digits, as DESIGN section 5 reports
     assert errors[1e-3] < errors[1e-2] / 5  # and the gap shrinks with eta: first order
+    if aggregation == "seq_mean_token_mean":  # uniform 1/N weights (the old surrogate) are wrong here, at any eta
+        uniform = eq3_relative_errors(toy, alpha, aggregation, mask / mask.sum(), etas=(1e-3,))
+        assert uniform[1e-3] > 0.05
+
+
+def test_aggregation_weights_give_the_aggregated_loss():
+    g = torch.Generator().manual_seed(1)
+    per_token = torch.randn(5, 6, generator=g, dtype=f64)
+    mask = (torch.rand(5, 6, generator=g) < 0.7).to(f64)
+    mask[:, 0] = 1.
+    for agg in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"):
+        w = aggregation_weights(mask, agg, 40.0, 7.0, 6)
+        close((per_token * w).sum(), aggregate_loss(per_token, mask, agg, 40.0, 7.0, 6))
 
 
 # -----------------------------------------------------------------------------
@@ -657,7 +682,7 @@ def test_learned_trust_weight_falls_when_the_verifier_is_mostly_wrong():
         d = output_layer_token_dots(hid, hid @ W.T, tok, G_W, 1.0)
         A, _ = compute_advantages(b, num_tokens=3, evidence="both", gate="rule",
                                   alpha=ctl.alpha(), verifier_weights=ctl.verifier_weights())
-        s = lookahead_alpha_surrogate(A, d, torch.ones_like(d), eta, d.numel())
+        s = lookahead_alpha_surrogate(A, d, torch.ones_like(d) / d.numel(), eta)
         grad_phi, grad_psi = ctl.gradients(s)
         ctl.accumulate(grad_phi, grad_psi)
     assert ctl.n_windows == 6
@@ -868,7 +893,7 @@ def test_bandit_meta_controller_raises_alpha_where_keys_hide_a_distinction():
         G_W = output_layer_grad(hid_m, torch.autograd.grad(L_main, logits_m)[0])
         d = output_layer_token_dots(hid, hid @ W.T, tok, G_W, 1.0)
         A, _ = compute_advantages(b, num_tokens=3, evidence="group", alpha=ctl.alpha())
-        grad_phi, _ = ctl.gradients(lookahead_alpha_surrogate(A, d, torch.ones_like(d), eta, d.numel()))
+        grad_phi, _ = ctl.gradients(lookahead_alpha_surrogate(A, d, torch.ones_like(d) / d.numel(), eta))
         moves.append(grad_phi.detach())
         ctl.accumulate(grad_phi)
     g_all = torch.stack(moves)
@@ -898,9 +923,14 @@ def test_compute_advantages_on_every_available_device_and_dtype(device, dtype):
     assert tok.device.type == device and tok.dtype == dtype
     torch.testing.assert_close(tok.double().cpu(), ref.detach(), atol=1e-5, rtol=1e-5)
     assert stats["credit/key_repeat_rate"] == ref_stats["credit/key_repeat_rate"]
-    d = torch.randn(tok.shape, device=device, dtype=dtype)
-    gp, gw = ctl.gradients(lookahead_alpha_surrogate(tok, d, torch.ones_like(d), 1e-3, d.numel()))
-    assert gp.device.type == "cpu" and gw.shape == (2,)
+    d = torch.randn(tok.shape, generator=torch.Generator().manual_seed(3), dtype=f64)
+    w = torch.ones_like(d) / d.numel()
+    gp, gw = ctl.gradients(lookahead_alpha_surrogate(tok, d.to(device, dtype), w.to(device, dtype), 1e-3))
+    want_p, want_w = ctl.gradients(lookahead_alpha_surrogate(ref, d, w, 1e-3))  # CPU float64 reference
+    assert gp.device.type == "cpu" and gp.dtype == f64 and gw.shape == (2,)
+    assert want_p.abs().max() > 0 and want_w.abs().max() > 0
+    torch.testing.assert_close(gp, want_p, rtol=1e-4 if dtype == torch.float32 else 1e-12, atol=1e-12)
+    torch.testing.assert_close(gw, want_w, rtol=1e-4 if dtype == torch.float32 else 1e-12, atol=1e-12)
 
 
 # -----------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import data
 import distill
 import eval as evaluation
 import policy
+import testbed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEMA = data.GraphSchema()
@@ -88,7 +89,7 @@ def test_distill_loss_hand_numbers_two_classes():
 # teacher signals
 
 def _teacher():
-    tok = policy.build_word_tokenizer(data.vocabulary(SCHEMA))
+    tok = policy.build_word_tokenizer(testbed.vocabulary(SCHEMA))
     model = policy.build_tiny_model(len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, hidden_size=32,
                                     num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64, seed=3)
     return model.eval(), tok
@@ -97,7 +98,7 @@ def _teacher():
 def _hand_completions(tok):
     """Three examples with known CoTs: complete; one facet node dropped (-> absent); one facet node broken (no
     verdict) and no label node. Words map one to one to tokens, so word index = token index."""
-    exs = [ex for ex in data.generate_splits(SCHEMA, 7, 40, 0, 0, 0, 0.0, 0.5)["sft"] if len(ex.nodes) >= 3][:3]
+    exs = [ex for ex in testbed.generate_splits(SCHEMA, 7, 40, 0, 0, 0, 0.0, 0.5)["sft"] if len(ex.nodes) >= 3][:3]
     texts = []
     for i, ex in enumerate(exs):
         cot = dict(ex.cot)
@@ -181,7 +182,7 @@ def _student_cfg(**kw):
 
 def test_student_save_load_round_trip_and_score_pairs(tmp_path):
     schema = data.GraphSchema(facets=("brand", "color"))
-    words = data.vocabulary(schema)
+    words = testbed.vocabulary(schema)
     model, tok = distill.build_student(_student_cfg(), distill.head_classes(schema), words, seed=1)
     pairs = [("nike red sneakers", "nike sneakers color red size us_9"), ("sofa", "ikea sofa color grey size 200_cm"),
              ("cheap adidas", "adidas classic running_shoes color black size us_8 with red trim")]
@@ -242,13 +243,13 @@ def test_distill_script_smoke_run_writes_student_and_reuses_the_teacher_cache(tm
 
     out = run()
     student = tmp_path / "student"
-    assert (student / "graph_heads.pt").exists() and (student / "config.json").exists()
+    assert (student / "checkpoint" / "graph_heads.pt").exists() and (student / "checkpoint" / "config.json").exists()
     assert "| test_id " in out and "| test_longtail " in out and "student" in out and "teacher" in out
     res = json.load(open(student / "eval.json"))
     # the teacher's numbers are eval.py's on the same greedy CoTs
-    schema, splits = data.load_splits(cfg)
-    model, tok = policy.load_policy(ckpt, data.vocabulary(schema), device="cpu")
-    ref = evaluation.evaluate_policy(model, tok, schema, {"test_id": splits["test_id"]}, cfg.eval, strict=True)
+    task = testbed.load_task(cfg)
+    model, tok = policy.load_policy(ckpt, task.schema.words(), device="cpu")
+    ref = evaluation.evaluate_policy(model, tok, task, {"test_id": task.splits["test_id"]}, cfg.eval)
     for key in ("accuracy", "macro_f1", "format_valid"):
         assert res["teacher"]["test_id"][key] == ref["test_id"][key]
     assert set(res["student"]) == {"test_id", "test_longtail"}
@@ -260,5 +261,6 @@ def test_distill_script_smoke_run_writes_student_and_reuses_the_teacher_cache(tm
     assert cache.stat().st_mtime_ns == stamp
     loaded, ltok = distill.load_student(str(tmp_path / "label_only"))
     assert list(loaded.classes) == ["y"]
-    scored = distill.score_pairs(loaded, ltok, [(splits["test_id"][0].query, splits["test_id"][0].product)])
+    ex = task.splits["test_id"][0]
+    scored = distill.score_pairs(loaded, ltok, [(ex.query, ex.product)])
     assert scored[0]["facets"] == {} and 0.0 <= scored[0]["relevance"] <= 3.0

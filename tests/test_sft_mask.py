@@ -5,14 +5,15 @@ import torch
 
 import data
 import policy
+import testbed
 import sft_mask
 
 SCHEMA = data.GraphSchema()
 
 
 def _items(n=200, seed=3):
-    splits = data.generate_splits(SCHEMA, seed, n, 0, 0, 0, 0.05, 0.5)
-    tok = policy.build_word_tokenizer(data.vocabulary(SCHEMA))
+    splits = testbed.generate_splits(SCHEMA, seed, n, 0, 0, 0, 0.05, 0.5)
+    tok = policy.build_word_tokenizer(testbed.vocabulary(SCHEMA))
     return tok, sft_mask.encode_sft_examples(splits["sft"], tok, SCHEMA, strict=True)
 
 
@@ -84,7 +85,7 @@ def test_sft_starts_from_a_local_hf_checkpoint_through_model_name_or_path(tmp_pa
     lacks the graph tags gets them added as single tokens, then trains."""
     from transformers import LlamaConfig, LlamaForCausalLM
     schema = data.GraphSchema()
-    words = [w for w in data.vocabulary(schema) if not w.startswith("<")]   # no tags: the loader must add them
+    words = [w for w in testbed.vocabulary(schema) if not w.startswith("<")]   # no tags: the loader must add them
     tok = policy.build_word_tokenizer(words)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,

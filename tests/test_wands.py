@@ -10,10 +10,11 @@ import pytest
 
 import data
 import policy
+import testbed
 from config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WANDS = data.resolve_wands_dir("../shared/data/wands_mini")
+WANDS = testbed.resolve_wands_dir("../shared/data/wands_mini")
 GRADES = ("Irrelevant", "Partial", "Exact")
 needs_wands = pytest.mark.skipif(not os.path.isdir(WANDS), reason=f"WANDS mini data not found at {WANDS}")
 
@@ -30,15 +31,15 @@ SCHEMA3 = data.GraphSchema.from_config(Graph, ["irrelevant", "partial", "exact"]
 def real():
     if not os.path.isdir(WANDS):
         pytest.skip(f"WANDS mini data not found at {WANDS}")
-    return data.wands_examples(WANDS, GRADES)
+    return testbed.wands_examples(WANDS, GRADES)
 
 
 @pytest.fixture(scope="module")
 def wands_splits():
     if not os.path.isdir(WANDS):
         pytest.skip(f"WANDS mini data not found at {WANDS}")
-    cat = data.wands_catalogue(data.read_wands(WANDS)[1])
-    return cat, data.generate_splits(SCHEMA3, 5, 150, 150, 60, 60, 0.05, 0.5, False, cat)
+    cat = testbed.wands_catalogue(testbed.read_wands(WANDS)[1])
+    return cat, testbed.generate_splits(SCHEMA3, 5, 150, 150, 60, 60, 0.05, 0.5, False, cat)
 
 
 # --- the converter ---------------------------------------------------------------------------------------
@@ -54,14 +55,14 @@ def test_converter_counts_match_stats_json(real, tmp_path):
     assert Counter(ex.label for ex in real) == {2: 42, 1: 155, 0: 99}
     assert all(ex.cot is None and ex.nodes is None and ex.meta["vocab"] is False for ex in real)  # label-only
     out = tmp_path / "wands.jsonl"
-    data.convert_wands(WANDS, str(out), GRADES)
+    testbed.convert_wands(WANDS, str(out), GRADES)
     back = data.load_jsonl(str(out), 3, SCHEMA3)
     assert [e.to_json() for e in back] == [e.to_json() for e in real]
 
 
 @needs_wands
 def test_label_mapping_follows_the_label_and_grade_columns(real):
-    rows = data.read_wands_table(os.path.join(WANDS, "label.csv"))
+    rows = testbed.read_wands_table(os.path.join(WANDS, "label.csv"))
     assert len(rows) == len(real)
     for (_, row), ex in zip(rows, real):
         assert ex.label == GRADES.index(row["label"]) == int(row["grade"])
@@ -71,7 +72,7 @@ def test_label_mapping_follows_the_label_and_grade_columns(real):
     # the label scale comes from the config (data.wands_grades); one that contradicts the files' grade column
     # is refused rather than silently reversing the labels
     with pytest.raises(data.DataError, match=r"label\.csv:\d+: column 'grade' = '\d' disagrees"):
-        data.wands_examples(WANDS, GRADES[::-1])
+        testbed.wands_examples(WANDS, GRADES[::-1])
 
 
 def _broken_copy(tmp_path, name, line, edit):
@@ -100,7 +101,7 @@ def _broken_copy(tmp_path, name, line, edit):
 def test_malformed_row_names_file_line_and_column(tmp_path, name, line, edit, column):
     d, path = _broken_copy(tmp_path, name, line, edit)
     with pytest.raises(data.DataError) as err:
-        data.wands_examples(d, GRADES)
+        testbed.wands_examples(d, GRADES)
     msg = str(err.value)
     assert msg.startswith(f"{path}:{line}: ") and column in msg and "\n" not in msg
 
@@ -109,9 +110,9 @@ def test_malformed_row_names_file_line_and_column(tmp_path, name, line, edit, co
 def test_missing_header_column_and_missing_file(tmp_path):
     d, path = _broken_copy(tmp_path, "label.csv", 1, lambda s: s.replace("product_id", "item_id"))
     with pytest.raises(data.DataError, match=r"label\.csv:1: header lacks column 'product_id'"):
-        data.wands_examples(d, GRADES)
+        testbed.wands_examples(d, GRADES)
     with pytest.raises(data.DataError, match="no such file"):
-        data.wands_examples(str(tmp_path / "nowhere"), GRADES)
+        testbed.wands_examples(str(tmp_path / "nowhere"), GRADES)
 
 
 # --- the label scale -------------------------------------------------------------------------------------
@@ -124,12 +125,12 @@ def test_label_rule_is_checked_and_the_default_is_unchanged():
             data.check_label_rule(rule, n)
     cases = [{"category": "mismatch", "brand": "match"}, {"category": "match", "size": "mismatch"},
              {"category": "partial", "color": "match"}, {"category": "match", "color": "match"}]
+    schema3 = data.GraphSchema(label_names=("irrelevant", "partial", "exact"), label_rule=(0, 1, 1, 2))
     assert [data.label_from_verdicts(v) for v in cases] == [0, 1, 2, 3]
-    assert [data.label_from_verdicts(v, (0, 1, 2, 3)) for v in cases] == [0, 1, 2, 3]
-    assert [data.label_from_verdicts(v, SCHEMA3.label_rule) for v in cases] == [0, 1, 1, 2]
+    assert [schema3.label_from_verdicts(v) for v in cases] == [0, 1, 1, 2]
     # with 3 levels a brand mismatch next to a colour partial no longer decides the label
     v = {"category": "match", "brand": "mismatch", "color": "partial"}
-    assert data.label_dependence(v)["brand"] and not data.label_dependence(v, SCHEMA3.label_rule)["brand"]
+    assert data.DEFAULT_SCHEMA.label_dependence(v)["brand"] and not schema3.label_dependence(v)["brand"]
 
 
 # --- the WANDS-built catalogue and testbed ---------------------------------------------------------------
@@ -139,35 +140,35 @@ def test_wands_testbed_examples_parse_and_use_three_levels(wands_splits):
     assert set(cat.facet_names.values()) == set(SCHEMA3.facets)
     assert "chair" in cat.leaf_group and "modern" in cat.brand_domain  # from product classes and style facets
     examples = [ex for exs in splits.values() for ex in exs]
-    tok = policy.build_word_tokenizer(data.vocabulary(SCHEMA3, examples))
+    tok = policy.build_word_tokenizer(testbed.vocabulary(SCHEMA3, examples))
     vocab = data.TagVocab.from_tokenizer(tok, SCHEMA3)
     for name, exs in splits.items():
         assert Counter(ex.label for ex in exs).keys() == {0, 1, 2}, name
     for ex in examples:
         assert set(ex.nodes) <= set(SCHEMA3.facets)
-        assert ex.label == data.label_from_verdicts(ex.nodes, SCHEMA3.label_rule)
+        assert ex.label == SCHEMA3.label_from_verdicts(ex.nodes)
         ids = policy.encode(tok, data.serialize_cot(ex.cot, SCHEMA3), strict=True)
         policy.encode(tok, data.format_prompt(ex.query, ex.product), strict=True)
         parsed = data.parse_completion(ids, vocab, SCHEMA3)
         assert parsed.valid and parsed.consistent and parsed.label == ex.label, (ex.to_json(), parsed.problems)
         assert parsed.verdicts == ex.nodes
-        assert all(cat.compare(f, *parsed.nodes[f"f:{f}"].content[:2]) == v for f, v in ex.nodes.items())
+        assert all(cat.compare(f, *dict(parsed.nodes[f"f:{f}"].content.parts)[f][:2]) == v for f, v in ex.nodes.items())
     kinds = Counter(ex.meta["longtail"] for ex in splits["test_longtail"])
     assert {"brand_alias", "color_synonym", "size_unit"} <= set(kinds)
 
 
 def test_default_catalogue_is_the_hand_made_one():
-    cat = data.Catalogue()
-    assert cat.facet_names == {f: f for f in data.FACETS} and cat.category_tree is data.CATEGORY_TREE
+    cat = testbed.Catalogue()
+    assert cat.facet_names == {f: f for f in data.FACETS} and cat.category_tree is testbed.CATEGORY_TREE
     with pytest.raises(ValueError, match="graph.facets"):
-        data.generate_splits(SCHEMA3, 1, 2, 0, 0, 0, 0.0, 0.5)  # style is not a facet of the default catalogue
+        testbed.generate_splits(SCHEMA3, 1, 2, 0, 0, 0, 0.0, 0.5)  # style is not a facet of the default catalogue
 
 
 @needs_wands
 def test_real_words_stay_out_of_the_vocabulary(real, wands_splits):
     _, splits = wands_splits
-    words = set(data.vocabulary(SCHEMA3, list(splits["sft"]) + real))
-    assert words == set(data.vocabulary(SCHEMA3, splits["sft"]))
+    words = set(testbed.vocabulary(SCHEMA3, list(splits["sft"]) + real))
+    assert words == set(testbed.vocabulary(SCHEMA3, splits["sft"]))
     assert "salon" not in words and "chair" in words
 
 
@@ -178,8 +179,9 @@ def test_wands_config_loads_the_real_split(tmp_path, monkeypatch):
                       [f"--data.dir={tmp_path}", "--data.n_sft=30", "--data.n_rl=30", "--data.n_test_id=20",
                        "--data.n_test_longtail=20"])
     assert cfg.data.source == "wands" and cfg.data.label_rule == [0, 1, 1, 2]
-    schema, splits = data.load_splits(cfg)
-    assert data.test_split_names(splits) == ["test_id", "test_longtail", data.WANDS_REAL_SPLIT]
+    task = testbed.load_task(cfg)
+    schema, splits = task.schema, task.splits
+    assert list(task.tests) == ["test_id", "test_longtail", testbed.WANDS_REAL_SPLIT] and not task.strict
     assert len(splits["wands"]) == 296 and schema.label_names == ("irrelevant", "partial", "exact")
     assert all(ex.cot is not None for ex in splits["sft"])
 
