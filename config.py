@@ -173,11 +173,13 @@ class MaskConfig:
     """CoT random masking during SFT (DESIGN section 9)."""
 
     enabled: bool = True
-    """corrupt the CoT input side with mask tokens; the targets stay the originals"""
+    """CoT random masking on (false: plain SFT)"""
+    kind: Literal["input", "loss", "both"] = "input"
+    """input: masked positions become the mask token in the input, the targets stay (ours); loss: masked positions leave the loss, the label always stays (the paper's label-priority masking); both: independent draws of each"""
     p_node: float = 0.15
-    """probability that a whole node span is masked (the label span never is)"""
+    """probability that a whole node's content is masked (the label node's never is; tags never are)"""
     p_tok: float = 0.05
-    """probability that a single CoT token is masked"""
+    """probability that a single CoT content token is masked"""
 
 
 @dataclass

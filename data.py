@@ -313,6 +313,10 @@ class Verdict:
     verdict: str
     parts: tuple[tuple[str, tuple[str, str, str]], ...]
 
+    @property
+    def facet_verdicts(self) -> dict[str, str]:
+        return {f: c[2] for f, c in self.parts}
+
 
 @dataclass
 class NodeSpan:
@@ -341,7 +345,7 @@ class ParsedCoT:
         if not self.valid:
             return False
         s = self.schema
-        pooled_ok = all(v == s.pool(n, dict(self.nodes[n].content.parts)) for n, v in self.node_verdicts.items()
+        pooled_ok = all(v == s.pool(n, self.nodes[n].content.facet_verdicts) for n, v in self.node_verdicts.items()
                         if s.slot_info[n].pooled)
         return pooled_ok and self.label == s.label_from_verdicts(self.node_verdicts, by_slot=True)
 
@@ -482,7 +486,7 @@ def parse_completion(ids: Sequence[int], vocab: TagVocab, schema: GraphSchema) -
     for name, span in out.nodes.items():
         if info[name].type.role == "verdict" and not span.broken:
             out.node_verdicts[name] = span.content.verdict
-            out.verdicts.update({f: c[2] for f, c in span.content.parts})
+            out.verdicts.update(span.content.facet_verdicts)
     if out.ok(schema.label_slot):
         out.label = out.nodes[schema.label_slot].content
     out.valid = not out.problems and bool(asked) and out.ok(schema.label_slot)

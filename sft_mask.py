@@ -75,24 +75,35 @@ def encode_sft_examples(examples, tokenizer, schema, strict: bool):
 
 
 def sft_batch(items, tokenizer, mask_cfg, gen: torch.Generator, label: str = "y"):
-    """-> input_ids (masked inputs), attention_mask, targets (the original ids), completion_mask; all (B, L)."""
+    """-> input_ids, attention_mask, targets (the original ids), completion_mask, loss_mask; all (B, L).
+
+    mask.kind (DESIGN §9): 'input' replaces the drawn positions of the input by the mask token (the targets stay
+    the originals: the model learns later steps from imperfect earlier ones); 'loss' drops the drawn positions from
+    the loss (the paper's label-priority masking: the label is always supervised); 'both' draws each independently.
+    Positions come from cot_mask_positions: never a tag, never the label node."""
     prompts, completions = [p for p, _, _ in items], [c for _, c, _ in items]
     input_ids, attn, comp_mask = policy.build_sequences(prompts, completions, tokenizer.pad_token_id)
-    targets = input_ids.clone()
+    targets, loss_mask = input_ids.clone(), comp_mask.clone()
     if mask_cfg.enabled:
         mask_id = tokenizer.convert_tokens_to_ids(policy.SPECIAL_TOKENS["mask_token"])
         for b, (prompt, completion, spans) in enumerate(items):
-            pos = cot_mask_positions(spans, len(completion), mask_cfg.p_node, mask_cfg.p_tok, gen, label)
-            start = int(comp_mask[b].nonzero()[0])
-            row = input_ids[b, start:start + len(completion)]
-            input_ids[b, start:start + len(completion)] = torch.where(pos, torch.full_like(row, mask_id), row)
-    return input_ids, attn, targets, comp_mask
+            start, end = int(comp_mask[b].nonzero()[0]), int(comp_mask[b].nonzero()[0]) + len(completion)
+            draw = lambda: cot_mask_positions(spans, len(completion), mask_cfg.p_node, mask_cfg.p_tok, gen, label)  # noqa: E731
+            if mask_cfg.kind in ("input", "both"):
+                pos = draw()
+                input_ids[b, start:end] = torch.where(pos, torch.full_like(input_ids[b, start:end], mask_id),
+                                                      input_ids[b, start:end])
+            if mask_cfg.kind in ("loss", "both"):
+                loss_mask[b, start:end] &= ~draw()
+    return input_ids, attn, targets, comp_mask, loss_mask
 
 
-def completion_loss(model, input_ids, attn, targets, comp_mask) -> torch.Tensor:
-    """Token-mean cross-entropy of the original completion tokens given the (possibly masked) inputs."""
+def completion_loss(model, input_ids, attn, targets, comp_mask, loss_mask=None) -> torch.Tensor:
+    """Token-mean cross-entropy of the original completion tokens given the (possibly masked) inputs, over the
+    positions loss_mask keeps (default: every completion token)."""
+    loss_mask = comp_mask if loss_mask is None else loss_mask
     logp = policy.token_logprobs(model, input_ids, attn, comp_mask, 1.0, targets=targets).logprobs
-    return -(logp * comp_mask).sum() / comp_mask.sum()
+    return -(logp * loss_mask).sum() / loss_mask.sum()
 
 
 def lr_at(step: int, total: int, warmup: int, lr: float) -> float:
@@ -126,12 +137,12 @@ def train_sft(cfg, out_dir: str, show_progress: bool = True) -> str:
     t0, tokens = time.time(), 0
     for step in bar:
         idx = torch.randint(len(items), (cfg.sft.batch_size,), generator=gen).tolist()
-        input_ids, attn, targets, comp = [t.to(device) for t in sft_batch([items[i] for i in idx], tokenizer, cfg.mask,
-                                                                          gen, schema.label_slot)]
+        input_ids, attn, targets, comp, keep = [t.to(device) for t in sft_batch([items[i] for i in idx], tokenizer,
+                                                                                cfg.mask, gen, schema.label_slot)]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.sft.steps, cfg.sft.warmup, cfg.sft.lr)
         with policy.autocast(cfg.run.dtype, device):
-            loss = completion_loss(model, input_ids, attn, targets, comp)
+            loss = completion_loss(model, input_ids, attn, targets, comp, keep)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.sft.grad_clip or float("inf"))  # 0: no clip

@@ -49,6 +49,8 @@ class Row:
     """config overrides of this row only"""
     max_seeds: int = 0
     """run only the first N seeds (0: all); supplementary rows"""
+    config: str = ""
+    """the row's config file (the paper's graph: configs/paper.yaml); empty: the study's --config"""
 
 
 GRPO = ("--credit.mode=outcome", "--controller.mode=fixed")
@@ -83,13 +85,21 @@ ROWS = (
     Row("graph_meta_loo", "8'. + Graph-GRPO, meta, leave-one-out V", "rl", "sft_masked",
         GRAPH_META + ("--credit.value=leave_one_out",)),
 )
-MASKING_ROWS = (ROWS[0], ROWS[1])
+PAPER = "configs/paper.yaml"
+MASKING_ROWS = (ROWS[0], ROWS[1],
+                Row("sft_loss", "SFT, loss-side masking (label-priority)", "sft", None, ("--mask.kind=loss",)),
+                Row("sft_both", "SFT, input + loss masking", "sft", None, ("--mask.kind=both",)),
+                Row("paper_sft_plain", "paper graph: SFT, no masking", "sft", None, ("--mask.enabled=false",), config=PAPER),
+                Row("paper_sft_input", "paper graph: SFT, input masking", "sft", None, ("--mask.kind=input",), config=PAPER),
+                Row("paper_sft_loss", "paper graph: SFT, loss-side masking (its default)", "sft", None,
+                    ("--mask.kind=loss",), config=PAPER),
+                Row("paper_sft_both", "paper graph: SFT, input + loss masking", "sft", None, ("--mask.kind=both",),
+                    config=PAPER))
 MODES_ROWS = (ROWS[1],) + tuple(r for r in ROWS if r.name in ("grpo", "process", "agrl", "she", "graph_fixed", "graph_meta"))
+# An RL budget with room (issue 14): outcome GRPO at longer budgets, with and without a KL anchor to the SFT policy.
 REACH_ROWS = (ROWS[1], ROWS[2],
-              Row("grpo_lr2e-4", "+ GRPO, lr 2e-4", "rl", "sft_masked", GRPO + ("--rl.lr=2e-4",)),
-              Row("grpo_g16", "+ GRPO, G = 16, 8 prompts", "rl", "sft_masked",
-                  GRPO + ("--rl.num_generations=16", "--rl.prompts_per_step=8")),
-              Row("grpo_t13", "+ GRPO, temperature 1.3", "rl", "sft_masked", GRPO + ("--rl.temperature=1.3",)))
+              Row("grpo_kl04", "+ GRPO, KL beta 0.04", "rl", "sft_masked", GRPO + ("--rl.beta=0.04",)),
+              Row("grpo_kl1", "+ GRPO, KL beta 0.1", "rl", "sft_masked", GRPO + ("--rl.beta=0.1",)))
 # Paired claims of a study: (row A, row B, split, metric, text); A minus B per seed.
 CLAIMS = (("graph_meta", "grpo", "test_longtail", "macro_f1", "graph-meta vs GRPO, lt macro-F1"),
           ("graph_meta", "graph_fixed", "test_longtail", "macro_f1", "graph-meta vs graph-fixed, lt macro-F1"),
@@ -99,7 +109,13 @@ CLAIMS = (("graph_meta", "grpo", "test_longtail", "macro_f1", "graph-meta vs GRP
           ("graph_meta_both", "grpo", "test_id", "macro_f1", "graph-meta with verifier evidence vs GRPO, id macro-F1"),
           ("graph_meta_loo", "graph_meta", "test_longtail", "macro_f1", "leave-one-out V vs DESIGN's V (graph-meta), lt macro-F1"),
           ("sft_masked", "sft_plain", "test_longtail", "macro_f1", "masked vs plain SFT, lt macro-F1"),
-          ("sft_masked", "sft_plain", "test_id", "macro_f1", "masked vs plain SFT, id macro-F1"))
+          ("sft_masked", "sft_plain", "test_id", "macro_f1", "masked vs plain SFT, id macro-F1"),
+          ("sft_loss", "sft_masked", "test_longtail", "macro_f1", "loss vs input masking (ours), lt macro-F1"),
+          ("sft_loss", "sft_masked", "test_id", "macro_f1", "loss vs input masking (ours), id macro-F1"),
+          ("paper_sft_loss", "paper_sft_input", "test_longtail", "macro_f1", "loss vs input masking (paper graph), lt macro-F1"),
+          ("paper_sft_loss", "paper_sft_input", "test_id", "macro_f1", "loss vs input masking (paper graph), id macro-F1"),
+          ("paper_sft_input", "sft_masked", "test_longtail", "macro_f1", "paper vs our graph, input-masked SFT, lt macro-F1"),
+          ("paper_sft_input", "sft_masked", "test_id", "macro_f1", "paper vs our graph, input-masked SFT, id macro-F1"))
 
 
 @dataclass(frozen=True)
@@ -115,7 +131,7 @@ STUDIES = {s.name: s for s in (
     Study("ablation", ROWS, what="every row of the paper's ablation in miniature"),
     Study("masking", MASKING_ROWS, seeds="0-2", what="SFT with vs without CoT random masking"),
     Study("modes", MODES_ROWS, seeds="0-2", rl_steps=70, what="the credit modes side by side (a first comparison)"),
-    Study("reach", REACH_ROWS, seeds="0-1", rl_steps=120, what="can outcome RL move the long tail at this budget"),
+    Study("reach", REACH_ROWS, seeds="0-3", rl_steps=200, what="can outcome RL move the long tail at this budget"),
 )}
 BY_NAME = {r.name: r for st in STUDIES.values() for r in st.rows}
 SCRIPTS = {"sft": "sft_mask.py", "rl": "graph_grpo.py", "distill": "distill.py"}
@@ -155,7 +171,7 @@ def make_jobs(args) -> list[Job]:
         if row.max_seeds and seed not in args.seeds[:row.max_seeds]:
             continue
         d = run_dir(args.out, row, seed)
-        base = [sys.executable, SCRIPTS[row.kind], args.config, *common, f"--run.seed={seed}"]
+        base = [sys.executable, SCRIPTS[row.kind], row.config or args.config, *common, f"--run.seed={seed}"]
         if row.kind == "sft":
             cmd, deps = base + [f"--run.out_dir={d}"], []
         elif row.kind == "rl":

@@ -29,9 +29,9 @@ def test_sft_steps_under_bf16_autocast_have_finite_loss_and_gradients(setup):
     gen = torch.Generator().manual_seed(0)
     for _ in range(6):  # batches of different prompt lengths: left padding in every batch
         idx = torch.randint(len(items), (32,), generator=gen).tolist()
-        ids, attn, tgt, comp = [t.cuda() for t in sft_mask.sft_batch([items[i] for i in idx], tok, cfg.mask, gen)]
+        ids, attn, tgt, comp, keep = [t.cuda() for t in sft_mask.sft_batch([items[i] for i in idx], tok, cfg.mask, gen)]
         with policy.autocast("auto", "cuda"):
-            loss = sft_mask.completion_loss(model, ids, attn, tgt, comp)
+            loss = sft_mask.completion_loss(model, ids, attn, tgt, comp, keep)
         opt.zero_grad()
         loss.backward()
         assert torch.isfinite(loss)

@@ -42,11 +42,12 @@ def test_mask_rates_within_tolerance_and_label_never_masked():
 def test_batch_targets_are_the_originals_and_mask_only_touches_inputs():
     tok, items = _items()
     gen = torch.Generator().manual_seed(1)
-    on = types.SimpleNamespace(enabled=True, p_node=0.5, p_tok=0.2)
-    off = types.SimpleNamespace(enabled=False, p_node=0.5, p_tok=0.2)
-    ids_on, attn_on, tgt_on, comp_on = sft_mask.sft_batch(items[:16], tok, on, gen)
-    ids_off, attn_off, tgt_off, comp_off = sft_mask.sft_batch(items[:16], tok, off, gen)
+    on = types.SimpleNamespace(enabled=True, kind="input", p_node=0.5, p_tok=0.2)
+    off = types.SimpleNamespace(enabled=False, kind="input", p_node=0.5, p_tok=0.2)
+    ids_on, attn_on, tgt_on, comp_on, keep_on = sft_mask.sft_batch(items[:16], tok, on, gen)
+    ids_off, attn_off, tgt_off, comp_off, keep_off = sft_mask.sft_batch(items[:16], tok, off, gen)
     assert torch.equal(tgt_on, tgt_off) and torch.equal(attn_on, attn_off) and torch.equal(comp_on, comp_off)
+    assert torch.equal(keep_on, comp_on) and torch.equal(keep_off, comp_off)  # input masking keeps every target
     assert torch.equal(tgt_off, ids_off)     # without masking the inputs are the targets
     mask_id = tok.convert_tokens_to_ids("<mask>")
     changed = ids_on != ids_off
@@ -98,3 +99,25 @@ def test_sft_starts_from_a_local_hf_checkpoint_through_model_name_or_path(tmp_pa
     loaded, ltok = policy.load_policy(ckpt, [])
     assert type(loaded).__name__ == "LlamaForCausalLM"
     assert len(policy.encode(ltok, "<f:brand> nike </f:brand>", strict=True)) == 3
+
+
+def test_loss_masking_drops_reasoning_tokens_never_the_label_or_tags():
+    """mask.kind 'loss' (the paper's label-priority masking): the inputs stay, masked content positions leave the
+    loss, the label node and every tag stay supervised; 'both' does both with independent draws."""
+    tok, items = _items()
+    vocab = data.TagVocab.from_tokenizer(tok, SCHEMA)
+    gen = torch.Generator().manual_seed(2)
+    cfg = types.SimpleNamespace(enabled=True, kind="loss", p_node=0.5, p_tok=0.2)
+    ids, attn, tgt, comp, keep = sft_mask.sft_batch(items[:16], tok, cfg, gen)
+    assert torch.equal(ids, tgt)                          # no input corruption
+    dropped = comp.bool() & ~keep.bool()
+    assert dropped.any() and not (keep.bool() & ~comp.bool()).any()
+    assert not any(int(t) in vocab.id_to_tag for t in tgt[dropped])   # tags stay in the loss
+    for b, (_, completion, spans) in enumerate(items[:16]):             # the label node's span stays in the loss
+        start = int(comp[b].nonzero()[0])
+        (ys, ye), = [(s0, e0) for name, s0, e0 in spans if name == SCHEMA.label_slot]
+        assert keep[b, start + ys:start + ye].all()
+    both = types.SimpleNamespace(enabled=True, kind="both", p_node=0.5, p_tok=0.2)
+    ids_b, _, tgt_b, comp_b, keep_b = sft_mask.sft_batch(items[:16], tok, both, gen)
+    masked_in, dropped_b = ids_b != tgt_b, comp_b.bool() & ~keep_b.bool()
+    assert masked_in.any() and dropped_b.any() and not torch.equal(masked_in, dropped_b)
