@@ -30,13 +30,16 @@ import os
 import re
 import sys
 import textwrap
+import traceback
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
+
+import data  # SCORE_KINDS, FACETS and the graph schema's checks (data imports nothing of ours)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,8 +265,10 @@ class CreditConfig:
     """outcome: GRPO; process: verifier evidence, alpha 0; stepwise: TaoSR-SHE; rule_shaped: TaoSR-AGRL; graph: Graph-GRPO"""
     scale: Literal["group", "batch", "node", "none"] = "group"
     """advantage scale (Eq. 2): group: std_j R_j + eps per group; batch: batch std (outcome only); node: per-node std (graph only); none: 1"""
-    evidence: Literal["baseline", "group", "verifier", "both"] = "group"
-    """own evidence a_{i,v}: baseline R - V; group Eq. 1a; verifier s - mean s; both: group + verifier"""
+    evidence: Literal["baseline", "group", "verifier", "both", "rollout"] = "group"
+    """own evidence a_{i,v}: baseline R - V; group Eq. 1a; verifier s - mean s; both: group + verifier; rollout: Monte-Carlo node values, Eq. 1c"""
+    rollout_samples: int = 2
+    """evidence rollout: continuations K sampled from each distinct prefix at a node boundary (Eq. 1c)"""
     value: Literal["include_self", "leave_one_out"] = "include_self"
     """V_{i,v} of Eq. 1a: include_self (DESIGN) or leave_one_out (the other rollouts sharing i's parent content)"""
     gate: Literal["rule", "none"] = "rule"
@@ -287,7 +292,9 @@ class ControllerConfig:
     """Main-loss-driven alpha controller (DESIGN section 5, Eq. 3)."""
 
     mode: Literal["fixed", "meta"] = "fixed"
-    """fixed: alpha stays at credit.alpha_init; meta: one-step look-ahead on the main loss (Eq. 3)"""
+    """fixed: alpha stays at credit.alpha_init; meta: moved by the main loss (Eq. 3 or the alignment objective)"""
+    objective: Literal["lookahead", "alignment"] = "lookahead"
+    """lookahead: Eq. 3, dL_main(theta')/dalpha after an SGD step; alignment: the change of L_main per unit length of the output-layer update (credit.alignment_token_dots: scale-free, as the AdamW step is)"""
     main_batch: Literal["previous", "same"] = "previous"
     """batch the main loss L_main is taken on: the previous step's rollouts, or this step's"""
     step_size: float = 0.05
@@ -388,11 +395,23 @@ class Config:
 # Machinery: the schema read from the dataclasses, typed values, YAML with line numbers, --help
 # ---------------------------------------------------------------------------------------------
 
-class ConfigError(ValueError):
-    """A bad config file, key, value or override. The message is one line that names where."""
+class OneLineError(Exception):
+    """An ending that a CLI reports as one line on stderr (`prefix` + the message; an empty message prints
+    nothing), without a traceback, with exit code `exit_code` (`cli`). The message is kept to one line."""
+    exit_code = 2
+    prefix = "error: "
 
     def __init__(self, message: str):
         super().__init__(str(message).replace("\r", " ").replace("\n", " "))
+
+
+class UserError(OneLineError, ValueError):
+    """Something a user can get wrong (config, data file, model directory, checkpoint, run directory); the
+    message names the place: file:line, the key, or the path. Exit code 2."""
+
+
+class ConfigError(UserError):
+    """A bad config file, key, value or override. The message is one line that names where."""
 
 
 def _schema() -> dict[str, tuple[type, dict[str, Any]]]:
@@ -600,6 +619,7 @@ POSITIVE = ("run.log_every run.save_every run.keep_last data.n_sft data.n_rl mod
             "model.num_heads model.num_kv_heads model.intermediate_size model.max_positions sft.steps sft.batch_size "
             "sft.lr sft.log_every rl.steps rl.prompts_per_step rl.temperature rl.max_new_tokens rl.lr rl.num_iterations "
             "rl.micro_batch_size rl.max_bad_steps rl.replay_k rl.curriculum_stages credit.eps credit.verifier_weight_max "
+            "credit.rollout_samples "
             "controller.step_size eval.batch_size eval.max_new_tokens distill.steps distill.batch_size distill.lr "
             "distill.tau distill.hidden_size distill.num_layers distill.num_heads distill.max_length").split()
 NON_NEGATIVE = ("run.num_threads data.n_test_id data.n_test_longtail sft.warmup sft.weight_decay sft.grad_clip "
@@ -644,6 +664,27 @@ def check_ranges(cfg: Config, origin: dict[str, str] | None = None) -> None:
         fail("model.num_kv_heads", f"must divide model.num_heads = {cfg.model.num_heads}")
     if cfg.distill.hidden_size % cfg.distill.num_heads:
         fail("distill.hidden_size", f"must be a multiple of distill.num_heads = {cfg.distill.num_heads}")
+    check_combinations(cfg, origin or {}, fail)
+
+
+def check_combinations(cfg: Config, origin: dict[str, str], fail) -> None:
+    """Settings that are each valid but not together: refused at load like a range, not by a traceback once
+    the run has started."""
+    n_scores = len(data.SCORE_KINDS)
+    if len(cfg.credit.verifier_weights) != n_scores or not all(
+            0 <= w <= cfg.credit.verifier_weight_max for w in cfg.credit.verifier_weights):
+        fail("credit.verifier_weights", f"must hold {n_scores} weights {data.SCORE_KINDS} in [0, credit.verifier_weight_max]")
+    if len(cfg.reward.shaping_weights) != 2:
+        fail("reward.shaping_weights", "must hold 2 weights (rule adherence, mean grounding)")
+    graph_mode, scale = cfg.credit.mode not in ("outcome", "rule_shaped"), cfg.credit.scale
+    if (scale == "node" and not graph_mode) or (scale == "batch" and graph_mode):
+        raise ConfigError(f"{origin.get('credit.scale', 'default')}: credit.scale = {scale} needs credit.mode "
+                          f"{'graph, process or stepwise' if scale == 'node' else 'outcome or rule_shaped'}, "
+                          f"not {cfg.credit.mode!r}")
+    if cfg.data.source == "synthetic" and sorted(cfg.graph.facets) != sorted(data.FACETS):
+        fail("graph.facets", f"must be the synthetic catalogue's facets {sorted(data.FACETS)}")
+    if cfg.data.source == "wands" and len(cfg.data.wands_grades) != len(cfg.data.label_names):
+        fail("data.wands_grades", f"must hold one grade per data.label_names entry ({len(cfg.data.label_names)})")
 
 
 def resolve(cfg: Config, config_path: str | None) -> Config:
@@ -689,6 +730,43 @@ def format_help(prog: str = "") -> str:
     return "\n".join(lines)
 
 
+def check_schema(cfg: Config) -> None:
+    """ConfigError when the graph section and the label scale make no schema (data.GraphSchema's own checks; the
+    message names the key). The CLIs check it with the arguments (parse_args); load_config alone does not, so
+    that a config can be read, written and compared whatever its graph."""
+    try:
+        data.GraphSchema.from_config(cfg.graph, cfg.data.label_names, cfg.data.label_rule)
+    except ValueError as err:  # data.SchemaError, or data.check_label_rule's
+        raise ConfigError(str(err)) from None
+
+
+DEBUG_ENV = "GG_DEBUG"
+"""set (GG_DEBUG=1) to see the traceback above a CLI's one-line error"""
+
+
+def cli(body: Callable[[], Any], *more: type[BaseException]) -> Any:
+    """Run a CLI's body on the one error path for what a user can get wrong (DESIGN §7): a UserError (config,
+    model directory, checkpoint, run directory), a data file error (data.DataError, data.SchemaError; `more`
+    adds a CLI's own), or an OSError (a path that cannot be read or written) ends the process with
+    `error: <one line>` on stderr and exit code 2; an interrupt with its own line and 128 + the signal. No
+    traceback, unless the environment sets GG_DEBUG."""
+    try:
+        return body()
+    except (OneLineError, data.DataError, data.SchemaError, OSError, KeyboardInterrupt, *more) as err:
+        if os.environ.get(DEBUG_ENV):
+            traceback.print_exc()
+        code = getattr(err, "exit_code", 130 if isinstance(err, KeyboardInterrupt) else 2)
+        if isinstance(err, KeyboardInterrupt):
+            line = "interrupted (SIGINT)"
+        elif isinstance(err, OSError) and err.filename and err.strerror:
+            line = f"error: {err.filename}: {err.strerror}"
+        else:
+            line = getattr(err, "prefix", "error: ") + str(err) if str(err) else ""  # "": said by another rank
+        if line:
+            print(" ".join(line.splitlines()), file=sys.stderr, flush=True)
+        raise SystemExit(code) from None
+
+
 def _prog() -> str:
     return os.path.basename(sys.argv[0]) or "script.py"
 
@@ -707,7 +785,9 @@ def parse_args(argv: list[str] | None = None, prog: str = "") -> tuple[Config, s
         if len(paths) != 1:
             raise ConfigError(f"expected one config file, got {len(paths)}: {' '.join(paths) or '(none)'}"
                               f" (usage: {prog or _prog()} CONFIG.yaml [--section.key=value ...])")
-        return load_config(paths[0], overrides), paths[0]
+        cfg = load_config(paths[0], overrides)
+        check_schema(cfg)
+        return cfg, paths[0]
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -41,7 +41,7 @@ ZERO_EVIDENCE_TOL = 1e-9
 
 OUTCOME_SCALES = ("group", "batch", "none")
 NODE_SCALES = ("group_outcome", "none", "node")
-EVIDENCE_FORMS = ("group", "baseline", "verifier", "both")
+EVIDENCE_FORMS = ("group", "baseline", "verifier", "both", "rollout")
 GATE_FORMS = ("rule", "none")
 VALUE_FORMS = ("include_self", "leave_one_out")
 MODES = ("outcome", "graph")
@@ -71,6 +71,7 @@ class CreditBatch:
     spans: Tensor                # (B, N, 2) long [start, end) token range of slot v in the completion, -1 where absent
     parsed: Tensor               # (B,) bool: format valid; False rows get the outcome advantage on every token
     scores: Tensor | None = None  # (B, N, S) float in [0, 1] local verifier scores per kind; NaN where a kind does not apply
+    values: Tensor | None = None  # (B, N, 2) Monte-Carlo values of the prefix before / after slot v (Eq. 1c)
 
     @property
     def num_slots(self) -> int:
@@ -266,6 +267,22 @@ def baseline_credit(rewards: Tensor, keys: Tensor, present: Tensor, parents: lis
 
 
 # -----------------------------------------------------------------------------
+# Eq. 1c: own evidence from Monte-Carlo node values (DESIGN 4.1)
+
+
+def rollout_own_evidence(values: Tensor, present: Tensor) -> Tensor:
+    """(B, N) Eq. 1c a_{i,v} = Vhat_i(<=v) - Vhat_i(<v); 0 where absent.
+
+    values (B, N, 2): [Vhat_i(<v), Vhat_i(<=v)], the mean outcome of continuations of rollout i's prefix before and
+    after node v (the trainer samples them; Vhat after the last node is R_i, before the first the group mean). On a
+    chain of contiguous nodes the credits telescope to R_i - Vhat_i(start): GRPO's advantage with a state
+    baseline, split into each step's share.
+    """
+    a = values[..., 1] - values[..., 0]
+    return torch.where(present, a, torch.zeros_like(a))
+
+
+# -----------------------------------------------------------------------------
 # verifier evidence (independent process reward)
 
 
@@ -381,7 +398,8 @@ def graph_node_advantages(batch: CreditBatch, *, evidence: str = "group", gate: 
     evidence: 'group' Eq. 1a; 'baseline' c = R - V with no propagation (alpha unused); 'verifier'
     beta * (s - mean s) on every scored node plus the outcome R_i - mean_j R_j at the sinks (the
     outcome must enter somewhere, and where else than at the label: this is the independent
-    process-reward baseline when alpha = 0); 'both' Eq. 1a plus the verifier term.
+    process-reward baseline when alpha = 0); 'both' Eq. 1a plus the verifier term; 'rollout' Eq. 1c (Monte-Carlo
+    node values in batch.values).
     gate: 'rule' uses batch.gate; 'none' sets every gate to 1. value: 'include_self' (DESIGN's V) or
     'leave_one_out' (see group_values).
     """
@@ -399,6 +417,10 @@ def graph_node_advantages(batch: CreditBatch, *, evidence: str = "group", gate: 
         return node_advantages(c, b.rewards, G, scale, eps, b.present), c
     if evidence in ("group", "both"):
         a = group_own_evidence(b.rewards, b.keys, b.present, b.parents, G, loo)
+    elif evidence == "rollout":
+        if b.values is None:
+            raise ValueError("evidence='rollout' needs batch.values (the Monte-Carlo node values of Eq. 1c)")
+        a = rollout_own_evidence(b.values.to(b.rewards.dtype), b.present)
     else:
         r = b.rewards.view(-1, G)
         outcome = (r - r.mean(1, keepdim=True)).reshape(-1)  # (B,)
@@ -447,6 +469,39 @@ def credit_stats(batch: CreditBatch, node_adv: Tensor, own_evidence: Tensor | No
     repeated = others.any(2).reshape(-1, b.num_slots) & pres  # (B, N)
     stats["credit/key_repeat_rate"] = float(repeated.sum()) / n_present
     return stats
+
+
+def node_applied_advantages(token_adv: Tensor, spans: Tensor, present: Tensor) -> Tensor:
+    """(B, N) the advantage node v's tokens get in rollout i (read at its first token); NaN where v is absent."""
+    T = token_adv.shape[1]
+    at = token_adv.gather(1, spans[..., 0].clamp(0, T - 1))  # (B, N)
+    return torch.where(present & (spans[..., 0] >= 0) & (spans[..., 0] < T), at, torch.full_like(at, float("nan")))
+
+
+CREDIT_ACCURACY = ("right", "right_negative", "wrong", "wrong_positive", "failed_mass", "failed_wrong_mass")
+
+
+def credit_accuracy_sums(node_adv: Tensor, correct: Tensor, outcome_adv: Tensor) -> dict[str, Tensor]:
+    """Sums per slot, (N,) each, from which DESIGN 4.2's credit accuracy is read (sums add over ranks and steps).
+
+    node_adv (B, N): the advantage each step's tokens got (node_applied_advantages; NaN where absent); correct (B, N):
+    1 where the step matches the gold annotation, 0 where it does not, NaN where there is no gold; outcome_adv (B,).
+    Counted only in rollouts with a nonzero outcome advantage:
+      right / right_negative        correct steps / those given A < 0    -> P(A < 0 | correct step)
+      wrong / wrong_positive        wrong steps / those given A > 0      -> P(A > 0 | wrong step)
+      failed_mass / failed_wrong_mass   sum |A| over the steps of failed rollouts (outcome advantage < 0) / over
+                                    their wrong steps                    -> share of |A| on the wrong steps
+    Outcome GRPO gives every step of a rollout its outcome advantage: it misassigns every correct step of a failed
+    rollout by construction. The method's claim is that node credit does much less.
+    """
+    live = ~torch.isnan(node_adv) & ~torch.isnan(correct) & (outcome_adv != 0)[:, None]
+    right, wrong = live & (correct == 1), live & (correct == 0)
+    failed = live & (outcome_adv < 0)[:, None]
+    mass = torch.where(failed, node_adv.abs(), torch.zeros_like(node_adv))
+    f64 = torch.float64
+    return {"right": right.sum(0).to(f64), "right_negative": (right & (node_adv < 0)).sum(0).to(f64),
+            "wrong": wrong.sum(0).to(f64), "wrong_positive": (wrong & (node_adv > 0)).sum(0).to(f64),
+            "failed_mass": mass.sum(0).to(f64), "failed_wrong_mass": (mass * wrong).sum(0).to(f64)}
 
 
 def compute_advantages(batch: CreditBatch, *, num_tokens: int, mode: str = "graph", evidence: str = "group",
@@ -510,6 +565,24 @@ def output_layer_token_dots(hidden: Tensor, logits: Tensor, tokens: Tensor, grad
     return (picked - expected) / temperature
 
 
+def alignment_token_dots(hidden: Tensor, logits: Tensor, tokens: Tensor, grad_W: Tensor, update_W: Tensor,
+                         temperature: float = 1.0) -> Tensor:
+    """(B, T) d~_t of the alignment objective (controller.objective: alignment; our Eq. 3a, not in DESIGN).
+
+    J(alpha) = <G_W, Delta_W(alpha)> / ||Delta_W(alpha)||: the change of L_main per unit length of the graph update
+    Delta_W = sum_t w_t A_t(alpha) grad_W log pi(o_t) on the output layer (update_W, (V, H), over all ranks). Its
+    gradient is sum_t w_t dA_t/dalpha d~_t with d~_t = <Q, grad_W log pi(o_t)>, Q = G_W / |Delta| - <G_W, Delta>
+    Delta / |Delta|^3: output_layer_token_dots with Q in place of G_W, so lookahead_alpha_surrogate(A, d~, w, 1) is
+    the surrogate. Why: Eq. 3 scores a plain SGD step theta - eta grad L_graph, whose first-order gain grows with
+    the step's length, so it prefers whatever alpha lengthens the update (alpha_max, whenever the propagated credit
+    leans the right way); the optimizer (AdamW) normalises the length away. J is invariant to the scale of the
+    advantages: it can only reward an alpha that points the update where the main loss falls.
+    """
+    n = update_W.norm()
+    Q = grad_W / n - (grad_W * update_W).sum() / n ** 3 * update_W
+    return output_layer_token_dots(hidden, logits, tokens, Q, temperature)
+
+
 def lookahead_alpha_surrogate(token_adv: Tensor, d: Tensor, weights: Tensor, lr: float) -> Tensor:
     """Scalar eta * sum_t w_t A_t d_t whose gradient w.r.t. alpha (and verifier weights) is Eq. 3.
 
@@ -570,6 +643,7 @@ class EdgeController:
         self.n_open = 0      # coordinates whose gate opened, summed over windows
         self.n_coords = 0    # coordinates tested, summed over windows
         self.last_open: list[bool] = []
+        self.last_grad: list[float] = []
 
     def alpha(self) -> Tensor:
         """(E,) alpha per edge type; requires grad in mode 'meta' (it is the leaf phi)."""
@@ -599,6 +673,7 @@ class EdgeController:
         if self.mode == "fixed":
             return self.log()
         self._buf_phi.append(self.reduce_fn(grad_phi.detach().to(torch.float64)))
+        self.last_grad = self._buf_phi[-1].tolist()  # diagnostics: the step's (rank-averaged) Eq. 3 gradient
         if self.learn_weights:
             if grad_psi is None:
                 raise ValueError("EdgeController(learn_weights=True).accumulate needs grad_psi")

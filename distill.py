@@ -43,8 +43,8 @@ import data
 import eval as evaluation
 import policy
 import testbed
-from checkpoint import save_atomically
-from config import parse_args, save_config
+from checkpoint import check_model_dir, load_error, make_run_dir, save_atomically, verify_manifest
+from config import cli, parse_args, save_config
 from sft_mask import lr_at
 
 FACET_CLASSES = data.VERDICTS + ("absent",)  # a facet head's classes; 'absent': the query does not ask for it
@@ -345,15 +345,20 @@ def save_student(model: GraphNodeStudent, tokenizer, out_dir: str) -> None:
 
 def load_student(path: str, device="cpu"):
     """(GraphNodeStudent in eval mode, tokenizer) from a save_student directory, or a student run directory
-    holding one as checkpoint/ (what distill.py writes)."""
+    holding one as checkpoint/ (what distill.py writes). Its manifest is verified (checkpoint.verify_manifest); a
+    directory that cannot be read is a PathError naming it."""
     if not os.path.isfile(os.path.join(path, HEADS_FILE)) and os.path.isfile(os.path.join(path, "checkpoint", HEADS_FILE)):
         path = os.path.join(path, "checkpoint")
     if not os.path.isfile(os.path.join(path, HEADS_FILE)):
         raise FileNotFoundError(f"load_student: {path} has no {HEADS_FILE} (not a distill.py student)")
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    encoder = AutoModel.from_pretrained(path, local_files_only=True)
-    model = GraphNodeStudent(encoder, {name: c for name, c in config.graph_heads}, config.graph_max_length)
-    model.heads.load_state_dict(torch.load(os.path.join(path, HEADS_FILE), weights_only=True))
+    verify_manifest(path)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        encoder = AutoModel.from_pretrained(path, local_files_only=True)
+        model = GraphNodeStudent(encoder, {name: c for name, c in config.graph_heads}, config.graph_max_length)
+        model.heads.load_state_dict(torch.load(os.path.join(path, HEADS_FILE), weights_only=True))
+    except Exception as err:  # noqa: BLE001 (transformers, safetensors and torch.load each raise their own)
+        raise load_error(path, "student", err) from None
     return model.to(device).eval(), policy._load_tokenizer(path)
 
 
@@ -451,13 +456,14 @@ def report_table(teacher: dict, student: dict, heads: list[str]) -> str:
 
 
 def resolve_teacher(cfg) -> str:
-    """distill.teacher, else <run.out_dir>/checkpoint (the RL policy), else <run.out_dir>/sft/checkpoint."""
+    """distill.teacher, else <run.out_dir>/checkpoint (the RL policy), else <run.out_dir>/sft/checkpoint; checked
+    (checkpoint.check_model_dir: its manifest verifies) even when its signals are cached and it is not loaded."""
     if cfg.distill.teacher:
-        if not os.path.isdir(cfg.distill.teacher):
-            raise FileNotFoundError(f"distill.teacher: directory not found: {cfg.distill.teacher}")
+        check_model_dir(cfg.distill.teacher, "distill.teacher")
         return cfg.distill.teacher
     for path in (os.path.join(cfg.run.out_dir, "checkpoint"), os.path.join(cfg.run.out_dir, "sft", "checkpoint")):
         if os.path.isdir(path):
+            check_model_dir(path, "teacher")
             return path
     raise FileNotFoundError(f"distill: no teacher: neither {cfg.run.out_dir}/checkpoint nor "
                             f"{cfg.run.out_dir}/sft/checkpoint exists (run graph_grpo.py or sft_mask.py first, "
@@ -479,7 +485,7 @@ def run_distill(cfg, show_progress: bool = True, print_table: bool = True) -> di
     schema, splits, strict = task.schema, task.splits, task.strict
     classes = head_classes(schema, dc.heads)
     weights = resolve_head_weights(dc.head_weights, schema, dc.heads)
-    os.makedirs(out_dir, exist_ok=True)
+    make_run_dir(out_dir, "distill.student_dir" if dc.student_dir else "run.out_dir")
     save_config(cfg, os.path.join(out_dir, "config.yaml"))
     train = splits["rl"][:dc.max_train] if dc.max_train else splits["rl"]
     tests = {s: v[:cfg.eval.max_items] if cfg.eval.max_items else v for s, v in task.tests.items()}
@@ -491,7 +497,7 @@ def run_distill(cfg, show_progress: bool = True, print_table: bool = True) -> di
         def compute():
             if "model" not in teacher_state:
                 teacher_state["model"], teacher_state["tok"] = policy.load_policy(
-                    teacher_path, schema.words(), dtype=cfg.run.dtype, device=device)
+                    teacher_path, schema.words(), dtype=cfg.run.dtype, device=device, key="teacher")
             with policy.autocast(cfg.run.dtype, device):
                 return teacher_signals(teacher_state["model"], teacher_state["tok"], schema, examples,
                                        cfg.eval.batch_size, cfg.eval.max_new_tokens, strict, show_progress,
@@ -552,11 +558,7 @@ def run_distill(cfg, show_progress: bool = True, print_table: bool = True) -> di
 
 def main(argv=None):
     cfg, _ = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        run_distill(cfg)
-    except (FileNotFoundError, DistillError, data.DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    cli(lambda: run_distill(cfg), DistillError)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import numpy as np
 import data
 import policy
 import testbed
-from config import load_config
+from config import cli, load_config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,34 +417,38 @@ def main(argv=None):
                     help="write training curves (reward, kl, accuracy, alpha per edge type); default path: next "
                          "to --out, else curves.png (needs the optional extra matplotlib)")
     args = ap.parse_args(argv)
-    rows, run_dirs = [], []
-    for path in args.paths:
-        cfg_path, ckpt = find_run(path)
-        out_dir = path if os.path.isfile(os.path.join(path, "config.yaml")) else os.path.dirname(cfg_path)
-        cached = os.path.join(out_dir, "eval.json")
-        if os.path.exists(cached) and not args.recompute and args.max_items is None:
-            results = json.load(open(cached))
-        else:
-            cfg = load_config(cfg_path)
-            if args.max_items is not None:
-                cfg.eval.max_items = args.max_items
-            print(f"# evaluating {path}")
-            results = evaluate_run(cfg, ckpt, out_dir, print_table=len(args.paths) == 1)
-        rows += run_rows(path, results, os.path.join(out_dir, "student", "eval.json"))
-        run_dirs.append(out_dir)
-    table = format_table(rows, list(dict.fromkeys(k for r in rows for k in r)))
-    print(table)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(table + "\n")
-    if args.plot is not None:
-        png = args.plot or (os.path.splitext(args.out)[0] + ".png" if args.out else "curves.png")
-        try:
-            plot_panels(training_curves(run_dirs), png)
-            print(f"wrote {png}")
-        except PlotUnavailable as err:
-            print(f"--plot: {err}")
+
+    def compare():
+        rows, run_dirs = [], []
+        for path in args.paths:
+            cfg_path, ckpt = find_run(path)
+            out_dir = path if os.path.isfile(os.path.join(path, "config.yaml")) else os.path.dirname(cfg_path)
+            cached = os.path.join(out_dir, "eval.json")
+            if os.path.exists(cached) and not args.recompute and args.max_items is None:
+                results = json.load(open(cached))
+            else:
+                cfg = load_config(cfg_path)
+                if args.max_items is not None:
+                    cfg.eval.max_items = args.max_items
+                print(f"# evaluating {path}")
+                results = evaluate_run(cfg, ckpt, out_dir, print_table=len(args.paths) == 1)
+            rows += run_rows(path, results, os.path.join(out_dir, "student", "eval.json"))
+            run_dirs.append(out_dir)
+        table = format_table(rows, list(dict.fromkeys(k for r in rows for k in r)))
+        print(table)
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as f:
+                f.write(table + "\n")
+        if args.plot is not None:
+            png = args.plot or (os.path.splitext(args.out)[0] + ".png" if args.out else "curves.png")
+            try:
+                plot_panels(training_curves(run_dirs), png)
+                print(f"wrote {png}")
+            except PlotUnavailable as err:
+                print(f"--plot: {err}")
+
+    cli(compare)
 
 
 if __name__ == "__main__":

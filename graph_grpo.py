@@ -38,8 +38,10 @@ import credit
 import data
 import policy
 import testbed
-from checkpoint import RunLogs, checkpoint_dirs, rng_state, save_atomically, save_checkpoint, set_rng_state
-from config import parse_args, save_config
+from checkpoint import (WAYS_OUT, Interrupted, PathError, RunLogs, StopSignals, checkpoint_dirs, config_differences,
+                        load_trainer_state, make_run_dir, newest_loadable, refuse_mixing, rl_setting, rng_state,
+                        save_atomically, save_checkpoint, set_rng_state, sft_setting, start_over, step_dir)
+from config import ConfigError, cli, parse_args, save_config
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. Rollouts
@@ -198,10 +200,13 @@ class Credit:
                    learns_alpha=mode == "graph" and c.evidence != "baseline", uses_verifier_weights=uses_scores,
                    diversified=mode == "stepwise")
 
-    def advantages(self, ro: Rollouts, schema: data.GraphSchema, controller: "Controller", batch_std=None):
+    @property
+    def monte_carlo(self) -> bool:
+        return self.kwargs.get("evidence") == "rollout"
+
+    def advantages(self, cb: credit.CreditBatch, num_tokens: int, controller: "Controller", batch_std=None):
         """(B, T) token advantages, still attached to alpha (Eq. 3 needs dA/dalpha), and the credit statistics."""
-        cb = credit_batch(ro.parses, ro.rewards, ro.group_size, schema, ro.completion_mask.shape[1], ro.scores)
-        return credit.compute_advantages(cb, num_tokens=ro.completion_mask.shape[1], alpha=controller.edge.alpha(),
+        return credit.compute_advantages(cb, num_tokens=num_tokens, alpha=controller.edge.alpha(),
                                          verifier_weights=controller.edge.verifier_weights(), batch_std=batch_std,
                                          **self.kwargs)
 
@@ -238,6 +243,66 @@ def credit_batch(parses: list[data.ParsedCoT], rewards: torch.Tensor, G: int, sc
                               parsed=torch.tensor([p.valid for p in parses]), scores=scores)
 
 
+def monte_carlo_values(s: "RL", ro: Rollouts, prompts: list[list[int]], cb: credit.CreditBatch,
+                       seed: int) -> tuple[torch.Tensor, dict]:
+    """(B, N, 2) Vhat_i(<v), Vhat_i(<=v) of Eq. 1c (DESIGN 4.1) and the cost of computing them.
+
+    Vhat after a rollout's last node is R_i; at position 0, the mean R of its group (G samples of the prompt's
+    value, free); in between, the mean outcome of credit.rollout_samples continuations of the prefix, sampled once
+    per distinct (prompt, prefix): rollouts of a group that share a prefix share its samples. Only where they can
+    matter: a group whose rewards are all equal gets none (its values are R: no own evidence, as its outcome
+    advantage is 0), nor does a rollout that does not parse (its tokens take the outcome advantage). Continuations
+    are sampled with the counter-based noise of policy.sample from their own seed: reproducible and independent
+    of the rollouts'. Their budget is rl.max_new_tokens after the prefix."""
+    t0, K, G, rl = time.time(), s.cfg.credit.rollout_samples, ro.group_size, s.cfg.rl
+    R = ro.rewards.double()
+    B, N = cb.present.shape
+    values = R[:, None, None].expand(B, N, 2).clone()
+    mixed = ~credit.zero_std_groups(ro.rewards, G).repeat_interleave(G)
+    wanted: dict[tuple, list] = {}   # (group, prefix) -> [(i, v, side)] waiting for that prefix's value
+    for i in range(B):
+        if not (mixed[i] and cb.parsed[i]):
+            continue
+        ends = [int(cb.spans[i, v, 1]) for v in range(N) if cb.present[i, v]]
+        last = max(ends, default=0)
+        for v in range(N):
+            if not cb.present[i, v]:
+                continue
+            for side, b in enumerate((int(cb.spans[i, v, 0]), int(cb.spans[i, v, 1]))):
+                if b == 0:
+                    values[i, v, side] = R[i // G * G:(i // G + 1) * G].mean()
+                elif b < last:
+                    wanted.setdefault((i // G, tuple(ro.completions[i][:b])), []).append((i, v, side))
+    keys = list(wanted)
+    n_tokens = 0
+    if keys:
+        conts = policy.sample(s.model, [prompts[g] + list(pre) for g, pre in keys], K, rl.max_new_tokens, rl.temperature,
+                              s.tokenizer.eos_token_id, s.tokenizer.pad_token_id, seed=seed)
+        n_tokens = sum(len(c) for c in conts)
+        for j, (g, pre) in enumerate(keys):
+            ex = ro.examples[g]
+            outs = [outcome_reward(data.parse_completion(list(pre) + c, s.vocab, s.task.schema), ex.label,
+                                   len(s.task.schema.label_names), s.cfg.reward.kind, s.cfg.reward.format_penalty,
+                                   s.cfg.reward.require_consistent) for c in conts[j * K:(j + 1) * K]]
+            for i, v, side in wanted[(g, pre)]:
+                values[i, v, side] = sum(outs) / K
+    return values, {"mc/prefixes": len(keys), "mc/continuations": len(keys) * K, "mc/tokens": n_tokens,
+                    "time/mc_s": time.time() - t0}
+
+
+def gold_correctness(ro: Rollouts, schema: data.GraphSchema) -> torch.Tensor:
+    """(B, N) 1.0 where a well-formed step matches the example's gold annotation, 0.0 where it does not, NaN where
+    there is no gold (or no step): what DESIGN 4.2's credit accuracy compares the advantages with."""
+    out = torch.full((len(ro.parses), len(schema.slots)), float("nan"), dtype=torch.float64)
+    for i, p in enumerate(ro.parses):
+        ex = ro.examples[i // ro.group_size]
+        for v, name in enumerate(schema.slots):
+            if p.ok(name):
+                right = data.node_is_correct(name, p, ex, schema)
+                out[i, v] = float("nan") if right is None else float(right)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 4. Log-probs: the update's forward and backward
 
@@ -263,7 +328,8 @@ LOSS_SUMS = ("loss", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_
 def accumulate_policy_gradient(ddp_model, ro: Rollouts, mask: torch.Tensor, rl, n_tokens: float, n_seqs: float,
                                world: int, grad_W: torch.Tensor | None = None, d_out: torch.Tensor | None = None,
                                main_adv: torch.Tensor | None = None,
-                               main_counts: tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                               main_counts: tuple[float, float] | None = None,
+                               align: dict | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Backward of the DESIGN §6 loss over all micro-batches of this rank's rollouts into .grad.
 
     Every micro-batch loss is divided by the GLOBAL counts (aggregate_loss) and multiplied by the world size
@@ -272,11 +338,13 @@ def accumulate_policy_gradient(ddp_model, ro: Rollouts, mask: torch.Tensor, rl, 
     With grad_W (the Eq. 3 controller), also writes d_t of every completion token into d_out (B, T). With
     main_adv (B, T), also returns this rank's share of the output-layer gradient of the outcome main loss on these
     rollouts (global counts `main_counts`; default this rank's), from the same forward (controller.reuse_forward).
+    With align (controller.objective alignment), also fills align['hidden'] (B, T, H) with the output layer's
+    inputs and adds this rank's share of the graph loss's output-layer gradient into align['grad'].
     Returns (the step's local sums, named by LOSS_SUMS; G_W share or None).
     """
     sums = torch.zeros(len(LOSS_SUMS), dtype=torch.float64)
     next_grad_W = None
-    need_hidden = grad_W is not None or main_adv is not None
+    need_hidden = grad_W is not None or main_adv is not None or align is not None
     main_counts = main_counts or (float(ro.completion_mask.sum()), float(ro.input_ids.shape[0]))
     # Groups sorted by their longest completion, micro-batches of whole groups (each prompt's forward then runs
     # once, policy.completion_logprobs_shared_prompt), each trimmed to its own padding: the same sums in another
@@ -309,6 +377,10 @@ def accumulate_policy_gradient(ddp_model, ro: Rollouts, mask: torch.Tensor, rl, 
             part = output_grad_from_logits(out.hidden, out.logits, mb.completion_ids, main_adv[idx][:, :T],
                                            mb.completion_mask, rl, *main_counts)
             next_grad_W = part if next_grad_W is None else next_grad_W + part
+        if align is not None:
+            align["hidden"][idx, :T] = out.hidden.detach().float()
+            part = output_grad_from_logits(out.hidden, out.logits, mb.completion_ids, mb.adv, mmask, rl, n_tokens, n_seqs)
+            align["grad"] = part if align["grad"] is None else align["grad"] + part
     return sums, next_grad_W
 
 
@@ -410,6 +482,20 @@ class Controller:
         return self.edge.mode == "meta"
 
     @property
+    def aligns(self) -> bool:
+        return self.meta and self.cfg.controller.objective == "alignment"
+
+    def alignment_dots(self, model, ro: Rollouts, align: dict, grad_W: torch.Tensor) -> torch.Tensor:
+        """(B, T) d~_t of the alignment objective (credit.alignment_token_dots), from the update forward's output-layer
+        inputs and the graph update Delta_W = -(output-layer gradient of L_graph), summed over ranks, at the
+        pre-update parameters."""
+        update_W = -all_reduce_sum(align["grad"])
+        h = align["hidden"]
+        with torch.no_grad():
+            logits = model.get_output_embeddings()(h.to(next(model.parameters()).dtype)).float() / self.cfg.rl.temperature
+        return credit.alignment_token_dots(h, logits, ro.completion_ids, grad_W, update_W, 1.0) / self.cfg.rl.temperature
+
+    @property
     def reuse(self) -> bool:
         return self.meta and self.cfg.controller.reuse_forward and self.cfg.controller.main_batch == "previous"
 
@@ -432,7 +518,8 @@ class Controller:
         """After the update: Eq. 3's alpha gradient into the gated controller; keep what the next step needs."""
         if d_tok is not None:
             dev = adv_graph.device
-            surrogate = credit.lookahead_alpha_surrogate(adv_graph, d_tok.to(dev), weights.to(dev), lr)
+            surrogate = credit.lookahead_alpha_surrogate(adv_graph, d_tok.to(dev), weights.to(dev),
+                                                         1.0 if self.aligns else lr)
             self.edge.accumulate(*self.edge.gradients(surrogate))
         if self.reuse and next_grad_W is not None:
             self.next_grad_W = all_reduce_sum(next_grad_W)
@@ -596,9 +683,20 @@ def rl_step(s: RL, step: int) -> tuple[dict, Rollouts, bool]:
     timing = {"rollout": time.time() - t0}
     # ---- 3. credit
     tic = time.time()
+    T = ro.completion_mask.shape[1]
+    cb = credit_batch(ro.parses, ro.rewards, G, schema, T, ro.scores)
+    mc_cost = {}
+    if s.cr.monte_carlo:
+        with policy.autocast(cfg.run.dtype, s.device):
+            cb.values, mc_cost = monte_carlo_values(s, ro, prompts, cb, sampling_seed(cfg.run.seed, step, s.rank) + MC_SEED)
     batch_std = float(all_gather_cat(ro.rewards).std()) if cfg.credit.scale == "batch" else None
-    adv_graph, cstats = s.cr.advantages(ro, schema, s.controller, batch_std)
+    adv_graph, cstats = s.cr.advantages(cb, T, s.controller, batch_std)
     ro.adv = adv_graph.detach().float().to(s.device)
+    outcome = credit.outcome_advantages(ro.rewards, G, "group", cfg.credit.eps)
+    cstats["accuracy"] = credit.credit_accuracy_sums(credit.node_applied_advantages(ro.adv.cpu().double(), cb.spans,
+                                                                                    cb.present),
+                                                     gold_correctness(ro, schema), outcome.double())
+    cstats.update(mc_cost)
     zero_std = credit.zero_std_groups(ro.rewards, G)
     keep = kept_rows(zero_std, ro.examples, G, rl.drop_zero_std, s.cr.diversified)
     mask = ro.completion_mask * keep.to(s.device)[:, None]
@@ -622,13 +720,19 @@ def rl_step(s: RL, step: int) -> tuple[dict, Rollouts, bool]:
     for g in s.opt.param_groups:
         g["lr"] = lr
     skipped, fwd_grad_W, sums, grad_norm = False, None, None, torch.tensor(0.0)
+    aligns = s.controller.aligns and grad_W is not None
     for it in range(rl.num_iterations):
         s.opt.zero_grad(set_to_none=True)
         reuse = it == 0 and s.controller.reuse
+        align = {"hidden": torch.zeros(*ro.adv.shape, s.model.config.hidden_size, device=s.device), "grad": None} \
+            if it == 0 and aligns else None
         with policy.autocast(cfg.run.dtype, s.device):
             it_sums, part = accumulate_policy_gradient(
-                s.ddp_model, ro, mask, rl, n_tokens, n_seqs, s.world, grad_W=grad_W if it == 0 else None, d_out=d_tok,
-                main_adv=out_adv if reuse else None, main_counts=main_counts(ro) if reuse else None)
+                s.ddp_model, ro, mask, rl, n_tokens, n_seqs, s.world,
+                grad_W=grad_W if it == 0 and not aligns else None, d_out=d_tok,
+                main_adv=out_adv if reuse else None, main_counts=main_counts(ro) if reuse else None, align=align)
+        if align is not None:
+            d_tok = s.controller.alignment_dots(s.model, ro, align, grad_W)
         fwd_grad_W = part if reuse else fwd_grad_W
         sums = it_sums if it == 0 else sums
         grad_norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), rl.grad_clip or float("inf"))  # 0: no clip
@@ -649,23 +753,41 @@ def rl_step(s: RL, step: int) -> tuple[dict, Rollouts, bool]:
 
 
 def train(cfg) -> str:
-    """The RL stage: set up (SFT stage if missing, resume), run rl.steps steps, save. Returns the final checkpoint."""
+    """The RL stage: set up (SFT stage if missing, resume), run rl.steps steps, save. Returns the final checkpoint.
+    A resume continues the newest checkpoint that loads (the ones that do not are named and skipped) of a run
+    directory made with this config up to checkpoint.RESUME_FREE (DESIGN §7: a resume never mixes runs).
+    SIGINT / SIGTERM end the run after the current step with a checkpoint, every rank after the same step
+    (checkpoint.Interrupted)."""
     rank, world, local, device = setup_distributed(cfg.run.device)
     master, out_dir, rl = rank == 0, cfg.run.out_dir, cfg.rl
     torch.set_num_threads(cfg.run.num_threads or max(1, (os.cpu_count() or 1) // world))
     if rl.prompts_per_step % world:
-        raise ValueError(f"rl.prompts_per_step = {rl.prompts_per_step} is not divisible by the world size {world}")
+        raise ConfigError(f"rl.prompts_per_step = {rl.prompts_per_step} is not divisible by the world size {world}")
+    if cfg.run.resume and (checkpoint_dirs(out_dir) or os.path.isdir(os.path.join(out_dir, "checkpoint"))):
+        refuse_mixing(cfg, out_dir, "its checkpoint", rl_setting)
+    if master:
+        make_run_dir(out_dir)
+        if not cfg.run.resume:
+            start_over(out_dir)
     init_from = ensure_sft(cfg, master, world)
     torch.manual_seed(cfg.run.seed)
     task = testbed.load_task(cfg)
     cr = Credit.from_config(cfg)
-    ckpts = checkpoint_dirs(out_dir) if cfg.run.resume else []
-    load_dir = ckpts[-1] if ckpts else init_from
-    dtype = policy.resolve_dtype(cfg.run.dtype, device)
-    model, tokenizer = policy.load_policy(load_dir, task.schema.words(), dtype=dtype, device=device)
+    dtype, words = policy.resolve_dtype(cfg.run.dtype, device), task.schema.words()
+    found = newest_loadable(checkpoint_dirs(out_dir) if cfg.run.resume else [],
+                            lambda d: (*policy.load_policy(d, words, dtype=dtype, device=device), load_trainer_state(d)),
+                            (lambda line: print(line, file=sys.stderr, flush=True)) if master else (lambda line: None))
+    if found:
+        load_dir, (model, tokenizer, state) = found
+        if state["step"] > rl.steps:
+            raise PathError(f"{load_dir}: this run is past rl.steps = {rl.steps}; raise rl.steps to continue it, or "
+                            f"{WAYS_OUT}")
+    else:
+        load_dir, state = init_from, None
+        model, tokenizer = policy.load_policy(init_from, words, dtype=dtype, device=device, key="rl.init_from")
     ref_model = None
     if rl.beta > 0:  # frozen copy of the SFT policy (DESIGN §7)
-        ref_model = policy.load_policy(init_from, task.schema.words(), dtype=dtype, device=device)[0]
+        ref_model = policy.load_policy(init_from, words, dtype=dtype, device=device, key="rl.init_from")[0]
         ref_model.eval().requires_grad_(False)
     ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if world > 1 else model
@@ -675,8 +797,7 @@ def train(cfg) -> str:
            torch.optim.AdamW(model.parameters(), lr=rl.lr, weight_decay=rl.weight_decay),
            Controller(cfg, cr, len(task.schema.edge_kinds), world), rank, world, device, stage_of)
     start, bad_in_row = 0, 0
-    if ckpts:
-        state = torch.load(os.path.join(load_dir, "trainer_state.pt"), weights_only=False)
+    if state is not None:
         s.opt.load_state_dict(state["optimizer"])
         s.controller.load_state_dict(state["controller"])
         start, bad_in_row = state["step"], state["bad_in_row"]
@@ -684,34 +805,47 @@ def train(cfg) -> str:
         if master:
             print(f"resuming from {load_dir} at step {start}")
     if master:
-        os.makedirs(out_dir, exist_ok=True)
         save_config(cfg, os.path.join(out_dir, "config.yaml"))
     logs = RunLogs(out_dir, start, master)
+
+    def save(done: int) -> str:
+        """The periodic checkpoint after `done` steps: rank 0 writes it, every rank waits for it."""
+        state = {"optimizer": s.opt.state_dict(), "controller": s.controller.state_dict(), "step": done,
+                 "bad_in_row": bad_in_row, "rng": rng_state()}
+        if master:
+            save_checkpoint(out_dir, done, model, tokenizer, state, cfg.run.keep_last)
+        barrier(world)
+        return step_dir(out_dir, done)
+
     start_eval = drift_eval(s, master) if rl.eval_every and start == 0 else {}
     bar = tqdm(range(start, rl.steps), desc="rl", disable=not master, initial=start, total=rl.steps)
-    for step in bar:
-        rec, ro, skipped = rl_step(s, step)
-        bad_in_row = bad_in_row + 1 if skipped else 0
-        if bad_in_row >= rl.max_bad_steps:
-            raise RuntimeError(f"non-finite loss or gradient in {bad_in_row} steps in a row (step {step}); "
-                               f"lower rl.lr or check the data")
-        rec["skipped_steps_in_row"] = bad_in_row
-        if step == 0:  # the drift curve's starting point, measured before the first update, logged with step 0
-            rec.update({k.replace("eval/", "eval_start/", 1): v for k, v in start_eval.items()})
-        if rl.eval_every and (step + 1) % rl.eval_every == 0:  # drift during RL: in-distribution retention
-            rec.update(drift_eval(s, master))
-        saving = (step + 1) % cfg.run.save_every == 0 or step + 1 == rl.steps
-        if saving and world > 1:  # DDP keeps the replicas identical: checked, not assumed
-            rec["ddp/replica_max_diff"] = replica_max_diff(s)
-        if master and (step % cfg.run.log_every == 0 or step + 1 == rl.steps or any(k.startswith("eval") for k in rec)):
-            logs.write(rec, ro, tokenizer, rl.n_samples_logged)
-            bar.set_postfix(reward=f"{rec['reward']:.3f}", kl=f"{rec['kl']:.4f}")
-        if saving:
-            state = {"optimizer": s.opt.state_dict(), "controller": s.controller.state_dict(), "step": step + 1,
-                     "bad_in_row": bad_in_row, "rng": rng_state()}
-            if master:
-                save_checkpoint(out_dir, step + 1, model, tokenizer, state, cfg.run.keep_last)
-            barrier(world)
+    with StopSignals() as stop:
+        for step in bar:
+            rec, ro, skipped = rl_step(s, step)
+            bad_in_row = bad_in_row + 1 if skipped else 0
+            if bad_in_row >= rl.max_bad_steps:
+                raise RuntimeError(f"non-finite loss or gradient in {bad_in_row} steps in a row (step {step}); "
+                                   f"lower rl.lr or check the data")
+            rec["skipped_steps_in_row"] = bad_in_row
+            if step == 0:  # the drift curve's starting point, measured before the first update, logged with step 0
+                rec.update({k.replace("eval/", "eval_start/", 1): v for k, v in start_eval.items()})
+            if rl.eval_every and (step + 1) % rl.eval_every == 0:  # drift during RL: in-distribution retention
+                rec.update(drift_eval(s, master))
+            saving = (step + 1) % cfg.run.save_every == 0 or step + 1 == rl.steps
+            if saving and world > 1:  # DDP keeps the replicas identical: checked, not assumed
+                rec["ddp/replica_max_diff"] = replica_max_diff(s)
+            if master and (step % cfg.run.log_every == 0 or step + 1 == rl.steps
+                           or any(k.startswith("eval") for k in rec)):
+                logs.write(rec, ro, tokenizer, rl.n_samples_logged)
+                bar.set_postfix(reward=f"{rec['reward']:.3f}", kl=f"{rec['kl']:.4f}")
+            if saving:
+                save(step + 1)
+            signum = stop.signum if world == 1 else int(all_gather_cat(torch.tensor([stop.signum])).max())
+            if signum:  # every rank stops after the same step (a collective each step agrees on it)
+                path = step_dir(out_dir, step + 1) if saving else save(step + 1)
+                logs.close()
+                raise Interrupted(signum, f"interrupted by {stop.name(signum)} after step {step + 1} of {rl.steps}: "
+                                          f"checkpoint {path}; the same command resumes from it" if master else "")
     final = os.path.join(out_dir, "checkpoint")
     if master:
         logs.close()
@@ -721,16 +855,26 @@ def train(cfg) -> str:
 
 
 def ensure_sft(cfg, master: bool, world: int) -> str:
-    """The checkpoint RL starts from: rl.init_from, or <out_dir>/sft/checkpoint, made by the SFT stage if missing."""
-    init_from = cfg.rl.init_from or os.path.join(cfg.run.out_dir, "sft", "checkpoint")
-    if not os.path.isdir(init_from):
-        if cfg.rl.init_from:
-            raise FileNotFoundError(f"rl.init_from: no checkpoint directory at {init_from}")
-        if master:
-            print(f"no SFT checkpoint at {init_from}: running the SFT stage first (sft_mask.py)")
-            import sft_mask
-            sft_mask.run_sft(cfg, os.path.join(cfg.run.out_dir, "sft"))
-        barrier(world)
+    """The checkpoint RL starts from: rl.init_from, or <out_dir>/sft/checkpoint, made by the SFT stage if missing.
+    An SFT stage there made with other SFT settings (checkpoint.SFT_KEYS) is refused, or with --no-resume trained
+    again (DESIGN §7: a resume never mixes runs)."""
+    if cfg.rl.init_from:
+        if not os.path.isdir(cfg.rl.init_from):
+            raise FileNotFoundError(f"rl.init_from = {cfg.rl.init_from}: no such checkpoint directory")
+        return cfg.rl.init_from
+    sft_dir = os.path.join(cfg.run.out_dir, "sft")
+    init_from = os.path.join(sft_dir, "checkpoint")
+    if os.path.isdir(init_from):
+        if cfg.run.resume:
+            refuse_mixing(cfg, sft_dir, "its SFT checkpoint", sft_setting)
+            return init_from
+        if not config_differences(cfg, sft_dir, sft_setting):
+            return init_from
+    if master:
+        print(f"no SFT checkpoint of these settings at {init_from}: running the SFT stage first (sft_mask.py)")
+        import sft_mask
+        sft_mask.run_sft(cfg, sft_dir)
+    barrier(world)
     return init_from
 
 
@@ -772,6 +916,9 @@ def step_prompt_indices(step: int, rank: int, world: int, per_rank: int, pool: i
             perms[epoch] = random.Random(seed * 7919 + epoch).sample(items, len(items))
         out.append(perms[epoch][pos])
     return out
+
+
+MC_SEED = 0x5EED_0000  # offsets the sampling seed of Monte-Carlo continuations from the rollouts'
 
 
 def sampling_seed(seed: int, step: int, rank: int) -> int:
@@ -862,10 +1009,15 @@ def step_metrics(step, ro: Rollouts, zero_std, sums, cstats, edge, rl, world, gr
            "guided_replay/groups": g["replayed"]}
     for name, a in zip(schema.edge_type_names, edge.alpha().detach().tolist()):
         rec[f"alpha/{name}"] = a
+    for name, g in zip(schema.edge_type_names, edge.last_grad):
+        rec[f"controller/alpha_grad/{name}"] = g
     log = edge.log()
     rec["controller/gate_open_rate"] = log["controller/gate_open_rate"]
     for k, w in zip(data.SCORE_KINDS, log.get("controller/verifier_weight", [])):
         rec[f"controller/verifier_weight/{k}"] = w
+    rec.update(credit_accuracy_metrics(cstats.pop("accuracy"), schema))
+    if "time/mc_s" in cstats:
+        rec["time/mc_s"] = cstats.pop("time/mc_s")
     flat = {}  # credit statistics: the same keys on every rank, averaged over ranks
     for k, v in sorted(cstats.items()):
         flat.update({f"{k}/{sl}": x for sl, x in zip(schema.slots, v)} if isinstance(v, list) else {k: v})
@@ -874,12 +1026,31 @@ def step_metrics(step, ro: Rollouts, zero_std, sums, cstats, edge, rl, world, gr
     return rec
 
 
+def credit_accuracy_metrics(acc: dict[str, torch.Tensor], schema: data.GraphSchema) -> dict:
+    """credit/misassigned_correct[/<node type>] = P(A < 0 | correct step), credit/misassigned_wrong[/<node type>] =
+    P(A > 0 | wrong step), credit/wrong_mass_share = share of |A| on the wrong steps of failed rollouts (DESIGN 4.2;
+    credit.credit_accuracy_sums), over all ranks; a ratio without steps to count is left out."""
+    sums = dict(zip(credit.CREDIT_ACCURACY, all_reduce_sum(torch.stack([acc[k] for k in credit.CREDIT_ACCURACY]))))
+    groups = {"": list(range(len(schema.slots)))}
+    for v, name in enumerate(schema.slots):
+        groups.setdefault("/" + schema.slot_info[name].type.name, []).append(v)
+    rec = {}
+    for suffix, idx in groups.items():
+        for name, num, den in (("misassigned_correct", "right_negative", "right"),
+                               ("misassigned_wrong", "wrong_positive", "wrong")):
+            if sums[den][idx].sum() > 0:
+                rec[f"credit/{name}{suffix}"] = float(sums[num][idx].sum() / sums[den][idx].sum())
+    if sums["failed_mass"].sum() > 0:
+        rec["credit/wrong_mass_share"] = float(sums["failed_wrong_mass"].sum() / sums["failed_mass"].sum())
+    return rec
+
+
 def main(argv=None):
     cfg, _ = parse_args(sys.argv[1:] if argv is None else argv)
-    final = train(cfg)
+    final = cli(lambda: train(cfg))
     if int(os.environ.get("RANK", "0")) == 0:
         import eval as evaluation
-        evaluation.evaluate_run(cfg, final, cfg.run.out_dir, print_table=True)
+        cli(lambda: evaluation.evaluate_run(cfg, final, cfg.run.out_dir, print_table=True))
     if _distributed():
         dist.destroy_process_group()
 

@@ -174,13 +174,16 @@ def build_tiny_model(vocab_size: int, pad_id: int, bos_id: int, eos_id: int, hid
 
 
 def load_policy(name_or_path: str | None, tokenizer_words: Iterable[str], dtype="auto", device="cpu",
-                tiny_kwargs: dict | None = None):
+                tiny_kwargs: dict | None = None, key: str = ""):
     """(model, tokenizer) on `device`.
 
     None: a fresh word tokenizer over `tokenizer_words` and a tiny Qwen2 (`tiny_kwargs` go to
     build_tiny_model). A local directory: any HF causal LM checkpoint (ours from save_policy, or
     a pretrained one); the tag-shaped words of `tokenizer_words` (`<...>`, see is_tag_token)
     are added as single tokens where missing (add_graph_tokens). Never downloads.
+    The directory is checked first (checkpoint.check_model_dir: its manifest where it has one,
+    config.json, a tokenizer); a directory that cannot be used is one error naming the path, and
+    `key`, the config key that gave it (FileNotFoundError when missing, else checkpoint.PathError).
     """
     dtype = resolve_dtype(dtype, device)
     words = list(tokenizer_words)
@@ -189,10 +192,14 @@ def load_policy(name_or_path: str | None, tokenizer_words: Iterable[str], dtype=
         model = build_tiny_model(len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id,
                                  tokenizer.eos_token_id, **(tiny_kwargs or {}))
         return model.to(device=device, dtype=dtype), tokenizer
-    if not os.path.isdir(name_or_path):
-        raise FileNotFoundError(f"load_policy: model directory not found: {name_or_path}")
+    from checkpoint import check_model_dir, load_error  # here: checkpoint imports this module
+    from safetensors import SafetensorError
+    check_model_dir(name_or_path, key)
     tokenizer = _load_tokenizer(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, local_files_only=True, dtype=dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, local_files_only=True, dtype=dtype)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        raise load_error(f"{key} = {name_or_path}" if key else name_or_path, "model", err) from None
     add_graph_tokens(tokenizer, model, sorted(w for w in words if is_tag_token(w)))
     return model.to(device=device, dtype=dtype), tokenizer
 
@@ -200,12 +207,16 @@ def load_policy(name_or_path: str | None, tokenizer_words: Iterable[str], dtype=
 def _load_tokenizer(path: str):
     """Our word-level tokenizer must load as itself: AutoTokenizer maps a directory whose config.json says
     'qwen2' to Qwen2Tokenizer, which replaces the whitespace pre-tokenizer and silently encodes to nothing."""
+    from checkpoint import load_error  # here: checkpoint imports this module
     tj = os.path.join(path, "tokenizer.json")
-    if os.path.isfile(tj):
-        with open(tj, encoding="utf-8") as f:
-            if json.load(f).get("model", {}).get("type") == "WordLevel":
-                return PreTrainedTokenizerFast.from_pretrained(path)
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+        if os.path.isfile(tj):
+            with open(tj, encoding="utf-8") as f:
+                if json.load(f).get("model", {}).get("type") == "WordLevel":
+                    return PreTrainedTokenizerFast.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:  # a JSON error is a ValueError
+        raise load_error(path, "tokenizer", err) from None
 
 
 def save_policy(model, tokenizer, out_dir: str) -> None:

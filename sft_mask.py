@@ -23,8 +23,9 @@ from tqdm import tqdm
 import data
 import policy
 import testbed
-from checkpoint import save_atomically
-from config import parse_args, save_config
+from checkpoint import (Interrupted, StopSignals, make_run_dir, refuse_mixing, save_atomically, sft_setting,
+                        start_over)
+from config import cli, parse_args, save_config
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -117,7 +118,9 @@ def lr_at(step: int, total: int, warmup: int, lr: float) -> float:
 # ----------------------------------------------------------------------------------------------------------
 
 def train_sft(cfg, out_dir: str, show_progress: bool = True) -> str:
-    """Run SFT per cfg.sft / cfg.mask and save out_dir/checkpoint (atomically). Returns its path."""
+    """Run SFT per cfg.sft / cfg.mask and save out_dir/checkpoint (atomically). Returns its path. SFT keeps no
+    periodic checkpoint: SIGINT / SIGTERM stop it after the current step with nothing saved
+    (checkpoint.Interrupted), and it trains from the start when run again."""
     torch.manual_seed(cfg.run.seed)
     if cfg.run.num_threads:
         torch.set_num_threads(cfg.run.num_threads)
@@ -126,53 +129,72 @@ def train_sft(cfg, out_dir: str, show_progress: bool = True) -> str:
     schema = task.schema
     model, tokenizer = policy.load_policy(cfg.model.name_or_path or None, task.vocabulary(),
                                           dtype=policy.resolve_dtype(cfg.run.dtype, device), device=device,
-                                          tiny_kwargs=policy.tiny_kwargs(cfg.model, seed=cfg.run.seed))
+                                          tiny_kwargs=policy.tiny_kwargs(cfg.model, seed=cfg.run.seed),
+                                          key="model.name_or_path")
     items = encode_sft_examples(task.splits["sft"], tokenizer, schema, task.strict)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft.lr, weight_decay=cfg.sft.weight_decay)
     gen = torch.Generator().manual_seed(cfg.run.seed)
     os.makedirs(out_dir, exist_ok=True)
-    log = open(os.path.join(out_dir, "metrics.jsonl"), "a")
+    log = open(os.path.join(out_dir, "metrics.jsonl"), "w")  # SFT always starts at step 0
     model.train()
     bar = tqdm(range(cfg.sft.steps), desc="sft", disable=not show_progress)
     t0, tokens = time.time(), 0
-    for step in bar:
-        idx = torch.randint(len(items), (cfg.sft.batch_size,), generator=gen).tolist()
-        input_ids, attn, targets, comp, keep = [t.to(device) for t in sft_batch([items[i] for i in idx], tokenizer,
-                                                                                cfg.mask, gen, schema.label_slot)]
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.sft.steps, cfg.sft.warmup, cfg.sft.lr)
-        with policy.autocast(cfg.run.dtype, device):
-            loss = completion_loss(model, input_ids, attn, targets, comp, keep)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.sft.grad_clip or float("inf"))  # 0: no clip
-        opt.step()
-        tokens += int(comp.sum())
-        if step % cfg.sft.log_every == 0 or step == cfg.sft.steps - 1:
-            rec = {"step": step, "sft/loss": loss.item(), "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
-                   "tokens_per_s": tokens / (time.time() - t0)}
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+    with StopSignals() as stop:
+        for step in bar:
+            if stop.signum:
+                log.close()
+                raise Interrupted(stop.signum, f"SFT interrupted by {stop.name(stop.signum)} after step {step} of "
+                                               f"{cfg.sft.steps}: SFT keeps no periodic checkpoint, nothing was "
+                                               f"saved; the same command trains it again from the start")
+            idx = torch.randint(len(items), (cfg.sft.batch_size,), generator=gen).tolist()
+            input_ids, attn, targets, comp, keep = [t.to(device) for t in sft_batch([items[i] for i in idx], tokenizer,
+                                                                                    cfg.mask, gen, schema.label_slot)]
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg.sft.steps, cfg.sft.warmup, cfg.sft.lr)
+            with policy.autocast(cfg.run.dtype, device):
+                loss = completion_loss(model, input_ids, attn, targets, comp, keep)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                       cfg.sft.grad_clip or float("inf"))  # 0: no clip
+            opt.step()
+            tokens += int(comp.sum())
+            if step % cfg.sft.log_every == 0 or step == cfg.sft.steps - 1:
+                rec = {"step": step, "sft/loss": loss.item(), "grad_norm": float(grad_norm),
+                       "lr": opt.param_groups[0]["lr"], "tokens_per_s": tokens / (time.time() - t0)}
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{loss.item():.3f}")
     log.close()
     model.eval()
     return save_atomically(os.path.join(out_dir, "checkpoint"), lambda d: policy.save_policy(model, tokenizer, d))
 
 
 def run_sft(cfg, out_dir: str, print_table: bool = True) -> str:
-    """The SFT stage as a run directory: config.yaml, metrics.jsonl, checkpoint/, eval.json."""
+    """The SFT stage as a run directory: config.yaml, metrics.jsonl, checkpoint/, eval.json (DESIGN §7, §9).
+
+    With run.resume (the default), a finished stage is reused and evaluated again when it was made with the same
+    SFT settings (checkpoint.SFT_KEYS) and refused in one line naming the keys when not: a resume never mixes runs.
+    A stage without a checkpoint (stopped before its end: SFT keeps no periodic one), or --no-resume, trains
+    from the start and replaces what was there."""
     import eval as evaluation
-    os.makedirs(out_dir, exist_ok=True)
-    save_config(cfg, os.path.join(out_dir, "config.yaml"))
-    ckpt = train_sft(cfg, out_dir)
-    print(f"saved SFT checkpoint to {ckpt}")
+    ckpt = os.path.join(out_dir, "checkpoint")
+    if cfg.run.resume and os.path.isdir(ckpt):
+        refuse_mixing(cfg, out_dir, "its SFT checkpoint", sft_setting)
+        print(f"reusing the SFT checkpoint {ckpt} (made with the same SFT settings; --no-resume trains it again)")
+    else:
+        make_run_dir(out_dir)
+        start_over(out_dir)
+        save_config(cfg, os.path.join(out_dir, "config.yaml"))
+        ckpt = train_sft(cfg, out_dir)
+        print(f"saved SFT checkpoint to {ckpt}")
     evaluation.evaluate_run(cfg, ckpt, out_dir, print_table=print_table)
     return ckpt
 
 
 def main(argv=None):
     cfg, _ = parse_args(sys.argv[1:] if argv is None else argv)
-    run_sft(cfg, os.path.join(cfg.run.out_dir, "sft"))
+    cli(lambda: run_sft(cfg, os.path.join(cfg.run.out_dir, "sft")))
 
 
 if __name__ == "__main__":

@@ -690,6 +690,7 @@ def split_stats(splits: dict[str, list[Example]], schema: GraphSchema, cat: Cata
 
 
 if __name__ == "__main__":
-    from config import parse_args
-    task = load_task(parse_args(sys.argv[1:])[0])
-    print(json.dumps(split_stats(task.splits, task.schema, task.catalogue), indent=1))
+    from config import cli, parse_args
+    _cfg = parse_args(sys.argv[1:])[0]
+    _task = cli(lambda: load_task(_cfg))
+    print(json.dumps(split_stats(_task.splits, _task.schema, _task.catalogue), indent=1))

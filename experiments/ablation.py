@@ -51,6 +51,8 @@ class Row:
     """run only the first N seeds (0: all); supplementary rows"""
     config: str = ""
     """the row's config file (the paper's graph: configs/paper.yaml); empty: the study's --config"""
+    ref: str = "grpo"
+    """the GRPO row an RL row is compared with (the same graph's)"""
 
 
 GRPO = ("--credit.mode=outcome", "--controller.mode=fixed")
@@ -118,6 +120,60 @@ CLAIMS = (("graph_meta", "grpo", "test_longtail", "macro_f1", "graph-meta vs GRP
           ("paper_sft_input", "sft_masked", "test_id", "macro_f1", "paper vs our graph, input-masked SFT, id macro-F1"))
 
 
+# The ablation at the budget with room (issue 14): 200 RL steps, where outcome GRPO gains about 6 long-tail points
+# over its SFT start (study 'reach'); full-split evaluations every 25 steps, a run scored by its last three.
+# Core rows (8 seeds): the SFT starts, GRPO and the Graph-GRPO candidates on both graphs; the others 3 seeds.
+BASE_GRAPH = ("--credit.mode=graph", "--controller.mode=meta")   # configs/base.yaml's Graph-GRPO, stated
+ALIGN = ("--controller.objective=alignment",)
+ROWS2 = (
+    Row("sft_masked", "SFT, input masking (ours)", "sft"),
+    Row("sft_loss", "SFT, loss masking (label-priority)", "sft", None, ("--mask.kind=loss",)),
+    Row("grpo", "GRPO", "rl", "sft_masked", GRPO),
+    Row("graph_default", "Graph-GRPO (default: group + verifier evidence, leave-one-out V, Eq. 3 controller)", "rl",
+        "sft_masked", BASE_GRAPH),
+    Row("graph_fixed", "Graph-GRPO, alpha fixed at 1", "rl", "sft_masked", ("--credit.mode=graph", "--controller.mode=fixed")),
+    Row("graph_align", "Graph-GRPO, alignment controller", "rl", "sft_masked", BASE_GRAPH + ALIGN),
+    Row("paper_sft", "paper graph: SFT (loss masking)", "sft", config=PAPER),
+    Row("paper_grpo", "paper graph: GRPO", "rl", "paper_sft", GRPO, config=PAPER, ref="paper_grpo"),
+    Row("paper_default", "paper graph: Graph-GRPO (per-node scale)", "rl", "paper_sft", BASE_GRAPH, config=PAPER,
+        ref="paper_grpo"),
+    Row("process", "process (verifier evidence, alpha 0)", "rl", "sft_masked",
+        ("--credit.mode=process", "--controller.mode=fixed"), 3),
+    Row("agrl", "TaoSR-AGRL (rule shaping + guided replay; gold CoT)", "rl", "sft_masked",
+        ("--credit.mode=rule_shaped", "--rl.guided_replay=true", "--controller.mode=fixed"), 3),
+    Row("she", "TaoSR-SHE (stepwise; gold step labels)", "rl", "sft_masked",
+        ("--credit.mode=stepwise", "--controller.mode=fixed"), 3),
+    Row("graph_group", "Graph-GRPO, group evidence, DESIGN's V (the former default)", "rl", "sft_masked",
+        BASE_GRAPH + ("--credit.evidence=group", "--credit.value=include_self", "--controller.learn_weights=false"), 3),
+    Row("graph_group_loo", "Graph-GRPO, group evidence, leave-one-out V", "rl", "sft_masked",
+        BASE_GRAPH + ("--credit.evidence=group", "--controller.learn_weights=false"), 3),
+    Row("graph_rollout", "Graph-GRPO, Monte-Carlo node values (Eq. 1c, K = 2)", "rl", "sft_masked",
+        BASE_GRAPH + ("--credit.evidence=rollout", "--controller.learn_weights=false"), 3),
+    Row("graph_wrong_edges", "Graph-GRPO, wrong edges", "rl", "sft_masked", BASE_GRAPH + (WRONG_EDGES,), 3),
+    Row("graph_wrong_edges_align", "Graph-GRPO, wrong edges, alignment controller", "rl", "sft_masked",
+        BASE_GRAPH + ALIGN + (WRONG_EDGES,), 3),
+    Row("graph_no_gate", "Graph-GRPO, no instance gate", "rl", "sft_masked", BASE_GRAPH + ("--credit.gate=none",), 3),
+    Row("graph_node_scale", "Graph-GRPO, per-node scale (ours)", "rl", "sft_masked", BASE_GRAPH + ("--credit.scale=node",), 3),
+    Row("paper_group_scale", "paper graph: Graph-GRPO, one scale per group", "rl", "paper_sft",
+        BASE_GRAPH + ("--credit.scale=group",), 3, config=PAPER, ref="paper_grpo"),
+    Row("graph_meta_a0", "Graph-GRPO, Eq. 3 controller from alpha 0", "rl", "sft_masked", BASE_GRAPH + ("--credit.alpha_init=0",), 3),
+    Row("graph_meta_a2", "Graph-GRPO, Eq. 3 controller from alpha 2", "rl", "sft_masked", BASE_GRAPH + ("--credit.alpha_init=2",), 3),
+    Row("graph_align_a0", "Graph-GRPO, alignment controller from alpha 0", "rl", "sft_masked",
+        BASE_GRAPH + ALIGN + ("--credit.alpha_init=0",), 3),
+    Row("graph_align_a2", "Graph-GRPO, alignment controller from alpha 2", "rl", "sft_masked",
+        BASE_GRAPH + ALIGN + ("--credit.alpha_init=2",), 3),
+    Row("student", "student of Graph-GRPO (default), all heads", "distill", "graph_default", (), 3),
+)
+CLAIMS2 = (("graph_default", "grpo", "test_longtail", "macro_f1", "Graph-GRPO (default) vs GRPO, lt macro-F1"),
+           ("graph_default", "grpo", "test_id", "macro_f1", "Graph-GRPO (default) vs GRPO, id macro-F1"),
+           ("sft_loss", "sft_masked", "test_longtail", "macro_f1", "loss vs input masking SFT, lt macro-F1"),
+           ("sft_loss", "sft_masked", "test_id", "macro_f1", "loss vs input masking SFT, id macro-F1"),
+           ("graph_align", "graph_default", "test_longtail", "macro_f1", "alignment vs Eq. 3 controller, lt macro-F1"),
+           ("graph_default", "graph_fixed", "test_longtail", "macro_f1", "Eq. 3 controller vs fixed alpha, lt macro-F1"),
+           ("paper_default", "graph_default", "test_longtail", "macro_f1", "paper graph vs ours (Graph-GRPO), lt macro-F1"),
+           ("paper_default", "paper_group_scale", "test_longtail", "macro_f1", "paper graph: per-node vs group scale, lt macro-F1"))
+
+
 @dataclass(frozen=True)
 class Study:
     name: str
@@ -125,15 +181,32 @@ class Study:
     seeds: str = "0-7"
     rl_steps: int = 60
     what: str = ""
+    eval_every: int = 10
+    eval_items: int = 500
+    score_last: int = 0
+    """score an RL run by the mean of its last N evaluations (0: its final checkpoint's eval.json)"""
+    claims: tuple | None = None
+    """paired claims (None: the 60-step study's list, CLAIMS); a study with claims also tests every RL row vs its GRPO"""
+    distill_steps: int = 2000
+    distill_train: int = 5000
 
 
 STUDIES = {s.name: s for s in (
-    Study("ablation", ROWS, what="every row of the paper's ablation in miniature"),
+    Study("ablation", ROWS2, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=CLAIMS2, distill_steps=6000, distill_train=0,
+          what="every row at the budget with room (200 RL steps), both graphs, credit accuracy"),
+    Study("ablation60", ROWS, what="every row of the paper's ablation in miniature (60 RL steps; the first study)"),
     Study("masking", MASKING_ROWS, seeds="0-2", what="SFT with vs without CoT random masking"),
     Study("modes", MODES_ROWS, seeds="0-2", rl_steps=70, what="the credit modes side by side (a first comparison)"),
-    Study("reach", REACH_ROWS, seeds="0-3", rl_steps=200, what="can outcome RL move the long tail at this budget"),
+    Study("reach", REACH_ROWS, seeds="0-3", rl_steps=200, eval_every=25, eval_items=0, score_last=3,
+          claims=(("grpo", "sft_masked", "test_longtail", "macro_f1", "GRPO vs its SFT start, lt macro-F1"),
+                  ("grpo", "sft_masked", "test_id", "macro_f1", "GRPO vs its SFT start, id macro-F1"),
+                  ("grpo_kl04", "sft_masked", "test_longtail", "macro_f1", "GRPO + KL 0.04 vs its SFT start, lt macro-F1"),
+                  ("grpo_kl04", "sft_masked", "test_id", "macro_f1", "GRPO + KL 0.04 vs its SFT start, id macro-F1")),
+          what="can outcome RL move the long tail at this budget"),
 )}
-BY_NAME = {r.name: r for st in STUDIES.values() for r in st.rows}
+def rows_of(study: str) -> dict[str, Row]:
+    """{row name: row} of a study (names are per study: 'grpo' of the 60-step study is not the new one's)."""
+    return {r.name: r for r in STUDIES[study].rows}
 SCRIPTS = {"sft": "sft_mask.py", "rl": "graph_grpo.py", "distill": "distill.py"}
 SPLITS = ("test_id", "test_longtail")
 
@@ -165,7 +238,8 @@ def make_jobs(args) -> list[Job]:
     common = ["--run.device=cpu", "--run.num_threads=1", f"--data.dir={os.path.join(args.out, 'data')}",
               "--run.save_every=20", "--run.keep_last=1", *args.extra]
     rl = [f"--rl.steps={args.rl_steps}", f"--rl.eval_every={args.eval_every}", f"--rl.eval_items={args.eval_items}"]
-    rows = [BY_NAME[n] for n in args.rows] if args.rows else list(STUDIES[args.study].rows)
+    by_name = rows_of(args.study)
+    rows = [by_name[n] for n in args.rows] if args.rows else list(by_name.values())
     jobs = []
     for seed, row in itertools.product(args.seeds, rows):
         if row.max_seeds and seed not in args.seeds[:row.max_seeds]:
@@ -175,14 +249,14 @@ def make_jobs(args) -> list[Job]:
         if row.kind == "sft":
             cmd, deps = base + [f"--run.out_dir={d}"], []
         elif row.kind == "rl":
-            parent = run_dir(args.out, BY_NAME[row.parent], seed)
+            parent = run_dir(args.out, by_name[row.parent], seed)
             cmd = base + rl + [f"--run.out_dir={d}", f"--rl.init_from={os.path.join(parent, 'sft', 'checkpoint')}"]
-            deps = [eval_json_of(args.out, BY_NAME[row.parent], seed)]
+            deps = [eval_json_of(args.out, by_name[row.parent], seed)]
         else:
-            teacher = run_dir(args.out, BY_NAME[row.parent], seed)
+            teacher = run_dir(args.out, by_name[row.parent], seed)
             cmd = base + [f"--run.out_dir={d}", f"--distill.teacher={os.path.join(teacher, 'checkpoint')}",
                           f"--distill.steps={args.distill_steps}", f"--distill.max_train={args.distill_train}"]
-            deps = [eval_json_of(args.out, BY_NAME[row.parent], seed)]
+            deps = [eval_json_of(args.out, by_name[row.parent], seed)]
         jobs.append(Job(row, seed, d, eval_json_of(args.out, row, seed), cmd + list(row.overrides), deps))
     return jobs
 
@@ -294,8 +368,10 @@ def mean_std(vals: list[float], digits: int = 3) -> str:
     return f"{np.mean(vals):.{digits}f} ± {np.std(vals, ddof=1):.{digits}f}"
 
 
-def collect(out: str, seeds: list[int], rows=ROWS) -> dict:
-    """{row name: {seed: {'final': {split: metrics}, 'curves': {...} (rl rows)}}} for the finished runs."""
+def collect(out: str, seeds: list[int], rows=ROWS, score_last: int = 0) -> dict:
+    """{row name: {seed: {'final': {split: metrics}, 'curves': {...}, 'credit': {...} (rl rows)}}} for the finished
+    runs. score_last K > 0: an RL run's accuracy and macro-F1 per split are the mean of its last K evaluations
+    (full splits at rl.eval_every): one checkpoint's long-tail score moves by up to 3 points between evaluations."""
     found = {}
     for row in rows:
         for seed in seeds:
@@ -307,16 +383,63 @@ def collect(out: str, seeds: list[int], rows=ROWS) -> dict:
             if row.kind == "rl" and os.path.exists(mpath):
                 recs = evaluation.read_metrics(mpath)
                 rec["curves"], rec["credit"] = run_curves(recs), credit_summary(recs)
+                rec["reward_area"] = float(np.mean([r["reward"] for r in recs])) if recs else float("nan")
+                if score_last:
+                    rec["final"] = scored(rec["final"], rec["curves"], score_last)
             found.setdefault(row.name, {})[seed] = rec
     return found
 
 
-def report(found: dict, ref_row: str = "grpo", rows=ROWS) -> str:
+def scored(final: dict, curves: dict, k: int) -> dict:
+    """`final` with each split's accuracy and macro-F1 replaced by the mean of the last k evaluations during RL
+    (where the run has k after its start)."""
+    out = {s: dict(m) for s, m in final.items()}
+    for split in out:
+        for key in ("accuracy", "macro_f1"):
+            xs, ys = curves.get(f"{split}/{key}", ([], []))
+            if len(ys) > k:
+                out[split][key] = float(np.mean(ys[-k:]))
+    return out
+
+
+T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}
+
+
+def mean_ci(vals: list[float], digits: int = 2) -> str:
+    """'mean ± half-width of the 95% t-interval over seeds' (one value: the value)."""
+    vals = [v for v in vals if v == v]
+    if len(vals) < 2:
+        return f"{vals[0]:.{digits}f}" if vals else "-"
+    half = T975.get(len(vals) - 1, 1.96) * float(np.std(vals, ddof=1)) / math.sqrt(len(vals))
+    return f"{np.mean(vals):.{digits}f} ± {half:.{digits}f}"
+
+
+def accuracy_table(found: dict, rows) -> list[str]:
+    """DESIGN 4.2 per row: P(A < 0 | correct step), P(A > 0 | wrong step) (all steps and facet / verdict steps), the
+    share of |A| on the wrong steps of failed rollouts; means over steps, then mean ± 95% CI over seeds."""
+    lines = ["| row | seeds | P(A<0 \\| correct) | P(A<0 \\| correct), verdict steps | P(A>0 \\| wrong) | "
+             "P(A>0 \\| wrong), verdict steps | \\|A\\| share on wrong steps of failed rollouts |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        cs = [r["credit"] for r in found.get(row.name, {}).values() if "credit/misassigned_correct" in r.get("credit", {})]
+        if not cs:
+            continue
+        verdict = lambda c, name: np.nanmean([v for k, v in c.items() if k.startswith(f"credit/{name}/") and  # noqa: E731
+                                              k.rsplit("/", 1)[1] in ("f", "ms", "ma")] or [np.nan])
+        lines.append(f"| {row.title} | {len(cs)} | {mean_ci([c['credit/misassigned_correct'] for c in cs])} | "
+                     f"{mean_ci([verdict(c, 'misassigned_correct') for c in cs])} | "
+                     f"{mean_ci([c.get('credit/misassigned_wrong', np.nan) for c in cs])} | "
+                     f"{mean_ci([verdict(c, 'misassigned_wrong') for c in cs])} | "
+                     f"{mean_ci([c.get('credit/wrong_mass_share', np.nan) for c in cs])} |")
+    return lines
+
+
+def report(found: dict, ref_row: str = "grpo", rows=ROWS, claims=None) -> str:
     """The markdown of results/ablation.md (without its header): the main table, the diagnostics table, the
     three paired claims."""
     lines = ["| row | seeds | test_longtail macro-F1 | test_longtail acc | test_id macro-F1 | test_id acc | "
-             "id drift (max drop, points) | collapsed | steps to GRPO's final lt macro-F1 |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "id drift (max drop, points) | collapsed | steps to GRPO's final lt macro-F1 | training reward (mean over steps) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     ref = found.get(ref_row, {})
     ref_curves = [r["curves"]["test_longtail/macro_f1"] for r in ref.values() if "curves" in r]
     target = float(np.mean([ys[-1] for _, ys in ref_curves])) if ref_curves else None
@@ -340,7 +463,8 @@ def report(found: dict, ref_row: str = "grpo", rows=ROWS) -> str:
                 reach = str(hit) if hit is not None else "not reached"
         lines.append(f"| {row.title} | {len(fin)} | {mean_std(col('test_longtail', 'macro_f1'))} | "
                      f"{mean_std(col('test_longtail', 'accuracy'))} | {mean_std(col('test_id', 'macro_f1'))} | "
-                     f"{mean_std(col('test_id', 'accuracy'))} | {drift} | {collapse} | {reach} |")
+                     f"{mean_std(col('test_id', 'accuracy'))} | {drift} | {collapse} | {reach} | "
+                     f"{mean_std([r['reward_area'] for r in runs.values() if 'reward_area' in r])} |")
         if row.kind != "distill":
             shares = [m["test_longtail"].get(evaluation.LONGTAIL_VERDICT_KEY, {}) for m in fin]
             order = ("match", "partial", "mismatch", "absent", "missing")
@@ -348,16 +472,23 @@ def report(found: dict, ref_row: str = "grpo", rows=ROWS) -> str:
             diag.append(f"| {row.title} | {mean_std(col('test_longtail', 'longtail_facet_accuracy'))} | {share_txt} | "
                         f"{mean_std(col('test_longtail', 'rule_consistency'))} | "
                         f"{mean_std(col('test_longtail', 'format_valid'))} |")
-    out = ["## Main table (mean ± std over seeds; final checkpoints on the full test splits)", "", *lines, "",
+    out = ["## Main table (mean ± std over seeds)", "", *lines, "",
            "Drift, collapse and steps-to-reach come from the evaluations during RL (first items of each split). "
            "Target for the last column: the GRPO row's mean final long-tail macro-F1 on those items"
            + (f" ({target:.3f})." if target is not None else "."), "",
            "## Long-tail diagnostics (final checkpoints, test_longtail)", "", *diag, "",
            "## Credit diagnostics (graph rows; means over steps and seeds, final alpha)", "", *credit_table(found, rows), "",
+           "## Credit accuracy (DESIGN 4.2; rollouts with a nonzero outcome advantage; mean ± 95% CI over seeds)", "",
+           *accuracy_table(found, rows), "",
            "## Paired claims", "",
            "| claim | seeds | mean difference | std of differences | wins / ties / losses | paired t | exact sign-flip p |",
            "|---|---:|---:|---:|---:|---:|---:|"]
-    for a, b, split, key, what in CLAIMS:
+    by_name = {r.name: r for r in rows}
+    every = [(r.name, r.ref, sp, "macro_f1", f"{r.title} vs {by_name[r.ref].title if r.ref in by_name else r.ref}, "
+              f"{'lt' if sp == 'test_longtail' else 'id'} macro-F1")
+             for r in rows if r.kind == "rl" and r.name != r.ref and claims is not None
+             for sp in ("test_longtail", "test_id")]
+    for a, b, split, key, what in (CLAIMS if claims is None else tuple(claims) + tuple(every)):
         seeds = sorted(set(found.get(a, {})) & set(found.get(b, {})))
         if not seeds:
             continue
@@ -430,10 +561,12 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=2, help="runs side by side (one torch thread each)")
     ap.add_argument("--rows", default="", help="comma-separated row names (default: the study's)")
     ap.add_argument("--rl-steps", type=int, default=0, help="RL steps of every RL row; default: the study's")
-    ap.add_argument("--eval-every", type=int, default=10, help="drift evaluation every N RL steps")
-    ap.add_argument("--eval-items", type=int, default=500, help="items per test split in drift evaluations")
-    ap.add_argument("--distill-steps", type=int, default=2000, help="student optimizer steps (row 12)")
-    ap.add_argument("--distill-train", type=int, default=5000, help="RL-pool prompts the student learns from")
+    ap.add_argument("--eval-every", type=int, default=0, help="drift evaluation every N RL steps; default: the study's")
+    ap.add_argument("--eval-items", type=int, default=-1, help="items per test split in drift evaluations (0: all); "
+                    "default: the study's")
+    ap.add_argument("--distill-steps", type=int, default=0, help="student optimizer steps; default: the study's")
+    ap.add_argument("--distill-train", type=int, default=-1, help="RL-pool prompts the student learns from (0: all); "
+                    "default: the study's")
     ap.add_argument("--extra", nargs="*", default=[], help="overrides appended to every run (e.g. --extra=--eval.max_items=8)")
     ap.add_argument("--report-only", action="store_true", help="do not run anything; rebuild the report")
     args = ap.parse_args(argv)
@@ -441,11 +574,15 @@ def main(argv=None):
     args.out = args.out or os.path.join("runs", study.name)
     args.seeds = parse_seeds(args.seeds or study.seeds)
     args.rl_steps = args.rl_steps or study.rl_steps
+    args.eval_every = args.eval_every or study.eval_every
+    args.eval_items = study.eval_items if args.eval_items < 0 else args.eval_items
+    args.distill_steps = args.distill_steps or study.distill_steps
+    args.distill_train = study.distill_train if args.distill_train < 0 else args.distill_train
     args.rows = [r for r in args.rows.split(",") if r]
     for name in args.rows:
-        if name not in BY_NAME:
-            ap.error(f"--rows: unknown row {name!r} (rows: {', '.join(BY_NAME)})")
-    rows = [BY_NAME[n] for n in args.rows] if args.rows else list(study.rows)
+        if name not in rows_of(study.name):
+            ap.error(f"--rows: unknown row {name!r} of study {study.name!r} (rows: {', '.join(rows_of(study.name))})")
+    rows = [rows_of(study.name)[n] for n in args.rows] if args.rows else list(study.rows)
     t0 = time.time()
     if not args.report_only:
         jobs = make_jobs(args)
@@ -454,15 +591,17 @@ def main(argv=None):
         print(f"{len(jobs)} runs, {sum(os.path.exists(j.eval_json) for j in jobs)} already finished", flush=True)
         counts = run_jobs(jobs, args.jobs)
         print(f"runs: {counts} in {(time.time() - t0) / 60:.1f} min", flush=True)
-    found = collect(args.out, args.seeds, rows)
+    found = collect(args.out, args.seeds, rows, study.score_last)
     os.makedirs(args.results, exist_ok=True)
     command = f"python experiments/ablation.py {' '.join(argv if argv is not None else sys.argv[1:])}".strip()
     made_by = f"report of the runs under `{args.out}`, by `{command}`" if args.report_only else f"`{command}`"
     header = (f"# Study '{study.name}': {study.what} ({made_by})\n\n"
               f"Base config `{args.config}`; RL rows: {args.rl_steps} steps; drift evaluations every "
-              f"{args.eval_every} steps on the first {args.eval_items} items of each test split; seeds "
-              f"{args.seeds}. Generated by the script; do not edit by hand.\n\n")
-    text = report(found, rows=rows)
+              f"{args.eval_every} steps on {f'the first {args.eval_items}' if args.eval_items else 'all'} items of each "
+              f"test split; seeds "
+              f"{args.seeds}" + (f"; an RL run's accuracy and macro-F1 are the mean of its last {study.score_last} "
+                                 f"evaluations" if study.score_last else "") + ". Generated by the script; do not edit by hand.\n\n")
+    text = report(found, rows=rows, claims=study.claims)
     with open(os.path.join(args.results, f"{study.name}.md"), "w") as f:
         f.write(header + text)
     print(text)

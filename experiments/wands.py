@@ -27,7 +27,7 @@ import testbed  # noqa: E402
 import eval as evaluation  # noqa: E402
 import policy  # noqa: E402
 import sft_mask  # noqa: E402
-from config import ConfigError, load_config  # noqa: E402
+from config import ConfigError, UserError, cli, load_config  # noqa: E402
 
 STOPWORDS = {"a", "an", "and", "the", "for", "with", "in", "of", "to", "on", "by", "or"}
 
@@ -151,60 +151,64 @@ def main(argv=None):
     command = "python experiments/wands.py " + " ".join(sys.argv[1:] if argv is None else argv)
     t0 = time.time()
     os.chdir(ROOT)  # config paths (data.dir, run.out_dir) are relative to the repository root
-    try:
+
+    def run():
         cfg = load_config(args.config, overrides)
         if args.convert:
-            exs = testbed.convert_wands(testbed.resolve_wands_dir(cfg.data.wands_dir), args.convert, cfg.data.wands_grades)
+            exs = testbed.convert_wands(testbed.resolve_wands_dir(cfg.data.wands_dir), args.convert,
+                                        cfg.data.wands_grades)
             print(f"wrote {len(exs)} examples to {args.convert}")
             return
-        task = testbed.load_task(cfg)
+        try:
+            task = testbed.load_task(cfg)
+        except ValueError as err:  # also a WANDS-built catalogue without the schema's facets
+            raise UserError(str(err)) from err
         schema, splits = task.schema, task.splits
-    except (ConfigError, data.DataError, ValueError) as err:
-        raise SystemExit(f"error: {err}")
-    if cfg.run.num_threads:
-        torch.set_num_threads(cfg.run.num_threads)
-    names = list(schema.label_names)
-    if len(names) != 3:
-        raise SystemExit(f"error: the lexical baseline predicts the 3 WANDS grades; data.label_names = {names}")
-    sft_dir = os.path.join(cfg.run.out_dir, "sft")
-    ckpt = os.path.join(sft_dir, "checkpoint")
-    if not os.path.isdir(ckpt):
-        print(f"# training the SFT policy -> {ckpt}")
-        sft_mask.run_sft(cfg, sft_dir, print_table=False)
-    device = policy.resolve_device(cfg.run.device)
-    model, tokenizer = policy.load_policy(ckpt, schema.words(), dtype=cfg.run.dtype, device=device)
-    real = splits[testbed.WANDS_REAL_SPLIT]
-    synthetic = {s: splits[s] for s in ("test_id", "test_longtail")}
-    vocab = data.TagVocab.from_tokenizer(tokenizer, schema)
-    with policy.autocast(cfg.run.dtype, device):
-        synth = evaluation.evaluate_policy(model, tokenizer, task, synthetic, cfg.eval)
-        completions = evaluation.generate_greedy(model, tokenizer, real, cfg.eval.batch_size, cfg.eval.max_new_tokens,
-                                                 strict=False)
-    res_real = evaluation.score_completions(real, completions, vocab, schema)
-    parsed = [data.parse_completion(c, vocab, schema) for c in completions]
-    policy_pred = [p.label if p.valid else None for p in parsed]
-    lexical_pred = [lexical_label(ex.query, ex.product) for ex in real]
-    constant = Counter(ex.label for ex in real).most_common(1)[0][0]
-    gold = [ex.label for ex in real]
-    models = [("SFT policy (CoT, masked SFT on the WANDS-built testbed)", policy_pred),
-              ("lexical overlap rule (no fitting)", lexical_pred),
-              (f"constant '{names[constant]}' (the test majority; reference only)", [constant] * len(real))]
-    rows = [metric_row(n, gold, p, names) for n, p in models]
-    rows[0]["format valid"] = res_real["format_valid"]
-    rows[0]["rule consistent"] = res_real["rule_consistency"]
-    by_source = []
-    for src in sorted({ex.meta.get("source", "") for ex in real}):
-        idx = [i for i, ex in enumerate(real) if ex.meta.get("source", "") == src]
-        row = {"source": src or "-", "n": len(idx)}
-        for short, (_, pred) in zip(("policy", "lexical"), models):
-            m = evaluation.summarize_predictions([gold[i] for i in idx], [pred[i] for i in idx], len(names), names)
-            row[f"{short} acc"], row[f"{short} macro-F1"] = m["accuracy"], m["macro_f1"]
-        by_source.append(row)
-    unk = unknown_shares(tokenizer, real, sft_words(splits["sft"]))
-    wall = f"{time.time() - t0:.0f} s wall on this machine, {cfg.run.num_threads or 'all'} thread(s)"
-    print(write_report(args.out, cfg, real, rows, by_source, unk, synth, command, wall))
-    print(f"\nwrote {args.out}")
+        if cfg.run.num_threads:
+            torch.set_num_threads(cfg.run.num_threads)
+        names = list(schema.label_names)
+        if len(names) != 3:
+            raise ConfigError(f"data.label_names = {names}: the lexical baseline predicts the 3 WANDS grades")
+        sft_dir = os.path.join(cfg.run.out_dir, "sft")
+        ckpt = os.path.join(sft_dir, "checkpoint")
+        if not os.path.isdir(ckpt):
+            print(f"# training the SFT policy -> {ckpt}")
+            sft_mask.run_sft(cfg, sft_dir, print_table=False)
+        device = policy.resolve_device(cfg.run.device)
+        model, tokenizer = policy.load_policy(ckpt, schema.words(), dtype=cfg.run.dtype, device=device)
+        real = splits[testbed.WANDS_REAL_SPLIT]
+        synthetic = {s: splits[s] for s in ("test_id", "test_longtail")}
+        vocab = data.TagVocab.from_tokenizer(tokenizer, schema)
+        with policy.autocast(cfg.run.dtype, device):
+            synth = evaluation.evaluate_policy(model, tokenizer, task, synthetic, cfg.eval)
+            completions = evaluation.generate_greedy(model, tokenizer, real, cfg.eval.batch_size,
+                                                     cfg.eval.max_new_tokens, strict=False)
+        res_real = evaluation.score_completions(real, completions, vocab, schema)
+        parsed = [data.parse_completion(c, vocab, schema) for c in completions]
+        policy_pred = [p.label if p.valid else None for p in parsed]
+        lexical_pred = [lexical_label(ex.query, ex.product) for ex in real]
+        constant = Counter(ex.label for ex in real).most_common(1)[0][0]
+        gold = [ex.label for ex in real]
+        models = [("SFT policy (CoT, masked SFT on the WANDS-built testbed)", policy_pred),
+                  ("lexical overlap rule (no fitting)", lexical_pred),
+                  (f"constant '{names[constant]}' (the test majority; reference only)", [constant] * len(real))]
+        rows = [metric_row(n, gold, p, names) for n, p in models]
+        rows[0]["format valid"] = res_real["format_valid"]
+        rows[0]["rule consistent"] = res_real["rule_consistency"]
+        by_source = []
+        for src in sorted({ex.meta.get("source", "") for ex in real}):
+            idx = [i for i, ex in enumerate(real) if ex.meta.get("source", "") == src]
+            row = {"source": src or "-", "n": len(idx)}
+            for short, (_, pred) in zip(("policy", "lexical"), models):
+                m = evaluation.summarize_predictions([gold[i] for i in idx], [pred[i] for i in idx], len(names), names)
+                row[f"{short} acc"], row[f"{short} macro-F1"] = m["accuracy"], m["macro_f1"]
+            by_source.append(row)
+        unk = unknown_shares(tokenizer, real, sft_words(splits["sft"]))
+        wall = f"{time.time() - t0:.0f} s wall on this machine, {cfg.run.num_threads or 'all'} thread(s)"
+        print(write_report(args.out, cfg, real, rows, by_source, unk, synth, command, wall))
+        print(f"\nwrote {args.out}")
 
+    cli(run)
 
 if __name__ == "__main__":
     main()

@@ -72,7 +72,7 @@ def test_report_on_fake_runs(tmp_path):
     assert "| 5.0 ± 7.1 | 0/2 |" in grpo      # id drift in points: drops 10 and 0
     assert "| 17.5 ± 17.7 | 1/2 |" in meta    # drops 30 and 5; seed 0 ends 25 points down: collapsed
     # steps to GRPO's final lt macro-F1 (mean of last curve points 0.65): meta's mean curve 0.55, 0.65 -> 10
-    assert meta.endswith("| 10 |") and grpo.endswith("| 20 |")
+    assert meta.endswith("| 10 | 0.500 ± 0.000 |") and grpo.endswith("| 20 | 0.500 ± 0.000 |")  # + mean reward
     # credit diagnostics of the one run that logged them: facet mean |A| = mean(0.2, 0.4), zero evidence 0.8,
     # final alpha 1.2; statistics it did not log are nan
     credit_line = md.split("## Credit diagnostics")[1].splitlines()[4]
@@ -125,15 +125,28 @@ def test_plot_writes_png_when_matplotlib_is_installed(tmp_path):
 def test_ablation_runner_smoke_resumes_and_reports(tmp_path):
     """Three rows, one seed, tiny config: every run finishes, the report lists them; a second call skips all."""
     out, res = tmp_path / "abl", tmp_path / "results"
-    cmd = [sys.executable, "experiments/ablation.py", "--config", "configs/tiny.yaml", "--out", str(out),
+    cmd = [sys.executable, "experiments/ablation.py", "--study", "ablation60", "--config", "configs/tiny.yaml", "--out", str(out),
            "--results", str(res), "--seeds", "0", "--rows", "sft_masked,grpo,graph_meta", "--rl-steps", "2",
            "--eval-every", "1", "--eval-items", "4", "--extra=--eval.max_items=8"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    md = open(res / "ablation.md").read()
+    md = open(res / "ablation60.md").read()
     for title in ("2. SFT, CoT random masking", "3. + GRPO (outcome)", "8. + Graph-GRPO, meta controller"):
         assert f"| {title} | 1 |" in md
     assert ablation.eval_curve(str(out / "grpo_s0" / "metrics.jsonl"), "test_id")[0] == [0, 1, 2]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "3 runs, 3 already finished" in r.stdout
+
+
+def test_scoring_by_the_last_evaluations_and_confidence_intervals(tmp_path):
+    """score_last K: a run's accuracy / macro-F1 are the mean of its last K evaluations; mean_ci is the 95% t-interval."""
+    out = str(tmp_path)
+    _fake_rl_run(f"{out}/grpo_s0", [0.9, 0.8, 0.85], [0.5, 0.6, 0.7], 0.60)
+    found = ablation.collect(out, [0], score_last=2)
+    final = found["grpo"][0]["final"]
+    assert final["test_longtail"]["macro_f1"] == pytest.approx(0.65)   # mean of 0.6 and 0.7, not eval.json's 0.60
+    assert final["test_id"]["accuracy"] == pytest.approx(0.825)
+    assert ablation.collect(out, [0])["grpo"][0]["final"]["test_longtail"]["macro_f1"] == 0.60
+    assert ablation.mean_ci([1.0, 2.0, 3.0]) == "2.00 ± 2.48"          # 4.30 * 1 / sqrt(3)
+    assert ablation.mean_ci([0.5]) == "0.50" and ablation.mean_ci([]) == "-"

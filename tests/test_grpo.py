@@ -514,3 +514,66 @@ def test_refactor_keeps_the_reference_run():
             for g, w in zip(got["metrics"], want[name]["metrics"]):
                 assert {k: g.get(k) for k in w} == w, name
             assert got["params_sha256"] == want[name]["params_sha256"], name
+
+
+def test_monte_carlo_node_values_telescope_are_reproducible_and_shared():
+    """Eq. 1c (DESIGN 4.1) in the trainer: on a parsed rollout of a mixed group, the node credits (alpha 0, no scale)
+    sum to R_i - Vhat(start) (Vhat(start) = the group's mean reward), the value after the last node is R_i, a prefix
+    shared by rollouts of a group is sampled once, and a second call with the same seed gives the same values."""
+    schema = data.GraphSchema()
+    cfg = load_config("configs/tiny.yaml", ["--credit.evidence=rollout", "--credit.rollout_samples=3"])
+    splits = testbed.generate_splits(schema, 5, 8, 0, 0, 0, 0.0, 0.5)
+    tok = policy.build_word_tokenizer(testbed.vocabulary(schema, splits["sft"]))
+    model = policy.build_tiny_model(len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, hidden_size=32,
+                                    num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
+    vocab = data.TagVocab.from_tokenizer(tok, schema)
+    s = types.SimpleNamespace(cfg=cfg, model=model, tokenizer=tok, vocab=vocab, task=types.SimpleNamespace(schema=schema))
+    exs, G = splits["sft"][:2], 4
+    prompts = [policy.encode(tok, data.format_prompt(e.query, e.product), True) for e in exs]
+    gold = [policy.encode(tok, data.serialize_cot(e.cot, schema), True) + [tok.eos_token_id] for e in exs]
+    # group 0: the gold CoT twice and two truncations (mixed rewards); group 1: the gold CoT four times (zero std)
+    comps = [gold[0], gold[0], gold[0][:9], gold[0][:5]] + [gold[1]] * 4
+    ro = gg.Rollouts(*gg.pack(prompts, comps, tok.pad_token_id, "cpu"), group_size=G, examples=exs, completions=comps)
+    gg.score_rollouts(ro, vocab, schema, cfg.reward)
+    assert ro.rewards.tolist() == [1, 1, 0, 0, 1, 1, 1, 1]
+    cb = gg.credit_batch(ro.parses, ro.rewards, G, schema, ro.completion_mask.shape[1], None)
+    values, cost = gg.monte_carlo_values(s, ro, prompts, cb, seed=3)
+    again, _ = gg.monte_carlo_values(s, ro, prompts, cb, seed=3)
+    assert torch.equal(values, again) and cost["mc/continuations"] == 3 * cost["mc/prefixes"] > 0
+    # the two identical gold rollouts share every prefix: one group's worth of boundaries, sampled once
+    n_boundaries = int(cb.present[0].sum()) - 1   # inner boundaries of a contiguous chain
+    assert cost["mc/prefixes"] == n_boundaries
+    cb.values = values
+    A, a = credit.graph_node_advantages(cb, evidence="rollout", scale="none",
+                                        alpha=torch.zeros(len(schema.edge_kinds), dtype=torch.float64))
+    for i in (0, 1):   # parsed rows of the mixed group
+        assert a[i].sum().item() == pytest.approx(ro.rewards[i].item() - 0.5, abs=1e-12)
+        y = schema.slots.index("y")
+        assert values[i, y, 1] == ro.rewards[i]
+    assert (a[4:] == 0).all()                      # the zero-std group: no samples, no own evidence
+    assert torch.equal(values[4:], ro.rewards[4:, None, None].double().expand(4, len(schema.slots), 2))
+
+
+def test_alignment_dots_from_the_update_pass_equal_a_direct_computation():
+    """controller.objective alignment: the update pass collects the output layer's inputs and the graph loss's
+    output-layer gradient (micro-batched, trimmed, shared-prompt forward); the d~_t it gives equal
+    credit.alignment_token_dots on one plain forward of the whole batch."""
+    torch.manual_seed(0)
+    model = policy.build_tiny_model(50, 0, 1, 2, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                                    intermediate_size=64)
+    ro = _fake_rollouts()
+    rl = rl_cfg("token_mean", max_len=6, micro=4)
+    rl.temperature = 0.7
+    mask = ro.completion_mask
+    n_tokens = float(mask.sum())
+    align = {"hidden": torch.zeros(*ro.adv.shape, 32), "grad": None}
+    gg.accumulate_policy_gradient(model, ro, mask, rl, n_tokens, 8.0, 1, align=align)
+    G = torch.randn(50, 32, generator=torch.Generator().manual_seed(1))
+    ctl = types.SimpleNamespace(cfg=types.SimpleNamespace(rl=rl))
+    got = gg.Controller.alignment_dots(ctl, model, ro, align, G)
+    with torch.no_grad():
+        out = gg.logprobs_of(model, ro.rows(slice(None)), 0.7, hidden=True)  # per-row forward, untrimmed
+    delta = -gg.output_grad_from_logits(out.hidden, out.logits, ro.completion_ids, ro.adv, mask, rl, n_tokens, 8.0)
+    want = credit.alignment_token_dots(out.hidden.float(), out.logits, ro.completion_ids, G, delta, 1.0) / 0.7
+    torch.testing.assert_close(got * mask, want * mask, rtol=1e-4, atol=1e-6)
+    assert (want * mask).abs().sum() > 0
