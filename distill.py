@@ -145,10 +145,12 @@ def distill_loss(student_logits: dict[str, torch.Tensor], teacher_probs: dict[st
 # 3. Teacher signals: probabilities over each node's verdict words on the teacher's own greedy CoT
 
 def single_token_ids(tokenizer, words) -> list[int]:
-    """The one token id of each word; a word the tokenizer splits (or does not know) is a one-line error."""
+    """The one token id of each word as it follows other words (with its leading space: a byte-level BPE keeps
+    'Ġmismatch' whole but splits a bare 'mismatch'); a word the tokenizer splits or does not know is a one-line
+    error."""
     out = []
     for w in words:
-        ids = policy.encode(tokenizer, w, strict=False)
+        ids = policy.encode(tokenizer, " " + w, strict=False)
         if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
             raise DistillError(f"distill: the teacher's tokenizer has no single token for the word {w!r} (got {ids}); "
                              f"node signals are read at one token per verdict/label word")

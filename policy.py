@@ -29,7 +29,7 @@ from typing import Iterable, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 from transformers import (AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerFast,
                           Qwen2Config, Qwen2ForCausalLM)
 
@@ -92,11 +92,16 @@ def add_graph_tokens(tokenizer, model, tokens: Iterable[str]) -> int:
     token and a `<eos>` eos token where the tokenizer has none, sets pad = eos where pad is
     missing, and grows the model's embeddings when the new ids do not fit. Tokens already in
     the vocabulary are left alone, so on our own word-level checkpoints this adds nothing.
+    A tag absorbs the space before it (lstrip): in a byte-level BPE that space would otherwise be a
+    token of its own before every tag, and a node's decision word would not sit right before its
+    closing tag (distill.node_word_positions); decoding then drops that space, which no parser sees
+    (contents are read between tags). The new embedding rows are drawn from a fixed seed, so that a
+    model loaded twice gets the same rows (transformers draws them from the global RNG).
     Returns the number of tokens added.
     """
     vocab = tokenizer.get_vocab()
     missing = [t for t in dict.fromkeys(tokens) if t not in vocab and t != SPECIAL_TOKENS["mask_token"]]
-    added = tokenizer.add_tokens(missing, special_tokens=False)
+    added = tokenizer.add_tokens([AddedToken(t, lstrip=True, normalized=False) for t in missing], special_tokens=False)
     if tokenizer.mask_token is None:
         added += tokenizer.add_special_tokens({"mask_token": SPECIAL_TOKENS["mask_token"]})
     if tokenizer.eos_token is None:
@@ -106,7 +111,9 @@ def add_graph_tokens(tokenizer, model, tokens: Iterable[str]) -> int:
     # Some checkpoints (Qwen) ship more embedding rows than tokenizer entries: never shrink.
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
-        model.resize_token_embeddings(len(tokenizer))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model.resize_token_embeddings(len(tokenizer))
     for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
         value = getattr(tokenizer, key)
         if value is not None:
