@@ -1,0 +1,131 @@
+"""SmolLM2-135M-Instruct on the real WANDS pairs (issue 15): zero-shot with a label prompt, and after fine-tuning on
+the WANDS-built synthetic testbed for a fixed CPU budget; next to results/wands.md's lexical rule and majority class.
+
+    python experiments/wands_smollm2.py --minutes 40 --threads 1      # -> results/wands_smollm2.md
+
+The model answers a chat-template question ("How relevant is the product to the query? Answer Exact, Partial or
+Irrelevant.") and is read by scoring: the label is the grade whose words have the highest log-probability after the
+prompt (no generation, no parsing; every pair gets a label). Fine-tuning (a fair way to fit one CPU hour, as the issue
+allows): label-only targets (the cross-entropy of the gold grade's words) on the WANDS-built testbed's synthetic pairs
+(configs/wands.yaml: the catalogue comes from WANDS product text, never from the judged pairs' labels or queries),
+with the embeddings and all but the top --train-layers decoder layers frozen. The real pairs are only evaluated.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import torch  # noqa: E402
+
+import eval as evaluation  # noqa: E402
+import policy  # noqa: E402
+import testbed  # noqa: E402
+from config import cli, load_config  # noqa: E402
+
+GRADES = ("Irrelevant", "Partial", "Exact")  # WANDS's, lowest first: the label index is the position
+QUESTION = "How relevant is the product to the query? Answer Exact, Partial or Irrelevant."
+
+
+def label_prompt(tokenizer, query: str, product: str) -> list[int]:
+    messages = [{"role": "user", "content": f"Query: {query}\nProduct: {product}\n{QUESTION}"}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+
+
+def grade_logprobs(model, tokenizer, pairs, batch: int = 16) -> torch.Tensor:
+    """(n, 3) log-probability of each grade's words after each pair's prompt (teacher forcing, summed over the
+    grade's tokens), one forward per (pair, grade), batched."""
+    answers = [tokenizer.encode(g, add_special_tokens=False) for g in GRADES]
+    rows, out = [(label_prompt(tokenizer, q, p), a) for q, p in pairs for a in answers], []
+    for i in range(0, len(rows), batch):
+        chunk = rows[i:i + batch]
+        ids, attn, comp = policy.build_sequences([r[0] for r in chunk], [r[1] for r in chunk], tokenizer.pad_token_id)
+        out.append(policy.token_logprobs(model, ids, attn, comp, 1.0).logprobs.sum(1))
+    return torch.cat(out).view(-1, len(GRADES))
+
+
+def predict(model, tokenizer, pairs) -> list[int]:
+    with torch.no_grad():
+        return grade_logprobs(model, tokenizer, pairs).argmax(1).tolist()
+
+
+def finetune(model, tokenizer, examples, minutes: float, train_layers: int, lr: float, batch: int, seed: int) -> dict:
+    """Label-only fine-tuning for a wall-clock budget: the gold grade's words after the prompt, cross-entropy over the
+    three grades' log-probabilities (the same reading as predict), top `train_layers` layers + final norm trained."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trainable = [p for layer in model.model.layers[-train_layers:] for p in layer.parameters()]
+    trainable += list(model.model.norm.parameters())
+    for p in trainable:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    t0, steps, seen, losses = time.time(), 0, 0, []
+    while time.time() - t0 < 60 * minutes:
+        idx = torch.randint(len(examples), (batch,), generator=gen).tolist()
+        scores = grade_logprobs(model, tokenizer, [(examples[i].query, examples[i].product) for i in idx], batch * 3)
+        loss = torch.nn.functional.cross_entropy(scores, torch.tensor([examples[i].label for i in idx]))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        steps, seen = steps + 1, seen + batch
+        losses.append(loss.item())
+    model.eval()
+    return {"steps": steps, "examples": seen, "minutes": (time.time() - t0) / 60,
+            "loss_first_10": sum(losses[:10]) / max(1, len(losses[:10])), "loss_last_10": sum(losses[-10:]) / max(1, len(losses[-10:]))}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=os.path.join(ROOT, "models", "smollm2-135m"))
+    ap.add_argument("--minutes", type=float, default=40.0, help="fine-tuning budget (wall clock)")
+    ap.add_argument("--train-layers", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=os.path.join(ROOT, "results", "wands_smollm2.md"))
+    args, overrides = ap.parse_known_args(argv)
+    torch.set_num_threads(args.threads)
+    os.chdir(ROOT)
+    cfg = load_config(os.path.join(ROOT, "configs", "wands.yaml"), overrides)
+    task = testbed.load_task(cfg)
+    real = task.splits[testbed.WANDS_REAL_SPLIT]
+    gold, names = [ex.label for ex in real], list(cfg.data.label_names)
+    model, tokenizer = policy.load_policy(args.model, [], dtype="float32", key="--model")
+    pairs = [(ex.query, ex.product) for ex in real]
+    rows = []
+    t0 = time.time()
+    zero = predict(model, tokenizer, pairs)
+    rows.append({"model": "SmolLM2-135M-Instruct, zero-shot label prompt", **summary(gold, zero, names),
+                 "minutes": round((time.time() - t0) / 60, 1)})
+    torch.manual_seed(0)
+    train = task.splits["sft"] + task.splits["rl"]
+    info = finetune(model, tokenizer, train, args.minutes, args.train_layers, args.lr, args.batch, seed=0)
+    tuned = predict(model, tokenizer, pairs)
+    rows.append({"model": f"SmolLM2-135M-Instruct, label-only fine-tuning on the WANDS-built testbed ({info['steps']} "
+                          f"steps, {info['examples']} synthetic pairs, top {args.train_layers} layers)",
+                 **summary(gold, tuned, names), "minutes": round(info["minutes"], 1)})
+    command = "python experiments/wands_smollm2.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    text = "\n".join([f"# SmolLM2-135M-Instruct on the real WANDS pairs (`{command}`)", "",
+                      f"{len(real)} judged pairs; {args.threads} CPU thread(s); fine-tuning: lr {args.lr}, batch "
+                      f"{args.batch}, loss {info['loss_first_10']:.3f} (first 10 steps) -> {info['loss_last_10']:.3f} "
+                      f"(last 10), {info['minutes']:.1f} min wall. Read by scoring the three grades after a "
+                      f"chat-template question; every pair gets a label.", "",
+                      evaluation.format_table(rows, list(rows[0])), ""])
+    with open(args.out, "w", encoding="utf-8") as f:
+        f.write(text)
+    print(text)
+
+
+def summary(gold, pred, names) -> dict:
+    m = evaluation.summarize_predictions(gold, pred, len(names), names)
+    shares = " / ".join(f"{sum(p == k for p in pred) / len(pred):.2f}" for k in range(len(names)))
+    return {"accuracy": m["accuracy"], "macro-F1": m["macro_f1"], "predicted " + " / ".join(names): shares}
+
+
+if __name__ == "__main__":
+    cli(main)
