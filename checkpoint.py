@@ -25,6 +25,9 @@ import threading
 from typing import Any, Callable
 
 import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule
 
 import policy
 from config import Config, OneLineError, UserError, config_to_dict, load_config
@@ -173,16 +176,60 @@ def step_dir(out_dir: str, step: int) -> str:
     return os.path.join(out_dir, "checkpoints", f"step_{step:06d}")
 
 
-def save_checkpoint(out_dir: str, step: int, model, tokenizer, state: dict, keep_last: int) -> str:
-    """Model, tokenizer and trainer state (optimizer, controller, step, RNG) in one atomic directory."""
+def save_checkpoint(out_dir: str, step: int, model, tokenizer, state: dict, keep_last: int,
+                    weights: dict | None = None) -> str:
+    """Model, tokenizer and trainer state (optimizer, controller, step, RNG) in one atomic directory; `weights`: the
+    model's full state dict where the model holds shards (model_state)."""
     def write(d):
-        policy.save_policy(model, tokenizer, d)
+        save_model(model, tokenizer, d, weights)
         torch.save(state, os.path.join(d, "trainer_state.pt"))
     final = save_atomically(step_dir(out_dir, step), write)
     for old in checkpoint_dirs(out_dir)[:-keep_last]:
         os.replace(old, old + ".old")   # out of checkpoint_dirs first: never a half-deleted checkpoint in the list
         shutil.rmtree(old + ".old", ignore_errors=True)
     return final
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What a checkpoint holds of a sharded (FSDP) model: the same files as of a model in one piece
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def is_sharded(model) -> bool:
+    """The model holds shards of its parameters (run.parallel fsdp: FSDP2's fully_shard)."""
+    return isinstance(model, FSDPModule)
+
+
+def model_state(model) -> dict | None:
+    """What save_model writes of `model`: None (its own parameters) for a model in one piece; for a sharded one, the
+    full state dict, gathered into rank 0's memory (a collective: every rank calls it; the others get {})."""
+    return get_model_state_dict(model, options=_FULL) if is_sharded(model) else None
+
+
+def save_model(model, tokenizer, d: str, weights: dict | None = None) -> None:
+    """policy.save_policy; with `weights` (model_state of a sharded model) save_pretrained writes those instead of
+    the shards: the same files either way, which policy.load_policy reads."""
+    if weights is None:
+        policy.save_policy(model, tokenizer, d)
+        return
+    os.makedirs(d, exist_ok=True)
+    model.save_pretrained(d, state_dict=weights)
+    tokenizer.save_pretrained(d)
+
+
+def optimizer_state(model, opt) -> dict:
+    """opt.state_dict(); for a sharded model the full one (moments unsharded, keyed by parameter name), gathered into
+    rank 0's memory (a collective: every rank calls it; the others get {})."""
+    return get_optimizer_state_dict(model, opt, options=_FULL) if is_sharded(model) else opt.state_dict()
+
+
+def load_optimizer_state(model, opt, saved: dict) -> None:
+    """optimizer_state's inverse on resume: for a sharded model every rank takes its shards of the full state."""
+    if is_sharded(model):
+        set_optimizer_state_dict(model, opt, saved, options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(saved)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -70,6 +70,8 @@ class RunConfig:
     """number of step checkpoints kept in the run directory"""
     num_threads: int = 0
     """torch CPU threads per process; 0: cores // world size"""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """under torchrun: ddp (a full model, gradients and AdamW moments per rank) or fsdp (FSDP2: all three sharded over ranks, for models that do not fit one GPU under DDP; README "DDP or FSDP")"""
 
 
 @dataclass

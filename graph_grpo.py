@@ -4,6 +4,7 @@
     python graph_grpo.py configs/base.yaml --credit.mode=outcome --controller.mode=fixed   # plain GRPO
     torchrun --nproc_per_node=2 graph_grpo.py configs/base.yaml             # CPU, gloo
     torchrun --nproc_per_node=8 graph_grpo.py configs/base.yaml             # one node, 8 GPUs, nccl
+    torchrun --nproc_per_node=8 graph_grpo.py configs/base.yaml --run.parallel=fsdp   # FSDP2: sharded model
 
 If the SFT checkpoint (rl.init_from, default <out_dir>/sft/checkpoint) does not exist, the SFT stage of
 sft_mask.py runs first. A run directory that holds a checkpoint is resumed (--no-resume starts over).
@@ -17,7 +18,7 @@ The file reads in the order of the method (DESIGN.md §3-§8):
   6. controller   Eq. 3: what the alpha controller carries between steps, in one object (§5)
   7. baselines    the seed papers' pieces: TaoSR-AGRL shaping and guided replay, TaoSR-SHE filtering, curriculum (§8)
   8. the loop     rl_step, then train (§7)
-  9. plumbing     DDP, checkpoints, metrics by name
+  9. plumbing     DDP or FSDP (run.parallel), checkpoints, metrics by name
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import credit
@@ -39,8 +42,9 @@ import data
 import policy
 import testbed
 from checkpoint import (WAYS_OUT, Interrupted, PathError, RunLogs, StopSignals, checkpoint_dirs, config_differences,
-                        load_trainer_state, make_run_dir, newest_loadable, refuse_mixing, rl_setting, rng_state,
-                        save_atomically, save_checkpoint, set_rng_state, sft_setting, start_over, step_dir)
+                        is_sharded, load_optimizer_state, load_trainer_state, make_run_dir, model_state,
+                        newest_loadable, optimizer_state, refuse_mixing, rl_setting, rng_state, save_atomically,
+                        save_checkpoint, save_model, set_rng_state, sft_setting, start_over, step_dir)
 from config import ConfigError, cli, parse_args, save_config
 
 # ----------------------------------------------------------------------------------------------------------
@@ -88,13 +92,14 @@ class Rollouts:
         return Rollouts(self.input_ids[idx], self.attention_mask[idx], self.completion_mask[idx], self.prompt_len,
                         self.rewards[idx], cut(self.adv), cut(self.old_logp), cut(self.ref_logp), group_size)
 
-    def trimmed(self) -> "Rollouts":
+    def trimmed(self, min_columns: int = 0) -> "Rollouts":
         """These rows without the columns that are padding in every row: leading prompt columns (left pad) and
-        trailing completion columns (right pad). Padding has no effect on the loss: only work is saved."""
+        trailing completion columns (right pad), keeping at least `min_columns` completion columns where the rows
+        have them (FSDP_MIN_COLUMNS). Padding has no effect on the loss: only work is saved."""
         lead = int((self.attention_mask.long().cumsum(1) == 0).all(0).sum())  # columns all-pad from the left
         lead = min(lead, self.prompt_len - 1)                                 # keep one prompt column
         used = self.completion_mask.any(0).nonzero()
-        T = int(used[-1]) + 1 if len(used) else 1
+        T = max(int(used[-1]) + 1 if len(used) else 1, min(min_columns, self.completion_mask.shape[1]))
         P = self.prompt_len
         cut = lambda t: None if t is None else t[:, :T]  # noqa: E731
         return Rollouts(self.input_ids[:, lead:P + T], self.attention_mask[:, lead:P + T], self.completion_mask[:, :T],
@@ -105,18 +110,25 @@ class Rollouts:
 
 
 def sample_rollouts(model, tokenizer, examples, prompt_ids, rl, seed: int) -> Rollouts:
-    """G completions per prompt (policy.sample on the raw model: shared prompt cache, finished rows dropped)."""
+    """G completions per prompt (policy.sample on the raw model: shared prompt cache, finished rows dropped; under
+    FSDP inside full_parameters)."""
     G = rl.num_generations
     completions = policy.sample(model, prompt_ids, G, rl.max_new_tokens, rl.temperature, tokenizer.eos_token_id,
                                 tokenizer.pad_token_id, seed=seed)
-    return Rollouts(*pack(prompt_ids, completions, tokenizer.pad_token_id, model.device), group_size=G,
-                    examples=list(examples), completions=completions)
+    packed = pack(prompt_ids, completions, tokenizer.pad_token_id, model.device, min_completion_columns(model))
+    return Rollouts(*packed, group_size=G, examples=list(examples), completions=completions)
 
 
-def pack(prompt_ids, completions, pad_id, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """(input_ids, attention_mask, completion_mask (B, T) float, P) of prompts + completions (policy.build_sequences)."""
+def pack(prompt_ids, completions, pad_id, device,
+         columns: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(input_ids, attention_mask, completion_mask (B, T) float, P) of prompts + completions (policy.build_sequences),
+    with at least `columns` completion columns (masked padding: FSDP_MIN_COLUMNS)."""
     input_ids, attn, comp_full = policy.build_sequences(prompt_ids, completions, pad_id, device)
-    P = input_ids.shape[1] - max(len(c) for c in completions)
+    T = max(len(c) for c in completions)
+    P, extra = input_ids.shape[1] - T, max(0, columns - T)
+    if extra:
+        input_ids = torch.nn.functional.pad(input_ids, (0, extra), value=pad_id)
+        attn, comp_full = (torch.nn.functional.pad(t, (0, extra)) for t in (attn, comp_full))
     return input_ids, attn, comp_full[:, P:].float(), P
 
 
@@ -334,7 +346,10 @@ def accumulate_policy_gradient(ddp_model, ro: Rollouts, mask: torch.Tensor, rl, 
 
     Every micro-batch loss is divided by the GLOBAL counts (aggregate_loss) and multiplied by the world size
     (DDP averages gradients over ranks), so the accumulated gradient equals the full-batch gradient for any
-    micro-batch size and world size. Gradients are synchronised on the last micro-batch only (no_sync before).
+    micro-batch size and world size. Under DDP gradients are synchronised on the last micro-batch only (no_sync
+    before); under FSDP (`ddp_model` sharded) they are reduce-scattered after every micro-batch: skipping that
+    would keep an unsharded gradient of the whole model on every rank, the memory FSDP is there to save. Under FSDP
+    every micro-batch keeps FSDP_MIN_COLUMNS completion columns, so that every rank runs the same forwards.
     With grad_W (the Eq. 3 controller), also writes d_t of every completion token into d_out (B, T). With
     main_adv (B, T), also returns this rank's share of the output-layer gradient of the outcome main loss on these
     rollouts (global counts `main_counts`; default this rank's), from the same forward (controller.reuse_forward).
@@ -355,11 +370,12 @@ def accumulate_policy_gradient(ddp_model, ro: Rollouts, mask: torch.Tensor, rl, 
     starts = list(range(0, ro.input_ids.shape[0], rl.micro_batch_size))
     for j, s in enumerate(starts):
         idx = order[s:s + rl.micro_batch_size]
-        mb = ro.rows(idx, G).trimmed()
+        mb = ro.rows(idx, G).trimmed(min_completion_columns(ddp_model))
         T = mb.completion_mask.shape[1]
         mmask = mask[idx][:, :T]
         last = j == len(starts) - 1
-        ctx = ddp_model.no_sync() if (world > 1 and not last) else contextlib.nullcontext()
+        sync = last or world == 1 or is_sharded(ddp_model)
+        ctx = contextlib.nullcontext() if sync else ddp_model.no_sync()
         with ctx:
             out = logprobs_of(ddp_model, mb, rl.temperature, entropy=True, hidden=need_hidden)
             old = mb.old_logp if mb.old_logp is not None else out.logprobs.detach()
@@ -491,7 +507,7 @@ class Controller:
         pre-update parameters."""
         update_W = -all_reduce_sum(align["grad"])
         h = align["hidden"]
-        with torch.no_grad():
+        with torch.no_grad(), full_parameters(model):  # FSDP: the output layer whole, outside a forward of the model
             logits = model.get_output_embeddings()(h.to(next(model.parameters()).dtype)).float() / self.cfg.rl.temperature
         return credit.alignment_token_dots(h, logits, ro.completion_ids, grad_W, update_W, 1.0) / self.cfg.rl.temperature
 
@@ -509,7 +525,7 @@ class Controller:
             return self.next_grad_W, out_adv
         previous = self.main_batch is not None and self.cfg.controller.main_batch == "previous"
         held_out = self.main_batch if previous else ro
-        with policy.autocast(self.cfg.run.dtype, ro.input_ids.device):
+        with policy.autocast(self.cfg.run.dtype, ro.input_ids.device), full_parameters(model):
             grad_W = main_loss_output_grad(model, held_out, self.cfg, main_counts(held_out))
         return all_reduce_sum(grad_W), out_adv
 
@@ -664,7 +680,7 @@ def rl_step(s: RL, step: int) -> tuple[dict, Rollouts, bool]:
     prompts = [s.prompt_cache.setdefault(i, policy.encode(s.tokenizer, data.format_prompt(pool[i].query, pool[i].product),
                                                           s.task.strict)) for i in idx]
     # ---- 1-2. rollouts and rewards
-    with policy.autocast(cfg.run.dtype, s.device):
+    with policy.autocast(cfg.run.dtype, s.device), full_parameters(s.model):
         ro = sample_rollouts(s.model, s.tokenizer, [pool[i] for i in idx], prompts, rl,
                              sampling_seed(cfg.run.seed, step, s.rank))
     score_rollouts(ro, s.vocab, schema, cfg.reward)
@@ -673,7 +689,7 @@ def rl_step(s: RL, step: int) -> tuple[dict, Rollouts, bool]:
                                     s.tokenizer, schema, s.task.strict)
         if ro.replayed:
             ro.input_ids, ro.attention_mask, ro.completion_mask, ro.prompt_len = pack(
-                prompts, ro.completions, s.tokenizer.pad_token_id, s.device)
+                prompts, ro.completions, s.tokenizer.pad_token_id, s.device, min_completion_columns(s.model))
             score_rollouts(ro, s.vocab, schema, cfg.reward)
     if s.cr.scores:
         golds = [ex for ex in ro.examples for _ in range(G)]
@@ -687,7 +703,7 @@ def rl_step(s: RL, step: int) -> tuple[dict, Rollouts, bool]:
     cb = credit_batch(ro.parses, ro.rewards, G, schema, T, ro.scores)
     mc_cost = {}
     if s.cr.monte_carlo:
-        with policy.autocast(cfg.run.dtype, s.device):
+        with policy.autocast(cfg.run.dtype, s.device), full_parameters(s.model):
             cb.values, mc_cost = monte_carlo_values(s, ro, prompts, cb, sampling_seed(cfg.run.seed, step, s.rank) + MC_SEED)
     batch_std = float(all_gather_cat(ro.rewards).std()) if cfg.credit.scale == "batch" else None
     adv_graph, cstats = s.cr.advantages(cb, T, s.controller, batch_std)
@@ -707,9 +723,11 @@ def rl_step(s: RL, step: int) -> tuple[dict, Rollouts, bool]:
     tic = time.time()
     with torch.no_grad(), policy.autocast(cfg.run.dtype, s.device):
         if rl.num_iterations > 1:
-            ro.old_logp = logprobs_of(s.model, ro, rl.temperature).logprobs
+            with full_parameters(s.model):
+                ro.old_logp = logprobs_of(s.model, ro, rl.temperature).logprobs
         if s.ref_model is not None:
-            ro.ref_logp = logprobs_of(s.ref_model, ro, rl.temperature).logprobs
+            with full_parameters(s.ref_model):
+                ro.ref_logp = logprobs_of(s.ref_model, ro, rl.temperature).logprobs
     timing["update"] = time.time() - tic
     tic = time.time()
     grad_W, out_adv = s.controller.main_grad(s.model, ro)
@@ -736,6 +754,8 @@ def rl_step(s: RL, step: int) -> tuple[dict, Rollouts, bool]:
         fwd_grad_W = part if reuse else fwd_grad_W
         sums = it_sums if it == 0 else sums
         grad_norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), rl.grad_clip or float("inf"))  # 0: no clip
+        if isinstance(grad_norm, DTensor):  # FSDP: the norm over every rank's shards, replicated
+            grad_norm = grad_norm.full_tensor()
         if all_reduce_sum(torch.tensor([float(not torch.isfinite(grad_norm))])).item() > 0:
             skipped = True  # every rank skips together: the collectives stay in step
             s.opt.zero_grad(set_to_none=True)
@@ -789,8 +809,14 @@ def train(cfg) -> str:
     if rl.beta > 0:  # frozen copy of the SFT policy (DESIGN §7)
         ref_model = policy.load_policy(init_from, words, dtype=dtype, device=device, key="rl.init_from")[0]
         ref_model.eval().requires_grad_(False)
-    ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
-        if world > 1 else model
+    if world > 1 and cfg.run.parallel == "fsdp":  # sharded in place: the optimizer below is built on the shards
+        ddp_model = shard_model(model)
+        ref_model = shard_model(ref_model) if ref_model is not None else None
+    elif world > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model,
+                                                              device_ids=[device] if device.type == "cuda" else None)
+    else:
+        ddp_model = model
     stage_of = curriculum_stage_of(task.splits["rl"], task.splits["sft"], rl.curriculum_stages) \
         if cr.diversified and rl.curriculum_stages > 1 else None
     s = RL(cfg, task, cr, model, ddp_model, ref_model, tokenizer, data.TagVocab.from_tokenizer(tokenizer, task.schema),
@@ -798,7 +824,7 @@ def train(cfg) -> str:
            Controller(cfg, cr, len(task.schema.edge_kinds), world), rank, world, device, stage_of)
     start, bad_in_row = 0, 0
     if state is not None:
-        s.opt.load_state_dict(state["optimizer"])
+        load_optimizer_state(model, s.opt, state["optimizer"])
         s.controller.load_state_dict(state["controller"])
         start, bad_in_row = state["step"], state["bad_in_row"]
         set_rng_state(state["rng"])
@@ -809,11 +835,13 @@ def train(cfg) -> str:
     logs = RunLogs(out_dir, start, master)
 
     def save(done: int) -> str:
-        """The periodic checkpoint after `done` steps: rank 0 writes it, every rank waits for it."""
-        state = {"optimizer": s.opt.state_dict(), "controller": s.controller.state_dict(), "step": done,
+        """The periodic checkpoint after `done` steps: rank 0 writes it (under FSDP every rank first sends it its
+        shards), every rank waits for it."""
+        weights = model_state(model)
+        state = {"optimizer": optimizer_state(model, s.opt), "controller": s.controller.state_dict(), "step": done,
                  "bad_in_row": bad_in_row, "rng": rng_state()}
         if master:
-            save_checkpoint(out_dir, done, model, tokenizer, state, cfg.run.keep_last)
+            save_checkpoint(out_dir, done, model, tokenizer, state, cfg.run.keep_last, weights)
         barrier(world)
         return step_dir(out_dir, done)
 
@@ -832,7 +860,7 @@ def train(cfg) -> str:
             if rl.eval_every and (step + 1) % rl.eval_every == 0:  # drift during RL: in-distribution retention
                 rec.update(drift_eval(s, master))
             saving = (step + 1) % cfg.run.save_every == 0 or step + 1 == rl.steps
-            if saving and world > 1:  # DDP keeps the replicas identical: checked, not assumed
+            if saving and world > 1 and not is_sharded(model):  # DDP keeps the replicas identical: checked, not assumed
                 rec["ddp/replica_max_diff"] = replica_max_diff(s)
             if master and (step % cfg.run.log_every == 0 or step + 1 == rl.steps
                            or any(k.startswith("eval") for k in rec)):
@@ -847,9 +875,10 @@ def train(cfg) -> str:
                 raise Interrupted(signum, f"interrupted by {stop.name(signum)} after step {step + 1} of {rl.steps}: "
                                           f"checkpoint {path}; the same command resumes from it" if master else "")
     final = os.path.join(out_dir, "checkpoint")
+    weights = model_state(model)
     if master:
         logs.close()
-        save_atomically(final, lambda d: policy.save_policy(model, tokenizer, d))
+        save_atomically(final, lambda d: save_model(model, tokenizer, d, weights))
     barrier(world)
     return final
 
@@ -880,18 +909,20 @@ def ensure_sft(cfg, master: bool, world: int) -> str:
 
 def drift_eval(s: RL, master: bool) -> dict:
     """{'eval/<split>/accuracy' | 'eval/<split>/macro_f1': value} on the first rl.eval_items items of each test
-    split (rank 0 evaluates, the others wait): in-distribution drift and long-tail progress during RL."""
+    split (rank 0 evaluates, the others wait; under FSDP every rank first lends it its shards: full_parameters):
+    in-distribution drift and long-tail progress during RL."""
     rec = {}
-    if master:
-        import eval as evaluation
-        n = s.cfg.rl.eval_items
-        tests = {k: v[:n] if n else v for k, v in s.task.tests.items()}
-        with policy.autocast(s.cfg.run.dtype, s.device):
-            res = evaluation.evaluate_policy(s.model, s.tokenizer, s.task, tests, s.cfg.eval)
-        for k, m in res.items():
-            rec[f"eval/{k}/accuracy"], rec[f"eval/{k}/macro_f1"] = m["accuracy"], m["macro_f1"]
-            if "longtail_facet_accuracy" in m:
-                rec[f"eval/{k}/longtail_facet_accuracy"] = m["longtail_facet_accuracy"]
+    with full_parameters(s.model):
+        if master:
+            import eval as evaluation
+            n = s.cfg.rl.eval_items
+            tests = {k: v[:n] if n else v for k, v in s.task.tests.items()}
+            with policy.autocast(s.cfg.run.dtype, s.device):
+                res = evaluation.evaluate_policy(s.model, s.tokenizer, s.task, tests, s.cfg.eval)
+            for k, m in res.items():
+                rec[f"eval/{k}/accuracy"], rec[f"eval/{k}/macro_f1"] = m["accuracy"], m["macro_f1"]
+                if "longtail_facet_accuracy" in m:
+                    rec[f"eval/{k}/longtail_facet_accuracy"] = m["longtail_facet_accuracy"]
     barrier(s.world)
     return rec
 
@@ -927,7 +958,7 @@ def sampling_seed(seed: int, step: int, rank: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 9. Plumbing: distributed setup, checkpoints, metrics
+# 9. Plumbing: distributed setup (DDP or FSDP), checkpoints, metrics
 
 def setup_distributed(device_cfg: str):
     """RANK in the environment means torchrun. Returns (rank, world, local_rank, device)."""
@@ -972,6 +1003,64 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
 def barrier(world: int) -> None:
     if world > 1:
         dist.barrier()
+
+
+def shard_model(model: torch.nn.Module) -> torch.nn.Module:
+    """run.parallel fsdp (DESIGN §7): FSDP2 in place, each decoder layer its own unit (its parameters all-gathered
+    just before its forward and again for its backward, freed after each), then the root (embeddings, final norm,
+    output layer, tied or not). Every rank keeps 1 / world of each parameter (DTensors), of its gradient and of the
+    AdamW moments built on it afterwards. Returns the same module."""
+    for layer in model.base_model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+FSDP_MIN_COLUMNS = 2
+"""Every collective runs on every rank in the same order (DESIGN §7), so every rank must run the same forwards in the
+update: under FSDP each forward all-gathers the layers' parameters, and under DDP each forward through the wrapper
+broadcasts its buffers. The shared-prompt forward (policy.completion_logprobs_shared_prompt) runs twice for a
+micro-batch with two completion columns or more and once for one, and a rank's micro-batch can be one token long
+(every row ended at once) where another's is not, which hung a 2-rank run until the gloo timeout: with more than
+one rank, rollouts and micro-batches keep at least two completion columns (the extra one masked: no effect on the
+loss)."""
+
+
+def min_completion_columns(model) -> int:
+    """The completion columns rollouts and micro-batches keep at least: FSDP_MIN_COLUMNS with more than one rank (DDP
+    or FSDP), else no floor (one process: nothing to keep in step)."""
+    return FSDP_MIN_COLUMNS if is_sharded(model) or (_distributed() and dist.get_world_size() > 1) else 0
+
+
+@contextlib.contextmanager
+def full_parameters(model: torch.nn.Module):
+    """Within the block, an FSDP model's parameters are whole on every rank (one all-gather at entry: a collective,
+    every rank enters together) and its forwards run no collective; they are freed at exit. A no-op for a model in
+    one piece (DDP, one process). Not reentrant.
+
+    Every forward that is not the update's (generation of rollouts and Monte-Carlo continuations, the drift
+    evaluation, pi_old / reference log-probs, G_W, the alignment controller's output layer) runs in it, because
+    policy.sample drops finished rows and stops when all rows are done, so ranks run different numbers of decode
+    steps, and rank 0 alone runs the drift evaluation: with sharded forwards these would be unmatched all-gathers
+    (DESIGN §7 wants every collective on every rank in the same order; else a hang, or another layer's parameters).
+    Decoding max_new_tokens steps on every rank would match them, but not rank 0's evaluation, and would still
+    all-gather every layer at every decode step, where this all-gathers once per phase. The cost is the full
+    parameters on every GPU during the block (4 bytes per parameter under run.dtype auto, 2 under bfloat16: README
+    "DDP or FSDP"); gradients and AdamW moments stay sharded."""
+    if not is_sharded(model):
+        yield
+        return
+    units = [m for m in model.modules() if is_sharded(m)]
+    model.set_reshard_after_forward(False)
+    for m in units:
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in units:
+            m.reshard()
+        model.set_reshard_after_forward(True)                  # FSDP2's defaults: the layers free after forward,
+        model.set_reshard_after_forward(False, recurse=False)  # the root keeps its parameters for the backward
 
 
 def replica_max_diff(s: RL) -> float:

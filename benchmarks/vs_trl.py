@@ -5,7 +5,8 @@
 TRL is NOT a product dependency: install it in a separate virtualenv (benchmarks/requirements.txt) and point
 --trl-python (or $VS_TRL_PYTHON) at that interpreter; the default is the interpreter running this script.
 
-For each model size (--sizes; the embedded tiny Qwen2, hidden 128 x 2 layers, and hidden 256 x 4 layers):
+For each model size (--sizes; the embedded tiny Qwen2, hidden 128 x 2 layers and hidden 256 x 4 layers, and
+SmolLM2-135M from models/smollm2-135m at a small setting both sides share: 4 prompts x 4 samples, 64 tokens):
   1. an SFT checkpoint (--init SIZE=DIR; trained with sft_mask.py when missing) is the common start;
   2. a check that TRL's reward function here gives exactly our rewards on our trainer's own rollouts
      (graph_grpo.make_rollouts) and that TRL's prompt tokenisation gives our prompt ids;
@@ -16,8 +17,9 @@ For each model size (--sizes; the embedded tiny Qwen2, hidden 128 x 2 layers, an
      on_step_begin -> on_step_end (generation, reward, 4 micro-batch forward/backward, clipping, optimizer) in
      wall and process CPU seconds.
   4. medians over the measured steps (the first step of every process is warm-up and dropped, on both sides), the
-     ratio TRL / ours (wall and CPU), the mean completion length and completion tokens/s of each side. CPU seconds
-     of a one-thread process are the steadier figure on a machine shared with other jobs.
+     ratio TRL / ours (wall and CPU) per repetition (one chunk of each side; --steps / --chunk repetitions,
+     alternated) with its median and range, the mean completion length, completion tokens/s and peak resident
+     memory of each side. CPU seconds of a one-thread process are the steadier figure on a shared machine.
 Nothing is asserted about speed: numbers are measured and printed (and written to --out as JSON).
 """
 import argparse
@@ -38,12 +40,18 @@ import graph_grpo  # noqa: E402
 import policy  # noqa: E402
 from config import parse_args  # noqa: E402
 
-CONFIG = "configs/base.yaml"
 OURS = ["--credit.mode=outcome", "--controller.mode=fixed"]  # plain GRPO: outcome advantage on every token
-SIZES = {  # name -> (model overrides for the SFT stage, SFT steps, default checkpoint)
-    "h128_l2": (["--model.hidden_size=128", "--model.num_layers=2"], 600, "/tmp/bench_sft/sft/checkpoint"),
-    "h256_l4": (["--model.hidden_size=256", "--model.num_layers=4"], 300, "/tmp/bench_sft_h256/sft/checkpoint"),
+# name -> (config, model overrides for the SFT stage, SFT steps, default checkpoint, RL settings of both sides)
+SIZES = {
+    "h128_l2": ("configs/base.yaml", ["--model.hidden_size=128", "--model.num_layers=2"], 600,
+                "/tmp/bench_sft/sft/checkpoint", []),
+    "h256_l4": ("configs/base.yaml", ["--model.hidden_size=256", "--model.num_layers=4"], 300,
+                "/tmp/bench_sft_h256/sft/checkpoint", []),
+    # SmolLM2-135M (models/smollm2-135m, smollm2.py) at a setting this CPU can run: 4 prompts x 4 samples, 64 tokens
+    "smollm2": ("configs/smollm2.yaml", ["--sft.batch_size=8", "--sft.warmup=5"], 40, "/tmp/bench_sft_smollm2/sft/checkpoint",
+                ["--rl.prompts_per_step=4", "--rl.num_generations=4", "--rl.max_new_tokens=64", "--rl.micro_batch_size=16"]),
 }
+SIZE, CONFIG, SETTINGS = "h128_l2", SIZES["h128_l2"][0], []  # the size being measured (main and the workers' --size)
 LOSS_TYPE = {"token_mean": "dapo", "seq_mean_token_mean": "grpo", "seq_mean_token_sum_norm": "dr_grpo"}
 INSTALL = ("TRL is needed for the TRL side of this benchmark, and only there: it is not a product dependency.\n"
            "Install it in a separate virtualenv and point --trl-python (or $VS_TRL_PYTHON) at it:\n"
@@ -53,8 +61,13 @@ INSTALL = ("TRL is needed for the TRL side of this benchmark, and only there: it
 
 
 def config():
-    cfg, _ = parse_args([os.path.join(ROOT, CONFIG), *OURS])
+    cfg, _ = parse_args([os.path.join(ROOT, CONFIG), *OURS, *SETTINGS])
     return cfg
+
+
+def use_size(size: str) -> None:
+    global SIZE, CONFIG, SETTINGS
+    SIZE, CONFIG, SETTINGS = size, SIZES[size][0], SIZES[size][4]
 
 
 def step_examples(cfg, pool, first: int, steps: int) -> list[list]:
@@ -121,11 +134,12 @@ def ours_chunk(out: str, init_from: str, upto: int, threads: int, env) -> list[d
     done = len(ours_records(out))
     run_logged([sys.executable, os.path.abspath(__file__), "--worker", "ours", CONFIG, f"--run.out_dir={out}",
                 f"--rl.init_from={init_from}", f"--rl.steps={upto}", f"--run.num_threads={threads}",
-                "--run.save_every=100000", "--run.keep_last=1", "--eval.max_items=1", *OURS], out + ".log", env)
+                "--run.save_every=100000", "--run.keep_last=1", "--eval.max_items=1", *OURS, *SETTINGS], out + ".log", env)
     recs = ours_records(out)[done:]
     return [{"step": r["step"], "step_s": r["time/step_s"], "cpu_s": r["time/cpu_step_s"], "gen_s": r["time/rollout_s"],
              "tokens": r["completions/mean_length"] * rl.prompts_per_step * rl.num_generations,
-             "mean_len": r["completions/mean_length"], "reward": r["reward"], "warmup": i == 0}
+             "mean_len": r["completions/mean_length"], "reward": r["reward"], "warmup": i == 0,
+             "maxrss_mb": r["time/maxrss_mb"], "chunk": done}
             for i, r in enumerate(recs)]
 
 
@@ -142,6 +156,7 @@ def ours_worker(argv: list[str]) -> None:
     def metrics(*a, **k):
         rec = step_metrics(*a, **k)
         rec["time/cpu_step_s"] = time.process_time() - start["cpu"]
+        rec["time/maxrss_mb"] = peak_rss_mb()
         return rec
     step_prompt_indices, step_metrics = graph_grpo.step_prompt_indices, graph_grpo.step_metrics
     graph_grpo.step_prompt_indices, graph_grpo.step_metrics = indices, metrics
@@ -159,10 +174,16 @@ def trl_chunk(out: str, init_from: str, first: int, steps: int, threads: int, tr
     prev = os.path.join(out, f"weights_{first:04d}")
     start = prev if os.path.isdir(prev) else init_from
     rec_file = os.path.join(out, f"steps_{first:04d}.jsonl")
-    run_logged([trl_python, os.path.abspath(__file__), "--worker", "trl", "--init-from", start,
+    run_logged([trl_python, os.path.abspath(__file__), "--worker", "trl", "--size", SIZE, "--init-from", start,
                 "--save-to", os.path.join(out, f"weights_{first + steps:04d}"), "--first-step", str(first),
                 "--steps", str(steps), "--threads", str(threads), "--records", rec_file], out + ".log", env)
-    return [json.loads(x) for x in open(rec_file)]
+    return [dict(json.loads(x), chunk=first) for x in open(rec_file)]
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (ru_maxrss is in KiB on Linux)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def trl_worker(args) -> None:
@@ -210,7 +231,8 @@ def trl_worker(args) -> None:
             rec = {"step": args.first_step + state.global_step - 1, "step_s": time.perf_counter() - timer["t0"],
                    "cpu_s": time.process_time() - timer["cpu0"], "threads": torch.get_num_threads(),
                    "gen_s": timer["gen_s"], "tokens": timer["tokens"], "mean_len": timer["tokens"] / max(timer["n"], 1),
-                   "reward": timer["reward"] / max(timer["n"], 1), "warmup": state.global_step == 1}
+                   "reward": timer["reward"] / max(timer["n"], 1), "warmup": state.global_step == 1,
+                   "maxrss_mb": peak_rss_mb()}
             with open(args.records, "a") as f:
                 f.write(json.dumps(rec) + "\n")
 
@@ -247,6 +269,8 @@ def median(recs, key):
 
 
 def summarise(name: str, ours: list[dict], trl: list[dict]) -> dict:
+    """Medians over the measured steps of each side; per repetition (the chunks run A B A B), the ratio of the two
+    sides' median CPU seconds per step, and the median and range of those ratios; each side's peak memory."""
     side = {}
     for label, recs in (("ours", ours), ("trl", trl)):
         m = [r for r in recs if not r["warmup"]]
@@ -254,35 +278,43 @@ def summarise(name: str, ours: list[dict], trl: list[dict]) -> dict:
                        "rest_s": statistics.median(r["step_s"] - r["gen_s"] for r in m),
                        "mean_len": statistics.mean(r["mean_len"] for r in m),
                        "tok_s": statistics.median(r["tokens"] / r["step_s"] for r in m),
-                       "reward": statistics.mean(r["reward"] for r in m)}
+                       "reward": statistics.mean(r["reward"] for r in m),
+                       "maxrss_mb": max(r.get("maxrss_mb", float("nan")) for r in recs),
+                       "chunks": {c: (median([r for r in m if r["chunk"] == c], "cpu_s"),
+                                      median([r for r in m if r["chunk"] == c], "step_s"))
+                                  for c in sorted({r["chunk"] for r in m})}}
     side["ratio"] = side["trl"]["step_s"] / side["ours"]["step_s"]
     side["ratio_cpu"] = side["trl"]["cpu_s"] / side["ours"]["cpu_s"]
     side["ratio_tok_s"] = side["ours"]["tok_s"] / side["trl"]["tok_s"]
+    reps = [(side["trl"]["chunks"][c][0] / side["ours"]["chunks"][c][0], side["trl"]["chunks"][c][1] / side["ours"]["chunks"][c][1])
+            for c in side["ours"]["chunks"] if c in side["trl"]["chunks"]]
+    side["reps_cpu"], side["reps_wall"] = [r[0] for r in reps], [r[1] for r in reps]
     side["size"] = name
     return side
 
 
 def print_table(results: list[dict]) -> None:
     print("| size | side | steps | median s/step | CPU s/step | generation s | rest s | mean completion len "
-          "| completion tok/s | mean reward | TRL/ours s/step | TRL/ours CPU s/step | ours/TRL tok/s |")
+          "| completion tok/s | mean reward | peak RSS MB | TRL/ours CPU s/step, median [range] over repetitions "
+          "| TRL/ours s/step, median [range] |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for res in results:
         for label in ("ours", "trl"):
             s = res[label]
-            tail = f"| {res['ratio']:.2f}x | {res['ratio_cpu']:.2f}x | {res['ratio_tok_s']:.2f}x |" \
-                if label == "ours" else "| | | |"
+            rng = lambda v: f"{statistics.median(v):.2f}x [{min(v):.2f}-{max(v):.2f}] ({len(v)})" if v else "-"  # noqa: E731
+            tail = f"| {rng(res['reps_cpu'])} | {rng(res['reps_wall'])} |" if label == "ours" else "| | |"
             print(f"| {res['size']} | {'ours (graph_grpo.py)' if label == 'ours' else 'TRL GRPOTrainer'} | {s['n']} "
                   f"| {s['step_s']:.3f} | {s['cpu_s']:.3f} | {s['gen_s']:.3f} | {s['rest_s']:.3f} | {s['mean_len']:.1f} "
-                  f"| {s['tok_s']:.0f} | {s['reward']:.3f} {tail}")
+                  f"| {s['tok_s']:.0f} | {s['reward']:.3f} | {s['maxrss_mb']:.0f} {tail}")
 
 
 def ensure_sft(size: str, path: str, threads: int, env) -> str:
     if os.path.isdir(path):
         return path
-    overrides, steps, _ = SIZES[size]
+    config_path, overrides, steps, _, _ = SIZES[size]
     out = os.path.dirname(os.path.dirname(path.rstrip("/")))
     print(f"{size}: no SFT checkpoint at {path}: training one (sft_mask.py, {steps} steps) ...", flush=True)
-    run_logged([sys.executable, "sft_mask.py", CONFIG, f"--run.out_dir={out}", f"--run.num_threads={threads}",
+    run_logged([sys.executable, "sft_mask.py", config_path, f"--run.out_dir={out}", f"--run.num_threads={threads}",
                 f"--sft.steps={steps}", "--eval.max_items=50", *overrides], out + ".log", env)
     return path
 
@@ -310,11 +342,13 @@ def main():
     ap.add_argument("--save-to", help=argparse.SUPPRESS)
     ap.add_argument("--first-step", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--records", help=argparse.SUPPRESS)
+    ap.add_argument("--size", default="h128_l2", help=argparse.SUPPRESS)
     ap.add_argument("--print-settings", action="store_true", help=argparse.SUPPRESS)
     if sys.argv[1:3] == ["--worker", "ours"]:
         return ours_worker(sys.argv[3:])
     args = ap.parse_args()
     if args.worker:
+        use_size(args.size)
         return trl_worker(args)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TQDM_DISABLE="1")
     ours_v, trl_v = versions(sys.executable), versions(args.trl_python)
@@ -322,11 +356,12 @@ def main():
         raise SystemExit(f"trl is not importable by {args.trl_python}.\n{INSTALL}")
     print(f"ours: {sys.executable} torch {ours_v[0]} transformers {ours_v[1]}; "
           f"TRL side: {args.trl_python} torch {trl_v[0]} transformers {trl_v[1]} trl {trl_v[2]}")
-    inits = {s: p for s, (_, _, p) in SIZES.items()}
+    inits = {s: v[3] for s, v in SIZES.items()}
     inits.update(dict(x.split("=", 1) for x in args.init))
     root = args.out or tempfile.mkdtemp(prefix="vs_trl_")
     results, raw = [], {}
     for size in args.sizes.split(","):
+        use_size(size)
         init_from = ensure_sft(size, inits[size], args.threads, env)
         print(f"{size}: {check_same_inputs(init_from, args.threads)}", flush=True)
         ours_out, trl_out = os.path.join(root, size, "ours"), os.path.join(root, size, "trl")
