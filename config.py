@@ -361,6 +361,14 @@ class DistillConfig:
     """local encoder checkpoint (AutoModel + tokenizer) to start the student from; empty: a fresh BERT-style encoder"""
     student_dir: str = ""
     """where the student is saved; empty: <run.out_dir>/student (the teacher-signal cache always lives there)"""
+    label_from: Literal["pooled", "verdicts", "both"] = "verdicts"
+    """the label head reads: the pooled vector; the verdict heads' probabilities (F -> Y); or both (label_only: pooled)"""
+    val_items: int = 0
+    """hold the last N prompts of the RL pool out of training and log the student's metrics on them (gold labels)"""
+    eval_every: int = 0
+    """log label macro-F1 and node accuracy on the held-out prompts every N steps (0: only at the end)"""
+    node_tokens: bool = True
+    """one input token per verdict node ('[f:brand]', after [CLS]); its head reads that token, not the pooled vector"""
 
 
 @dataclass

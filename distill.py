@@ -3,16 +3,20 @@
     python distill.py configs/base.yaml                         # teacher: runs/base/checkpoint, else .../sft/checkpoint
     python distill.py configs/base.yaml --distill.teacher=PATH  # any teacher checkpoint
     python distill.py configs/base.yaml --distill.heads=label_only --distill.student_dir=runs/base/student_label_only
+    python distill.py score PAIRS.jsonl > OUT.jsonl             # serve: label every pair (section 6)
 
 Read in this order:
-  1. heads      one classification head per graph node type, from the schema: one per facet (match / partial /
-                mismatch / absent) and one for the label (len(label_names) classes)
+  1. heads      one classification head per graph node type, from the schema: one per verdict node (match /
+                partial / mismatch / absent) and one for the label (len(label_names) classes)
   2. loss       per head tau^2 * KL(teacher || student) at temperature tau, weighted, + label cross-entropy
   3. teacher    its probabilities over each node's verdict words, read by teacher forcing on its own greedy CoT,
                 cached on disk per split
-  4. student    a BERT-style encoder over [CLS] query [SEP] product [SEP], the heads on its pooled [CLS] vector;
-                save / load (Hugging Face format + the heads), score_pairs (one forward, no generation)
-  5. training and the student-vs-teacher report on every test split
+  4. student    a BERT-style encoder over [CLS] [node tokens] query [SEP] product [SEP]; by default (the graph-shaped
+                student) each verdict head reads its own node token and the label head reads the verdict heads'
+                probabilities (F -> Y); distill.node_tokens=false, label_from=pooled is the paper's student, every
+                head on the pooled [CLS] vector. Save / load (Hugging Face format + the heads), score_pairs
+  5. training (optionally with a validation curve on held-out RL-pool prompts) and the student-vs-teacher report
+  6. serving    `score`: JSONL pairs in, one JSON line per pair out, pairs/s on stderr
 
 Writes <run.out_dir>/student/ (or distill.student_dir): the encoder (config.json, model.safetensors; the config's
 `graph_heads` lists every head with its classes, in order), the heads (graph_heads.pt), the tokenizer, config.yaml,
@@ -247,18 +251,47 @@ def cached_signals(path: str, key: dict, compute) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 4. Student: encoder + one linear head per node type on the pooled [CLS] vector
+# 4. Student: encoder, a head per node type (on its node token or the pooled [CLS] vector), the label head on F -> Y
+
+LABEL_FROM = ("pooled", "verdicts", "both")
+
 
 class GraphNodeStudent(nn.Module):
-    """A Hugging Face encoder (AutoModel) and one linear head per graph node type (DESIGN §10).
+    """A Hugging Face encoder (AutoModel) and one head per graph node type (DESIGN §10).
 
-    Reads the pooler output (BERT's tanh layer over [CLS]) where the encoder has one, else the [CLS] vector."""
+    Every verdict head is linear on the pooled vector: the pooler output (BERT's tanh layer over [CLS]) where the
+    encoder has one, else the [CLS] vector. With `node_tokens`, each verdict node has a token of its own, '[<node>]',
+    right after [CLS] (node_token); its head reads that token's last hidden state, so each node gathers its own
+    facets' words by attention instead of sharing one vector with every other node. The label head reads, by
+    `label_from`:
+      pooled    the pooled vector, linear (the paper's student: every head on one vector);
+      verdicts  the verdict heads' probabilities, concatenated in head order (the graph's F -> Y edges: the label
+                node reads the facet nodes' decisions, as the teacher's label reads its own verdicts);
+      both      those probabilities and the pooled vector.
+    The graph-shaped label head is a two-layer MLP (width hidden_size, GELU): the business rule is a minimum over
+    the facets' severity levels, which one linear layer over probabilities only approximates. The label loss
+    reaches the encoder through the verdict heads' probabilities too."""
 
-    def __init__(self, encoder, classes: dict[str, list[str]], max_length: int):
+    def __init__(self, encoder, classes: dict[str, list[str]], max_length: int, label_from: str = "pooled",
+                 node_token_ids: list[int] | None = None):
         super().__init__()
         self.encoder, self.classes, self.max_length = encoder, dict(classes), max_length
+        if label_from not in LABEL_FROM:
+            raise DistillError(f"distill.label_from: expected one of {list(LABEL_FROM)}, got {label_from!r}")
+        self.label, self.verdicts = list(self.classes)[-1], list(self.classes)[:-1]  # head_classes: the label last
+        if label_from != "pooled" and not self.verdicts:
+            raise DistillError(f"distill.label_from={label_from}: the label head reads the verdict heads, and this "
+                               f"student has none (distill.heads=label_only); use label_from=pooled")
+        self.label_from = label_from
+        self.node_token_ids = list(node_token_ids or [])  # one per verdict head, in head order; [] = none
+        if self.node_token_ids and len(self.node_token_ids) != len(self.verdicts):
+            raise DistillError(f"node tokens: {len(self.node_token_ids)} ids for {len(self.verdicts)} verdict heads")
         width = encoder.config.hidden_size
         self.heads = nn.ModuleDict({name: nn.Linear(width, len(c)) for name, c in self.classes.items()})
+        if label_from != "pooled":
+            reads = sum(len(self.classes[v]) for v in self.verdicts) + (width if label_from == "both" else 0)
+            self.heads[self.label] = nn.Sequential(nn.Linear(reads, width), nn.GELU(),
+                                                   nn.Linear(width, len(self.classes[self.label])))
         self.uses_token_types = getattr(encoder.config, "type_vocab_size", 0) > 1
 
     def forward(self, input_ids, attention_mask, token_type_ids=None) -> dict[str, torch.Tensor]:
@@ -266,20 +299,38 @@ class GraphNodeStudent(nn.Module):
         out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra)
         pooled = getattr(out, "pooler_output", None)
         h = pooled if pooled is not None else out.last_hidden_state[:, 0]  # (B, H)
-        return {name: head(h) for name, head in self.heads.items()}  # {head: (B, C)}
+        if self.node_token_ids:  # verdict head i reads position 1 + i (encode_pair puts its token there)
+            logits = {name: self.heads[name](out.last_hidden_state[:, 1 + i]) for i, name in enumerate(self.verdicts)}
+        else:
+            logits = {name: self.heads[name](h) for name in self.verdicts}  # {head: (B, C)}
+        if self.label_from == "pooled":
+            logits[self.label] = self.heads[self.label](h)
+        else:
+            reads = [torch.softmax(logits[v], -1) for v in self.verdicts] + ([h] if self.label_from == "both" else [])
+            logits[self.label] = self.heads[self.label](torch.cat(reads, -1))  # (B, C_y)
+        return logits
 
 
-def build_student_tokenizer(words):
+def node_token(head: str) -> str:
+    """The input token of a verdict node when the student has node tokens: '[f:brand]', '[ms]'."""
+    return f"[{head}]"
+
+
+def build_student_tokenizer(words, extra=()):
     """The policy's word-level tokenizer (policy.build_word_tokenizer) over `words` plus two words [CLS] and
-    [SEP], registered as its cls/sep tokens; pad, unk and mask are the policy's."""
-    tokenizer = policy.build_word_tokenizer(list(words) + [CLS_TOKEN, SEP_TOKEN])
+    [SEP], registered as its cls/sep tokens, and the `extra` words (node tokens); pad, unk and mask are the
+    policy's."""
+    tokenizer = policy.build_word_tokenizer(list(words) + [CLS_TOKEN, SEP_TOKEN, *extra])
     tokenizer.add_special_tokens({"cls_token": CLS_TOKEN, "sep_token": SEP_TOKEN})  # already words: no new ids
     return tokenizer
 
 
 def build_student(distill_cfg, classes: dict[str, list[str]], words, seed: int = 0):
     """(GraphNodeStudent, tokenizer): from distill.student_init (any local encoder checkpoint with its tokenizer;
-    [CLS]/[SEP]/pad added where it lacks them), else a fresh BertModel over the word-level vocabulary of `words`."""
+    [CLS]/[SEP]/pad added where it lacks them), else a fresh BertModel over the word-level vocabulary of `words`.
+    distill.node_tokens adds one token per verdict head (node_token) to the vocabulary; distill.label_from says what
+    the label head reads (a label-only student has nothing but the pooled vector to read)."""
+    nodes = [node_token(h) for h in list(classes)[:-1]] if getattr(distill_cfg, "node_tokens", False) else []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if distill_cfg.student_init:
@@ -293,10 +344,12 @@ def build_student(distill_cfg, classes: dict[str, list[str]], words, seed: int =
                 tokenizer.add_special_tokens(missing)
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.sep_token
+            if nodes:
+                tokenizer.add_special_tokens({"additional_special_tokens": nodes})
             if len(tokenizer) > encoder.get_input_embeddings().weight.shape[0]:
                 encoder.resize_token_embeddings(len(tokenizer))
         else:
-            tokenizer = build_student_tokenizer(words)
+            tokenizer = build_student_tokenizer(words, nodes)
             h = distill_cfg.hidden_size
             config = BertConfig(vocab_size=len(tokenizer), hidden_size=h, num_hidden_layers=distill_cfg.num_layers,
                                 num_attention_heads=distill_cfg.num_heads, intermediate_size=4 * h,
@@ -307,19 +360,21 @@ def build_student(distill_cfg, classes: dict[str, list[str]], words, seed: int =
             encoder = AutoModel.from_config(config)
         max_length = min(distill_cfg.max_length,
                          getattr(encoder.config, "max_position_embeddings", distill_cfg.max_length))
-        model = GraphNodeStudent(encoder, classes, max_length)
+        label_from = getattr(distill_cfg, "label_from", "pooled") if len(classes) > 1 else "pooled"  # label_only
+        model = GraphNodeStudent(encoder, classes, max_length, label_from, tokenizer.convert_tokens_to_ids(nodes))
     return model, tokenizer
 
 
-def encode_pair(tokenizer, query: str, product: str, max_length: int, strict: bool = False):
-    """[CLS] query [SEP] product [SEP] -> (ids, token types 0/1). Too long: the product is cut, then the query."""
+def encode_pair(tokenizer, query: str, product: str, max_length: int, strict: bool = False, nodes=()):
+    """[CLS] nodes query [SEP] product [SEP] -> (ids, token types 0/1); `nodes`: the node token ids of a student
+    with node tokens (GraphNodeStudent.node_token_ids), else none. Too long: the product is cut, then the query."""
     q = policy.encode(tokenizer, query, strict)
     p = policy.encode(tokenizer, product, strict)
-    room = max(0, max_length - 3)
+    room = max(0, max_length - 3 - len(nodes))
     p = p[:max(0, room - len(q))]
     q = q[:room - len(p)]
-    ids = [tokenizer.cls_token_id] + q + [tokenizer.sep_token_id] + p + [tokenizer.sep_token_id]
-    return ids, [0] * (len(q) + 2) + [1] * (len(p) + 1)
+    ids = [tokenizer.cls_token_id, *nodes] + q + [tokenizer.sep_token_id] + p + [tokenizer.sep_token_id]
+    return ids, [0] * (len(nodes) + len(q) + 2) + [1] * (len(p) + 1)
 
 
 def collate(encoded, pad_id: int, device=None):
@@ -335,11 +390,13 @@ def collate(encoded, pad_id: int, device=None):
 
 def save_student(model: GraphNodeStudent, tokenizer, out_dir: str) -> None:
     """Hugging Face format: the encoder (save_pretrained; its config.json carries `graph_heads`, [[head, [class
-    names]], ...] in head order (a list: config.json sorts mapping keys), and `graph_max_length`), the
-    tokenizer, and the heads' weights in graph_heads.pt."""
+    names]], ...] in head order (a list: config.json sorts mapping keys), `graph_max_length`,
+    `graph_label_from` and `graph_node_tokens`), the tokenizer, and the heads' weights in graph_heads.pt."""
     os.makedirs(out_dir, exist_ok=True)
     model.encoder.config.graph_heads = [[name, list(c)] for name, c in model.classes.items()]
     model.encoder.config.graph_max_length = model.max_length
+    model.encoder.config.graph_label_from = model.label_from
+    model.encoder.config.graph_node_tokens = bool(model.node_token_ids)
     model.encoder.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     torch.save(model.heads.state_dict(), os.path.join(out_dir, HEADS_FILE))
@@ -357,11 +414,15 @@ def load_student(path: str, device="cpu"):
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         encoder = AutoModel.from_pretrained(path, local_files_only=True)
-        model = GraphNodeStudent(encoder, {name: c for name, c in config.graph_heads}, config.graph_max_length)
+        tokenizer = policy._load_tokenizer(path)
+        heads = {name: c for name, c in config.graph_heads}
+        nodes = [node_token(h) for h in list(heads)[:-1]] if getattr(config, "graph_node_tokens", False) else []
+        model = GraphNodeStudent(encoder, heads, config.graph_max_length, getattr(config, "graph_label_from", "pooled"),
+                                 tokenizer.convert_tokens_to_ids(nodes))
         model.heads.load_state_dict(torch.load(os.path.join(path, HEADS_FILE), weights_only=True))
     except Exception as err:  # noqa: BLE001 (transformers, safetensors and torch.load each raise their own)
         raise load_error(path, "student", err) from None
-    return model.to(device).eval(), policy._load_tokenizer(path)
+    return model.to(device).eval(), tokenizer
 
 
 @torch.no_grad()
@@ -371,7 +432,8 @@ def student_probs(model: GraphNodeStudent, tokenizer, pairs, batch_size: int = 2
     device = next(model.parameters()).device
     chunks = {name: [] for name in model.classes}
     for i in range(0, len(pairs), batch_size):
-        enc = [encode_pair(tokenizer, q, p, model.max_length, strict) for q, p in pairs[i:i + batch_size]]
+        enc = [encode_pair(tokenizer, q, p, model.max_length, strict, model.node_token_ids)
+               for q, p in pairs[i:i + batch_size]]
         logits = model(*collate(enc, tokenizer.pad_token_id, device))
         for name, x in logits.items():
             chunks[name].append(torch.softmax(x.float(), -1).cpu())
@@ -489,7 +551,16 @@ def run_distill(cfg, show_progress: bool = True, print_table: bool = True) -> di
     weights = resolve_head_weights(dc.head_weights, schema, dc.heads)
     make_run_dir(out_dir, "distill.student_dir" if dc.student_dir else "run.out_dir")
     save_config(cfg, os.path.join(out_dir, "config.yaml"))
-    train = splits["rl"][:dc.max_train] if dc.max_train else splits["rl"]
+    for key in ("val_items", "eval_every"):
+        if getattr(dc, key) < 0:
+            raise DistillError(f"distill.{key}: must be >= 0, got {getattr(dc, key)}")
+    pool = splits["rl"]
+    if dc.val_items >= len(pool):
+        raise DistillError(f"distill.val_items: {dc.val_items} held out of an RL pool of {len(pool)} prompts "
+                           f"leaves none to train on")
+    val = pool[len(pool) - dc.val_items:] if dc.val_items else []  # never trained on
+    pool = pool[:len(pool) - dc.val_items]
+    train = pool[:dc.max_train] if dc.max_train else pool
     tests = {s: v[:cfg.eval.max_items] if cfg.eval.max_items else v for s, v in task.tests.items()}
 
     # teacher signals: loaded lazily, only for the splits whose cache is missing or stale
@@ -517,13 +588,22 @@ def run_distill(cfg, show_progress: bool = True, print_table: bool = True) -> di
     model, tokenizer = build_student(dc, classes, task.vocabulary(), seed=cfg.run.seed)
     model.to(device).train()
     s_strict = strict and not dc.student_init
-    encoded = [encode_pair(tokenizer, ex.query, ex.product, model.max_length, s_strict) for ex in train]
+    encoded = [encode_pair(tokenizer, ex.query, ex.product, model.max_length, s_strict, model.node_token_ids)
+               for ex in train]
     targets = {h: train_sig["probs"][h] for h in classes}
     gold = torch.tensor([ex.label for ex in train])
     opt = torch.optim.AdamW(model.parameters(), lr=dc.lr)
     gen = torch.Generator().manual_seed(cfg.run.seed)
     log = open(os.path.join(out_dir, "metrics.jsonl"), "w")
     bar = tqdm(range(dc.steps), desc=f"distill ({dc.heads})", disable=not show_progress)
+    val_pairs = [(ex.query, ex.product) for ex in val]
+
+    def validate():  # label and node metrics against gold on the held-out prompts
+        m = student_metrics(val, student_probs(model, tokenizer, val_pairs, 256, s_strict), schema)
+        model.train()
+        return {"val/accuracy": m["accuracy"], "val/macro_f1": m["macro_f1"],
+                **{f"val/node/{k}": v for k, v in m["node_accuracy"].items()}}
+
     t0 = time.time()
     for step in bar:
         idx = torch.randint(len(encoded), (dc.batch_size,), generator=gen)
@@ -535,10 +615,16 @@ def run_distill(cfg, show_progress: bool = True, print_table: bool = True) -> di
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % cfg.run.log_every == 0 or step == dc.steps - 1:
-            log.write(json.dumps({"step": step, "loss": loss.item(), **parts, "lr": opt.param_groups[0]["lr"],
-                                  "time": time.time() - t0}) + "\n")
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        last = step == dc.steps - 1
+        if step % cfg.run.log_every == 0 or last or (val and dc.eval_every and (step + 1) % dc.eval_every == 0):
+            row = {"step": step, "loss": loss.item(), **parts, "lr": opt.param_groups[0]["lr"], "time": time.time() - t0}
+            if val and (last or (dc.eval_every and (step + 1) % dc.eval_every == 0)):
+                row.update(validate())
+                bar.set_postfix(loss=f"{loss.item():.3f}", val_f1=f"{row['val/macro_f1']:.3f}")
+            else:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+            log.write(json.dumps(row) + "\n")
+            log.flush()
     log.close()
     model.eval()
     save_atomically(os.path.join(out_dir, "checkpoint"), lambda d: save_student(model, tokenizer, d))
@@ -558,8 +644,125 @@ def run_distill(cfg, show_progress: bool = True, print_table: bool = True) -> di
     return results
 
 
+# ----------------------------------------------------------------------------------------------------------
+# 6. Serving: python distill.py score PAIRS.jsonl > OUT.jsonl
+
+DEFAULT_STUDENT = "configs/base.yaml"
+
+
+def read_pairs(path: str) -> list[dict]:
+    """Every (query, product) pair of a JSONL file (path, or '-' for stdin), validated before any is scored: one
+    JSON object per non-blank line with non-empty strings `query` and `product` and, optionally, an `id` (string
+    or integer) that the output repeats; other fields (a test split's `label`, `cot`, ...) are ignored. The first
+    bad line raises data.DataError naming file:line and the field, as data.load_jsonl does."""
+    name = "<stdin>" if path == "-" else path
+    if path != "-" and not os.path.exists(path):
+        raise data.DataError(f"{path}: no such file")
+    out = []
+    f = sys.stdin.buffer if path == "-" else open(path, "rb")
+    try:
+        for n, raw in enumerate(f, 1):
+            where = f"{name}:{n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise data.DataError(f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise data.DataError(f"{where}: bad JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise data.DataError(f"{where}: expected a JSON object with 'query' and 'product', "
+                                     f"got {type(obj).__name__}")
+            for key in ("query", "product"):
+                if key not in obj:
+                    raise data.DataError(f"{where}: missing field '{key}'")
+                if not isinstance(obj[key], str):
+                    raise data.DataError(f"{where}: field '{key}' must be str, got {obj[key]!r:.40}")
+                if not obj[key].strip():
+                    raise data.DataError(f"{where}: field '{key}' is empty")
+            if "id" in obj and (not isinstance(obj["id"], (str, int)) or isinstance(obj["id"], bool)):
+                raise data.DataError(f"{where}: field 'id' must be a string or an integer, got {obj['id']!r:.40}")
+            out.append({k: obj[k] for k in ("id", "query", "product") if k in obj})
+    finally:
+        if path != "-":
+            f.close()
+    if not out:
+        raise data.DataError(f"{name}: empty file (no pairs)")
+    return out
+
+
+def resolve_student(spec: str) -> str:
+    """--student: a student directory (what distill.py writes, or a save_student directory), or a config file
+    (*.yaml): that config's student, distill.student_dir or else <run.out_dir>/student."""
+    if spec.endswith((".yaml", ".yml")):
+        from config import load_config
+        cfg = load_config(spec)
+        path = cfg.distill.student_dir or os.path.join(cfg.run.out_dir, "student")
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"--student {spec}: its student {path} does not exist "
+                                    f"(train it: python distill.py {spec})")
+        return path
+    if not os.path.isdir(spec):
+        raise FileNotFoundError(f"--student: directory not found: {spec}")
+    return spec
+
+
+def score_file(pairs_path: str, student: str = DEFAULT_STUDENT, batch_size: int = 256, device: str = "cpu",
+               out=None, err=None) -> dict:
+    """Score every pair of `pairs_path` with the student (resolve_student), batched; one JSON line per pair, in
+    input order, to `out` (stdout): {'id' (when the input has one), 'label', 'label_name', 'relevance',
+    'label_probs', 'facets'} as score_pairs gives them. Prints the rate to `err` (stderr) and returns
+    {'pairs', 'seconds', 'pairs_per_s', 'student'}; the time is the scoring alone (tokenising, forward, writing),
+    not the loading."""
+    out, err = out or sys.stdout, err or sys.stderr
+    if batch_size < 1:
+        raise DistillError(f"--batch-size: must be >= 1, got {batch_size}")
+    rows = read_pairs(pairs_path)
+    path = resolve_student(student)
+    try:
+        dev = policy.resolve_device(device)
+    except ValueError as e:
+        raise DistillError(f"--device {device}: {e}") from None
+    model, tokenizer = load_student(path, dev)
+    t0 = time.perf_counter()
+    for i in range(0, len(rows), batch_size):
+        batch = rows[i:i + batch_size]
+        scored = score_pairs(model, tokenizer, [(r["query"], r["product"]) for r in batch], batch_size)
+        for r, s in zip(batch, scored):
+            out.write(json.dumps({"id": r["id"], **s} if "id" in r else s) + "\n")
+    out.flush()
+    dt = time.perf_counter() - t0
+    rate = len(rows) / max(dt, 1e-9)
+    print(f"scored {len(rows)} pairs in {dt:.2f} s: {rate:.0f} pairs/s (student {path}, batch {batch_size}, "
+          f"device {next(model.parameters()).device}, {torch.get_num_threads()} threads)", file=err, flush=True)
+    return {"pairs": len(rows), "seconds": dt, "pairs_per_s": rate, "student": path}
+
+
+def score_main(argv: list[str]) -> None:
+    import argparse
+    ap = argparse.ArgumentParser(prog="distill.py score", description="Label (query, product) pairs with a "
+                                 "distilled student: one JSON line per pair on stdout, the rate on stderr.")
+    ap.add_argument("pairs", help="JSONL, one {'query': ..., 'product': ...} per line (optional 'id'); '-': stdin")
+    ap.add_argument("--student", default=DEFAULT_STUDENT,
+                    help="student directory, or a config file whose student to use (default: %(default)s, "
+                         "i.e. runs/base/student)")
+    ap.add_argument("--batch-size", type=int, default=256, help="pairs per forward (default: %(default)s)")
+    ap.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"), help="default: %(default)s")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cli(lambda: score_file(args.pairs, args.student, args.batch_size, args.device), DistillError)
+
+
 def main(argv=None):
-    cfg, _ = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["score"]:
+        return score_main(argv[1:])
+    cfg, _ = parse_args(argv)
     cli(lambda: run_distill(cfg), DistillError)
 
 

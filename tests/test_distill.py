@@ -241,8 +241,13 @@ def test_distill_script_smoke_run_writes_student_and_reuses_the_teacher_cache(tm
         assert r.returncode == 0, r.stderr[-2000:]
         return r.stdout
 
-    out = run()
+    out = run("--distill.val_items=56", "--distill.eval_every=2")
     student = tmp_path / "student"
+    # the held-out prompts: never trained on (the cached signals cover the first 200 of 256), a curve every 2 steps
+    assert len(torch.load(student / "teacher_signals_rl.pt", weights_only=True)["completions"]) == 200
+    curve = [json.loads(x) for x in open(student / "metrics.jsonl")]
+    assert [r["step"] for r in curve if "val/macro_f1" in r] == [1, 3, 4]
+    assert 0 <= curve[-1]["val/accuracy"] <= 1 and "val/node/f:brand" in curve[-1]
     assert (student / "checkpoint" / "graph_heads.pt").exists() and (student / "checkpoint" / "config.json").exists()
     assert "| test_id " in out and "| test_longtail " in out and "student" in out and "teacher" in out
     res = json.load(open(student / "eval.json"))
@@ -257,10 +262,161 @@ def test_distill_script_smoke_run_writes_student_and_reuses_the_teacher_cache(tm
     # a second student (label only, elsewhere) reuses the cached teacher signals
     cache = student / "teacher_signals_rl.pt"
     stamp = cache.stat().st_mtime_ns
-    run("--distill.heads=label_only", f"--distill.student_dir={tmp_path}/label_only")
+    run("--distill.heads=label_only", f"--distill.student_dir={tmp_path}/label_only", "--distill.val_items=56")
     assert cache.stat().st_mtime_ns == stamp
     loaded, ltok = distill.load_student(str(tmp_path / "label_only"))
     assert list(loaded.classes) == ["y"]
     ex = task.splits["test_id"][0]
     scored = distill.score_pairs(loaded, ltok, [(ex.query, ex.product)])
     assert scored[0]["facets"] == {} and 0.0 <= scored[0]["relevance"] <= 3.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the graph-shaped student: the label head reads the verdict heads (F -> Y)
+
+@pytest.mark.parametrize("label_from", ["verdicts", "both"])
+def test_graph_shaped_label_head_reads_the_verdict_heads_and_round_trips(tmp_path, label_from):
+    schema = data.GraphSchema(facets=("brand", "color"))
+    model, tok = distill.build_student(_student_cfg(label_from=label_from, dropout=0.0), distill.head_classes(schema),
+                                       testbed.vocabulary(schema), seed=2)
+    model.eval()
+    enc = [distill.encode_pair(tok, "nike red sneakers", "nike sneakers color red size us_9", model.max_length, True)]
+    batch = distill.collate(enc, tok.pad_token_id)
+    with torch.no_grad():
+        before = model(*batch)
+        # the label depends on the pooled vector only through the verdict heads when label_from = verdicts
+        kept = model.heads["f:brand"].bias.clone()
+        model.heads["f:brand"].bias += torch.tensor([5.0, -5.0, 0.0, 0.0])
+        moved = model(*batch)
+        model.heads["f:brand"].bias.copy_(kept)
+    assert not torch.allclose(before["y"], moved["y"]) and torch.equal(before["f:color"], moved["f:color"])
+    assert model.heads["y"][0].in_features == 8 + (32 if label_from == "both" else 0)
+    distill.save_student(model, tok, str(tmp_path / "s"))
+    assert json.load(open(tmp_path / "s" / "config.json"))["graph_label_from"] == label_from
+    loaded, _ = distill.load_student(str(tmp_path / "s"))
+    assert loaded.label_from == label_from
+    with torch.no_grad():
+        after = loaded(*batch)
+    for name in before:
+        assert torch.equal(before[name], after[name]), name
+    # gradients of the label loss reach the verdict heads
+    model.train()
+    model(*batch)["y"].sum().backward()
+    assert model.heads["f:brand"].weight.grad.abs().sum() > 0
+
+
+def test_graph_shaped_label_head_needs_verdict_heads():
+    schema = data.GraphSchema(facets=("brand",))
+    # a label-only student reads the pooled vector whatever label_from says (the config default is 'verdicts')
+    model, tok = distill.build_student(_student_cfg(label_from="verdicts", node_tokens=True),
+                                       distill.head_classes(schema, "label_only"), testbed.vocabulary(schema))
+    assert model.label_from == "pooled" and model.node_token_ids == [] and "[f:brand]" not in tok.get_vocab()
+    with pytest.raises(ValueError, match="label_from=verdicts.*has none"):
+        distill.GraphNodeStudent(model.encoder, distill.head_classes(schema, "label_only"), 32, "verdicts")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# serving: python distill.py score PAIRS.jsonl > OUT.jsonl
+
+def _saved_student(tmp_path, label_from="both"):
+    schema = data.GraphSchema(facets=("brand", "color"))
+    model, tok = distill.build_student(_student_cfg(label_from=label_from), distill.head_classes(schema),
+                                       testbed.vocabulary(schema), seed=4)
+    path = str(tmp_path / "student")
+    distill.save_student(model.eval(), tok, path)
+    return path
+
+
+def _score(args, stdin=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "distill.py", "score", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300, input=stdin)
+
+
+def test_score_cli_writes_one_line_per_pair_and_the_rate(tmp_path):
+    student = _saved_student(tmp_path)
+    pairs = [{"id": "a", "query": "nike red sneakers", "product": "nike sneakers color red size us_9"},
+             {"query": "sofa", "product": "ikea sofa color grey size 200_cm", "label": 2},   # extra fields ignored
+             {"id": 7, "query": "zzz unknown words", "product": "adidas classic running_shoes color black"}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(p) for p in pairs[:2]) + "\n\n" + json.dumps(pairs[2]) + "\n")
+    r = _score([str(path), f"--student={student}", "--batch-size=2"])
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    assert len(lines) == 3 and [x.get("id") for x in lines] == ["a", None, 7]
+    model, tok = distill.load_student(student)
+    want = distill.score_pairs(model, tok, [(p["query"], p["product"]) for p in pairs])
+    for got, w in zip(lines, want):
+        assert got["label"] == w["label"] and got["label_name"] == w["label_name"]
+        assert set(got["facets"]) == {"brand", "color"}
+        for k, v in w["label_probs"].items():
+            assert abs(got["label_probs"][k] - v) < 1e-5
+        assert abs(sum(got["facets"]["color"].values()) - 1) < 1e-5
+    assert "scored 3 pairs" in r.stderr and "pairs/s" in r.stderr
+    # stdin, and the student of a config (distill.student_dir)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"distill:\n  student_dir: {student}\n")
+    r2 = _score(["-", f"--student={cfg}", "--batch-size=2"], stdin=path.read_text())
+    assert r2.returncode == 0, r2.stderr
+    assert r2.stdout == r.stdout
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"query": "nike sneakers"}', "missing field 'product'"),
+    ('{"query": "nike", "product": ""}', "field 'product' is empty"),
+    ('{"query": 3, "product": "x"}', "field 'query' must be str"),
+    ('{"query": "a", "product": "b", "id": [1]}', "field 'id' must be a string or an integer"),
+    ('["nike", "sneakers"]', "expected a JSON object"),
+    ('{"query": "nike", "product": "sneakers"', "bad JSON"),
+])
+def test_read_pairs_names_file_line_and_field(tmp_path, line, message):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"query": "nike red sneakers", "product": "nike sneakers color red"}\n\n' + line + "\n")
+    with pytest.raises(data.DataError) as err:
+        distill.read_pairs(str(path))
+    assert str(err.value).startswith(f"{path}:3: ") and message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_score_cli_bad_line_is_one_line_error_and_no_output(tmp_path):
+    student = _saved_student(tmp_path, "pooled")
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"query": "nike red sneakers", "product": "nike sneakers color red"}\n\n'
+                    '{"query": "nike sneakers"}\n{"query": "a", "product": "b"}\n')
+    r = _score([str(path), f"--student={student}"])
+    assert r.returncode == 2 and r.stdout == ""  # every line is checked before any pair is scored
+    assert r.stderr.strip().splitlines() == [f"error: {path}:3: missing field 'product'"], r.stderr
+
+
+def test_score_cli_missing_student_or_file(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"query": "a", "product": "b"}\n')
+    r = _score([str(path), f"--student={tmp_path}/nope"])
+    assert r.returncode == 2 and "directory not found" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = _score([str(tmp_path / "none.jsonl"), f"--student={tmp_path}"])
+    assert r.returncode == 2 and "no such file" in r.stderr
+
+
+def test_node_tokens_each_verdict_head_reads_its_own_token(tmp_path):
+    schema = data.GraphSchema(facets=("brand", "color"))
+    model, tok = distill.build_student(_student_cfg(node_tokens=True, label_from="both", dropout=0.0),
+                                       distill.head_classes(schema), testbed.vocabulary(schema), seed=5)
+    assert tok.convert_ids_to_tokens(model.node_token_ids) == ["[f:brand]", "[f:color]"]
+    ids, types_ = distill.encode_pair(tok, "nike red", "nike sneakers color red", model.max_length, True,
+                                      model.node_token_ids)
+    assert tok.convert_ids_to_tokens(ids) == ["[CLS]", "[f:brand]", "[f:color]", "nike", "red", "[SEP]", "nike",
+                                              "sneakers", "color", "red", "[SEP]"]
+    assert types_ == [0] * 6 + [1] * 5
+    ids8, _ = distill.encode_pair(tok, "nike red", "nike sneakers color red", 8, True, model.node_token_ids)
+    assert len(ids8) == 8 and ids8[:3] == ids[:3]                     # the node tokens are never cut
+    model.eval()
+    batch = distill.collate([(ids, types_)], tok.pad_token_id)
+    with torch.no_grad():
+        out = model.encoder(input_ids=batch[0], attention_mask=batch[1], token_type_ids=batch[2])
+        logits = model(*batch)
+    assert torch.allclose(logits["f:color"], model.heads["f:color"](out.last_hidden_state[:, 2]))
+    distill.save_student(model, tok, str(tmp_path / "s"))
+    loaded, ltok = distill.load_student(str(tmp_path / "s"))
+    assert loaded.node_token_ids == model.node_token_ids and loaded.label_from == "both"
+    a = distill.score_pairs(model, tok, [("nike red", "nike sneakers color red")])
+    b = distill.score_pairs(loaded, ltok, [("nike red", "nike sneakers color red")])
+    assert a == b
