@@ -18,12 +18,11 @@ The file reads in the order of the method (DESIGN.md §3-§8):
   6. controller   Eq. 3: what the alpha controller carries between steps, in one object (§5)
   7. baselines    the seed papers' pieces: TaoSR-AGRL shaping and guided replay, TaoSR-SHE filtering, curriculum (§8)
   8. the loop     rl_step, then train (§7)
-  9. plumbing     DDP or FSDP (run.parallel), checkpoints, metrics by name
+  9. metrics      by name, summed over ranks (DDP / FSDP plumbing: parallel.py; checkpoints: checkpoint.py)
 """
 from __future__ import annotations
 
 import contextlib
-import datetime
 import os
 import random
 import sys
@@ -32,20 +31,21 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import credit
 import data
 import policy
+import sft_mask
 import testbed
-from checkpoint import (WAYS_OUT, Interrupted, PathError, RunLogs, StopSignals, checkpoint_dirs, config_differences,
+from checkpoint import (WAYS_OUT, Interrupted, PathError, RunLogs, StopSignals, checkpoint_dirs,
                         is_sharded, load_optimizer_state, load_trainer_state, make_run_dir, model_state,
                         newest_loadable, optimizer_state, refuse_mixing, rl_setting, rng_state, save_atomically,
-                        save_checkpoint, save_model, set_rng_state, sft_setting, start_over, step_dir)
+                        save_checkpoint, save_model, set_rng_state, start_over, step_dir)
 from config import ConfigError, cli, parse_args, save_config
+from parallel import (all_gather_cat, all_reduce_sum, barrier, full_parameters, min_completion_columns, replica_max_diff,
+                      end_distributed, setup_distributed, wrap_model)
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. Rollouts
@@ -789,7 +789,7 @@ def train(cfg) -> str:
         make_run_dir(out_dir)
         if not cfg.run.resume:
             start_over(out_dir)
-    init_from = ensure_sft(cfg, master, world)
+    init_from = sft_mask.ensure_sft(cfg, master, world)
     torch.manual_seed(cfg.run.seed)
     task = testbed.load_task(cfg)
     cr = Credit.from_config(cfg)
@@ -809,14 +809,7 @@ def train(cfg) -> str:
     if rl.beta > 0:  # frozen copy of the SFT policy (DESIGN §7)
         ref_model = policy.load_policy(init_from, words, dtype=dtype, device=device, key="rl.init_from")[0]
         ref_model.eval().requires_grad_(False)
-    if world > 1 and cfg.run.parallel == "fsdp":  # sharded in place: the optimizer below is built on the shards
-        ddp_model = shard_model(model)
-        ref_model = shard_model(ref_model) if ref_model is not None else None
-    elif world > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(model,
-                                                              device_ids=[device] if device.type == "cuda" else None)
-    else:
-        ddp_model = model
+    ddp_model, ref_model = wrap_model(model, ref_model, cfg.run.parallel, world, device)  # the optimizer: after
     stage_of = curriculum_stage_of(task.splits["rl"], task.splits["sft"], rl.curriculum_stages) \
         if cr.diversified and rl.curriculum_stages > 1 else None
     s = RL(cfg, task, cr, model, ddp_model, ref_model, tokenizer, data.TagVocab.from_tokenizer(tokenizer, task.schema),
@@ -861,7 +854,7 @@ def train(cfg) -> str:
                 rec.update(drift_eval(s, master))
             saving = (step + 1) % cfg.run.save_every == 0 or step + 1 == rl.steps
             if saving and world > 1 and not is_sharded(model):  # DDP keeps the replicas identical: checked, not assumed
-                rec["ddp/replica_max_diff"] = replica_max_diff(s)
+                rec["ddp/replica_max_diff"] = replica_max_diff(model, s.opt, s.controller.edge.alpha())
             if master and (step % cfg.run.log_every == 0 or step + 1 == rl.steps
                            or any(k.startswith("eval") for k in rec)):
                 logs.write(rec, ro, tokenizer, rl.n_samples_logged)
@@ -881,30 +874,6 @@ def train(cfg) -> str:
         save_atomically(final, lambda d: save_model(model, tokenizer, d, weights))
     barrier(world)
     return final
-
-
-def ensure_sft(cfg, master: bool, world: int) -> str:
-    """The checkpoint RL starts from: rl.init_from, or <out_dir>/sft/checkpoint, made by the SFT stage if missing.
-    An SFT stage there made with other SFT settings (checkpoint.SFT_KEYS) is refused, or with --no-resume trained
-    again (DESIGN §7: a resume never mixes runs)."""
-    if cfg.rl.init_from:
-        if not os.path.isdir(cfg.rl.init_from):
-            raise FileNotFoundError(f"rl.init_from = {cfg.rl.init_from}: no such checkpoint directory")
-        return cfg.rl.init_from
-    sft_dir = os.path.join(cfg.run.out_dir, "sft")
-    init_from = os.path.join(sft_dir, "checkpoint")
-    if os.path.isdir(init_from):
-        if cfg.run.resume:
-            refuse_mixing(cfg, sft_dir, "its SFT checkpoint", sft_setting)
-            return init_from
-        if not config_differences(cfg, sft_dir, sft_setting):
-            return init_from
-    if master:
-        print(f"no SFT checkpoint of these settings at {init_from}: running the SFT stage first (sft_mask.py)")
-        import sft_mask
-        sft_mask.run_sft(cfg, sft_dir)
-    barrier(world)
-    return init_from
 
 
 def drift_eval(s: RL, master: bool) -> dict:
@@ -958,121 +927,7 @@ def sampling_seed(seed: int, step: int, rank: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 9. Plumbing: distributed setup (DDP or FSDP), checkpoints, metrics
-
-def setup_distributed(device_cfg: str):
-    """RANK in the environment means torchrun. Returns (rank, world, local_rank, device)."""
-    if "RANK" in os.environ:
-        rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-        device = policy.resolve_device(device_cfg, local_rank=local)
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=int(os.environ.get("GG_DIST_TIMEOUT", 600))))
-        return rank, world, local, device
-    return 0, 1, 0, policy.resolve_device(device_cfg)
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _collective_device(t: torch.Tensor) -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks (identity without torch.distributed); nccl needs the tensor on the rank's GPU."""
-    if not _distributed():
-        return t
-    x = t.to(_collective_device(t))
-    dist.all_reduce(x, op=dist.ReduceOp.SUM)
-    return x.to(t.device)
-
-
-def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
-    """The same-shape tensors of every rank, concatenated in rank order (identity without torch.distributed)."""
-    if not _distributed():
-        return t
-    x = t.to(_collective_device(t))
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x)
-    return torch.cat(parts).to(t.device)
-
-
-def barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
-
-
-def shard_model(model: torch.nn.Module) -> torch.nn.Module:
-    """run.parallel fsdp (DESIGN §7): FSDP2 in place, each decoder layer its own unit (its parameters all-gathered
-    just before its forward and again for its backward, freed after each), then the root (embeddings, final norm,
-    output layer, tied or not). Every rank keeps 1 / world of each parameter (DTensors), of its gradient and of the
-    AdamW moments built on it afterwards. Returns the same module."""
-    for layer in model.base_model.layers:
-        fully_shard(layer)
-    fully_shard(model)
-    return model
-
-
-FSDP_MIN_COLUMNS = 2
-"""Every collective runs on every rank in the same order (DESIGN §7), so every rank must run the same forwards in the
-update: under FSDP each forward all-gathers the layers' parameters, and under DDP each forward through the wrapper
-broadcasts its buffers. The shared-prompt forward (policy.completion_logprobs_shared_prompt) runs twice for a
-micro-batch with two completion columns or more and once for one, and a rank's micro-batch can be one token long
-(every row ended at once) where another's is not, which hung a 2-rank run until the gloo timeout: with more than
-one rank, rollouts and micro-batches keep at least two completion columns (the extra one masked: no effect on the
-loss)."""
-
-
-def min_completion_columns(model) -> int:
-    """The completion columns rollouts and micro-batches keep at least: FSDP_MIN_COLUMNS with more than one rank (DDP
-    or FSDP), else no floor (one process: nothing to keep in step)."""
-    return FSDP_MIN_COLUMNS if is_sharded(model) or (_distributed() and dist.get_world_size() > 1) else 0
-
-
-@contextlib.contextmanager
-def full_parameters(model: torch.nn.Module):
-    """Within the block, an FSDP model's parameters are whole on every rank (one all-gather at entry: a collective,
-    every rank enters together) and its forwards run no collective; they are freed at exit. A no-op for a model in
-    one piece (DDP, one process). Not reentrant.
-
-    Every forward that is not the update's (generation of rollouts and Monte-Carlo continuations, the drift
-    evaluation, pi_old / reference log-probs, G_W, the alignment controller's output layer) runs in it, because
-    policy.sample drops finished rows and stops when all rows are done, so ranks run different numbers of decode
-    steps, and rank 0 alone runs the drift evaluation: with sharded forwards these would be unmatched all-gathers
-    (DESIGN §7 wants every collective on every rank in the same order; else a hang, or another layer's parameters).
-    Decoding max_new_tokens steps on every rank would match them, but not rank 0's evaluation, and would still
-    all-gather every layer at every decode step, where this all-gathers once per phase. The cost is the full
-    parameters on every GPU during the block (4 bytes per parameter under run.dtype auto, 2 under bfloat16: README
-    "DDP or FSDP"); gradients and AdamW moments stay sharded."""
-    if not is_sharded(model):
-        yield
-        return
-    units = [m for m in model.modules() if is_sharded(m)]
-    model.set_reshard_after_forward(False)
-    for m in units:
-        m.unshard()
-    try:
-        yield
-    finally:
-        for m in units:
-            m.reshard()
-        model.set_reshard_after_forward(True)                  # FSDP2's defaults: the layers free after forward,
-        model.set_reshard_after_forward(False, recurse=False)  # the root keeps its parameters for the backward
-
-
-def replica_max_diff(s: RL) -> float:
-    """Largest difference between ranks of a digest of the parameters, the optimizer's moments and alpha (0.0
-    when the replicas agree, as DDP must keep them). A collective: every rank calls it at the same steps."""
-    parts = [p.detach() for p in s.model.parameters()]
-    parts += [v for st in s.opt.state.values() for v in st.values() if torch.is_tensor(v) and v.dim() > 0]
-    x = torch.cat([t.flatten().double().cpu() for t in parts] + [s.controller.edge.alpha().detach().double()])
-    digest = torch.stack([x.sum(), (x * x).sum(), (x * torch.linspace(-1, 1, len(x), dtype=torch.float64)).sum()])
-    every = all_gather_cat(digest).view(s.world, -1)
-    return float((every.max(0).values - every.min(0).values).abs().max())
-
+# 9. Metrics by name (DDP / FSDP plumbing: parallel.py)
 
 def step_metrics(step, ro: Rollouts, zero_std, sums, cstats, edge, rl, world, grad_norm, lr, timing, schema) -> dict:
     """Names as the common GRPO trainers log them (DESIGN §6), global over ranks. time/*: rank 0's seconds per
@@ -1140,8 +995,7 @@ def main(argv=None):
     if int(os.environ.get("RANK", "0")) == 0:
         import eval as evaluation
         cli(lambda: evaluation.evaluate_run(cfg, final, cfg.run.out_dir, print_table=True))
-    if _distributed():
-        dist.destroy_process_group()
+    end_distributed()
 
 
 if __name__ == "__main__":

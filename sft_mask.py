@@ -23,9 +23,10 @@ from tqdm import tqdm
 import data
 import policy
 import testbed
-from checkpoint import (Interrupted, StopSignals, make_run_dir, refuse_mixing, save_atomically, sft_setting,
-                        start_over)
+from checkpoint import (Interrupted, StopSignals, config_differences, make_run_dir, refuse_mixing, save_atomically,
+                        sft_setting, start_over)
 from config import cli, parse_args, save_config
+from parallel import barrier
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -190,6 +191,29 @@ def run_sft(cfg, out_dir: str, print_table: bool = True) -> str:
         print(f"saved SFT checkpoint to {ckpt}")
     evaluation.evaluate_run(cfg, ckpt, out_dir, print_table=print_table)
     return ckpt
+
+
+def ensure_sft(cfg, master: bool, world: int) -> str:
+    """The checkpoint RL starts from (graph_grpo.train calls it on every rank): rl.init_from, or <out_dir>/sft/checkpoint, made by the SFT stage if missing.
+    An SFT stage there made with other SFT settings (checkpoint.SFT_KEYS) is refused, or with --no-resume trained
+    again (DESIGN §7: a resume never mixes runs)."""
+    if cfg.rl.init_from:
+        if not os.path.isdir(cfg.rl.init_from):
+            raise FileNotFoundError(f"rl.init_from = {cfg.rl.init_from}: no such checkpoint directory")
+        return cfg.rl.init_from
+    sft_dir = os.path.join(cfg.run.out_dir, "sft")
+    init_from = os.path.join(sft_dir, "checkpoint")
+    if os.path.isdir(init_from):
+        if cfg.run.resume:
+            refuse_mixing(cfg, sft_dir, "its SFT checkpoint", sft_setting)
+            return init_from
+        if not config_differences(cfg, sft_dir, sft_setting):
+            return init_from
+    if master:
+        print(f"no SFT checkpoint of these settings at {init_from}: running the SFT stage first (sft_mask.py)")
+        run_sft(cfg, sft_dir)
+    barrier(world)
+    return init_from
 
 
 def main(argv=None):

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import checkpoint
 import graph_grpo as gg
+import parallel
 import policy
 import test_grpo as tg
 from test_grpo import sft_ckpt  # noqa: F401 (the tiny SFT checkpoint fixture, one per module)
@@ -73,10 +74,10 @@ def _fsdp_worker(rank, world, port, out_path):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     res = {}
-    sharded = gg.shard_model(_model())
+    sharded = parallel.shard_model(_model())
     # generation: the ranks decode different numbers of steps, rank 0 alone samples more (as it evaluates)
     mine = [[5 + rank, 6, 7]] * (1 + rank)
-    with gg.full_parameters(sharded):
+    with parallel.full_parameters(sharded):
         got = policy.sample(sharded, mine, 2, 6 + 10 * rank, 1.0, 2, 0, seed=rank)
         alone = policy.sample(sharded, [[8, 9, 10]], 3, 12, 1.0, 2, 0, seed=7) if rank == 0 else None
     plain = _model()
@@ -89,7 +90,7 @@ def _fsdp_worker(rank, world, port, out_path):
     n_tokens, n_seqs = float(sum(len(c) for c in completions)), float(len(completions))
     rows = slice(rank * 2 * G, (rank + 1) * 2 * G)
     ro = _rollouts(prompts[rank * 2:(rank + 1) * 2], completions[rows], adv[rows],
-                   gg.min_completion_columns(sharded))
+                   parallel.min_completion_columns(sharded))
     ddp = torch.nn.parallel.DistributedDataParallel(_model())
     opts = {}
     # FSDP: one group per micro-batch (rank 1's first is one token long); DDP: one micro-batch per rank, since DDP
@@ -155,9 +156,9 @@ def test_fsdp_rollouts_keep_two_completion_columns():
     """Under FSDP a rank whose completions are all one token long still packs two completion columns (the second
     masked), and its micro-batches keep them when trimmed; without the floor both are one column."""
     prompts, completions = [[5, 6], [7]], [[3], [4], [9], [2]]
-    ro = _rollouts(prompts, completions, torch.ones(4, TMAX), gg.FSDP_MIN_COLUMNS)
+    ro = _rollouts(prompts, completions, torch.ones(4, TMAX), parallel.FSDP_MIN_COLUMNS)
     assert ro.completion_mask.tolist() == [[1.0, 0.0]] * 4 and ro.input_ids.shape[1] == ro.prompt_len + 2
-    assert ro.rows(slice(0, 2), G).trimmed(gg.FSDP_MIN_COLUMNS).completion_mask.shape[1] == 2
+    assert ro.rows(slice(0, 2), G).trimmed(parallel.FSDP_MIN_COLUMNS).completion_mask.shape[1] == 2
     assert _rollouts(prompts, completions, torch.ones(4, TMAX)).trimmed().completion_mask.shape[1] == 1
 
 

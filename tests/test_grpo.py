@@ -17,6 +17,7 @@ import credit
 import data
 import eval as evaluation
 import graph_grpo as gg
+import parallel
 import policy
 import testbed
 from config import load_config
@@ -178,8 +179,8 @@ def _ddp_worker(rank, world, port, out_path):
     grads = _grads(ddp, mine, rl, world, n_tokens, n_seqs)
     # the controller's main-loss gradient G_W and the batch-scale std are whole-batch quantities on every rank
     main = _main_batch(ro).rows(slice(rank * half, (rank + 1) * half), 2)
-    grad_W = gg.all_reduce_sum(gg.main_loss_output_grad(model, main, types.SimpleNamespace(rl=rl), gg.main_counts(main)))
-    batch_std = float(gg.all_gather_cat(mine.rewards).std())
+    grad_W = parallel.all_reduce_sum(gg.main_loss_output_grad(model, main, types.SimpleNamespace(rl=rl), gg.main_counts(main)))
+    batch_std = float(parallel.all_gather_cat(mine.rewards).std())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(2):
         opt.step()
@@ -189,7 +190,7 @@ def _ddp_worker(rank, world, port, out_path):
     dist.all_gather(gathered, params)
     # the Eq. 3 controller: rank-local phi gradients differ, the reduced ones (and so alpha) must not
     import credit
-    ctl = credit.EdgeController(3, 0.5, window=2, step_size=0.1, reduce_fn=lambda x: gg.all_reduce_sum(x) / world)
+    ctl = credit.EdgeController(3, 0.5, window=2, step_size=0.1, reduce_fn=lambda x: parallel.all_reduce_sum(x) / world)
     g = torch.Generator().manual_seed(100 + rank)
     for _ in range(6):
         ctl.accumulate(torch.randn(3, generator=g, dtype=torch.float64) + torch.tensor([1.0, -1.0, 0.0]) * (rank + 1))
