@@ -266,7 +266,7 @@ class CreditConfig:
     mode: Literal["outcome", "process", "stepwise", "rule_shaped", "graph"] = "outcome"
     """outcome: GRPO; process: verifier evidence, alpha 0; stepwise: TaoSR-SHE; rule_shaped: TaoSR-AGRL; graph: Graph-GRPO"""
     scale: Literal["group", "batch", "node", "none"] = "group"
-    """advantage scale (Eq. 2): group: std_j R_j + eps per group; batch: batch std (outcome only); node: per-node std (graph only); none: 1"""
+    """advantage scale (Eq. 2): group: std_j R_j + eps per group; batch: batch std (outcome only); node: per-node z-score over the group, (c - mean) / std (graph only); none: 1"""
     evidence: Literal["baseline", "group", "verifier", "both", "rollout"] = "group"
     """own evidence a_{i,v}: baseline R - V; group Eq. 1a; verifier s - mean s; both: group + verifier; rollout: Monte-Carlo node values, Eq. 1c"""
     rollout_samples: int = 2

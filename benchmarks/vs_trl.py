@@ -9,7 +9,7 @@ For each model size (--sizes; the embedded tiny Qwen2, hidden 128 x 2 layers and
 SmolLM2-135M from models/smollm2-135m at a small setting both sides share: 4 prompts x 4 samples, 64 tokens):
   1. an SFT checkpoint (--init SIZE=DIR; trained with sft_mask.py when missing) is the common start;
   2. a check that TRL's reward function here gives exactly our rewards on our trainer's own rollouts
-     (graph_grpo.make_rollouts) and that TRL's prompt tokenisation gives our prompt ids;
+     (graph_grpo.sample_rollouts) and that TRL's prompt tokenisation gives our prompt ids;
   3. --steps steps per side in chunks of --chunk, alternated A B A B (ours, TRL, ours, TRL, ...) so that a shared,
      noisy machine treats both alike. Ours: graph_grpo.main in a subprocess (this file, --worker ours), resumed
      chunk after chunk, time/step_s from metrics.jsonl, plus the step's process CPU time. TRL: GRPOTrainer(...).train() in a subprocess (this file, --worker), one chunk of

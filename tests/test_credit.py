@@ -418,13 +418,14 @@ def test_node_scale_none_and_node():
     c = t([[1., 2.], [3., 2.], [0., 2.], [5., 9.]])
     r = t([1., 0., 1., 1.])
     close(node_advantages(c, r, 2, "none"), c)
-    # 'node': per group and slot, std of c over present rows; group 0 slot 0: std(1, 3) = sqrt(2);
-    # slot 1 is constant in group 0 -> divided by 1; group 1: rewards are equal, but 'node' ignores rewards
+    # 'node': per group and slot, a z-score over present rows; group 0 slot 0: mean 2, std(1, 3) = sqrt(2);
+    # slot 1 is constant in group 0 -> 0; group 1: rewards are equal, but 'node' ignores rewards: mean 2.5, std
+    # sqrt(12.5)
     present = torch.ones(4, 2, dtype=torch.bool)
-    present[3, 1] = False  # group 1 slot 1 has one value -> divided by 1
+    present[3, 1] = False  # group 1 slot 1 has one value -> 0 (and 0 where absent)
     out = node_advantages(c, r, 2, "node", EPS, present)
-    s2 = math.sqrt(2)
-    close(out, [[1 / (s2 + EPS), 2.], [3 / (s2 + EPS), 2.], [0., 2.], [5 / (math.sqrt(12.5) + EPS), 9.]])
+    s2, s12 = math.sqrt(2), math.sqrt(12.5)
+    close(out, [[-1 / (s2 + EPS), 0.], [1 / (s2 + EPS), 0.], [-2.5 / (s12 + EPS), 0.], [2.5 / (s12 + EPS), 0.]])
 
 
 def test_node_scale_group_outcome_zero_std_group_divides_by_one():
@@ -1046,3 +1047,19 @@ def test_alignment_controller_approaches_the_known_best_alpha_where_eq3_runs_to_
         assert sum(bool((e - star).abs().max() <= far / 3) for e in ends) >= 5, (start, ends)
     ends = [run("lookahead", 0.0, seed) for seed in range(6)]
     assert sum(bool(((e == 0) | (e == 2)).all() and (e == 2).any()) for e in ends) >= 5, ends
+
+
+def test_per_node_scale_is_a_z_score_over_the_rollouts_that_have_the_node():
+    """credit.scale node (DESIGN 0.1): per node, (c - mean) / (std + eps) over the group's rollouts that have it
+    (unbiased std), 0 where absent. Hand numbers, G = 4, one group, two nodes:
+    node 0: c = 0.30, 0.30, 0.30, 0.28 (a tiny spread around a nonzero mean), all present: mean 0.295, std 0.01
+            -> 0.5, 0.5, 0.5, -1.5 (bounded; dividing c by the std alone gave 30, 30, 30, 28);
+    node 1: c = 1, 2, 3, 9 with the last absent: mean 2, std 1 -> -1, 0, 1, 0."""
+    c = t([[0.30, 1.0], [0.30, 2.0], [0.30, 3.0], [0.28, 9.0]])
+    present = torch.tensor([[1, 1], [1, 1], [1, 1], [1, 0]], dtype=torch.bool)
+    A = node_advantages(c, t([1., 0., 0., 1.]), 4, "node", 0.0, present)
+    torch.testing.assert_close(A, t([[0.5, -1.0], [0.5, 0.0], [0.5, 1.0], [-1.5, 0.0]]), atol=1e-9, rtol=0)
+    # a constant node and a node in one rollout only: no spread to normalise by, so 0
+    A = node_advantages(t([[0.4, 0.7], [0.4, 0.0]]), t([1., 0.]), 2, "node", 0.0,
+                        torch.tensor([[1, 1], [1, 0]], dtype=torch.bool))
+    torch.testing.assert_close(A, torch.zeros(2, 2, dtype=torch.float64), atol=0, rtol=0)
