@@ -23,6 +23,7 @@ The file reads in the order of the method (DESIGN.md §3-§8):
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 import sys
@@ -906,16 +907,22 @@ def step_prompt_indices(step: int, rank: int, world: int, per_rank: int, pool: i
     """Prompts of (step, rank): a fresh seeded permutation of the RL pool (or of its `allowed` subset, a
     curriculum stage) per epoch, consumed in order. A pure function of the step, so the data position needs no
     state on resume and every rank owns whole groups."""
-    items = list(range(pool)) if allowed is None else allowed
-    perms: dict[int, list[int]] = {}  # one shuffle per epoch this step touches (at most two), not one per prompt
+    subset = None if allowed is None else tuple(allowed)
+    n = pool if subset is None else len(subset)
     out = []
     for j in range(per_rank):
         g = (step * world + rank) * per_rank + j
-        epoch, pos = divmod(g, len(items))
-        if epoch not in perms:
-            perms[epoch] = random.Random(seed * 7919 + epoch).sample(items, len(items))
-        out.append(perms[epoch][pos])
+        epoch, pos = divmod(g, n)
+        out.append(epoch_permutation(seed, epoch, pool, subset)[pos])
     return out
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_permutation(seed: int, epoch: int, pool: int, subset: tuple[int, ...] | None) -> list[int]:
+    """The seeded shuffle of range(pool) (or of `subset`) for one epoch, drawn once and kept: a step touches at
+    most two epochs, and drawing the 20,000-prompt pool's permutation for every step cost 11 ms. Do not mutate."""
+    items = list(range(pool)) if subset is None else list(subset)
+    return random.Random(seed * 7919 + epoch).sample(items, len(items))
 
 
 MC_SEED = 0x5EED_0000  # offsets the sampling seed of Monte-Carlo continuations from the rollouts'
