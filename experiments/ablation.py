@@ -136,7 +136,8 @@ ROWS2 = (
     Row("graph_fixed", "Graph-GRPO, alpha fixed at 1", "rl", "sft_masked", ("--credit.mode=graph", "--controller.mode=fixed")),
     Row("graph_align", "Graph-GRPO, alignment controller", "rl", "sft_masked", BASE_GRAPH + ALIGN),
     Row("paper_sft", "paper graph: SFT (loss masking)", "sft", config=PAPER),
-    Row("paper_grpo", "paper graph: GRPO", "rl", "paper_sft", GRPO, config=PAPER, ref="paper_grpo"),
+    Row("paper_grpo", "paper graph: GRPO", "rl", "paper_sft", GRPO + ("--credit.scale=group",), config=PAPER,
+        ref="paper_grpo"),  # GRPO's group scale: paper.yaml's per-node scale is for graph credit only
     Row("paper_default", "paper graph: Graph-GRPO (per-node scale)", "rl", "paper_sft", BASE_GRAPH, config=PAPER,
         ref="paper_grpo"),
     Row("process", "process (verifier evidence, alpha 0)", "rl", "sft_masked",

@@ -150,3 +150,22 @@ def test_scoring_by_the_last_evaluations_and_confidence_intervals(tmp_path):
     assert ablation.collect(out, [0])["grpo"][0]["final"]["test_longtail"]["macro_f1"] == 0.60
     assert ablation.mean_ci([1.0, 2.0, 3.0]) == "2.00 ± 2.48"          # 4.30 * 1 / sqrt(3)
     assert ablation.mean_ci([0.5]) == "0.50" and ablation.mean_ci([]) == "-"
+
+
+@pytest.mark.parametrize("study", sorted(ablation.STUDIES))
+def test_every_row_of_every_study_makes_a_valid_config(study, tmp_path, monkeypatch):
+    """Each (row, seed 0) command line of a study loads as a config (config.parse_args: types, ranges, the settings
+    that must go together, the schema): a row that cannot run is found here, not hours into a study (the paper
+    graph's GRPO row once combined outcome credit with paper.yaml's per-node scale and failed with exit 2)."""
+    import argparse
+
+    from config import parse_args
+    monkeypatch.chdir(ROOT)
+    s = ablation.STUDIES[study]
+    args = argparse.Namespace(study=study, rows=[], seeds=[0], out=str(tmp_path), extra=[], config="configs/base.yaml",
+                              rl_steps=s.rl_steps, eval_every=s.eval_every, eval_items=s.eval_items,
+                              distill_steps=s.distill_steps, distill_train=s.distill_train)
+    jobs = ablation.make_jobs(args)
+    assert jobs
+    for job in jobs:
+        parse_args(job.args[2:])  # [python, script, config, overrides...]; exit 2 (SystemExit) on a bad row
