@@ -353,9 +353,11 @@ def test_score_cli_writes_one_line_per_pair_and_the_rate(tmp_path):
             assert abs(got["label_probs"][k] - v) < 1e-5
         assert abs(sum(got["facets"]["color"].values()) - 1) < 1e-5
     assert "scored 3 pairs" in r.stderr and "pairs/s" in r.stderr
-    # stdin, and the student of a config (distill.student_dir)
+    # stdin, and the student of a config (distill.student_dir: distill.py writes the student into its checkpoint/)
+    os.makedirs(tmp_path / "run")
+    os.rename(student, tmp_path / "run" / "checkpoint")
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"distill:\n  student_dir: {student}\n")
+    cfg.write_text(f"distill:\n  student_dir: {tmp_path / 'run'}\n")
     r2 = _score(["-", f"--student={cfg}", "--batch-size=2"], stdin=path.read_text())
     assert r2.returncode == 0, r2.stderr
     assert r2.stdout == r.stdout
