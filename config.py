@@ -275,6 +275,8 @@ class CreditConfig:
     """V_{i,v} of Eq. 1a: include_self (DESIGN) or leave_one_out (the other rollouts sharing i's parent content)"""
     gate: Literal["rule", "none"] = "rule"
     """instance gate g in Eq. 1b: rule: counterfactual under the business rule; none: g = 1"""
+    shield: Literal["none", "verifier"] = "none"
+    """Eq. 1b variant (ours, issue 14): verifier: a step the verifiers call right receives only the positive part of its children's credit, one they call wrong only the negative part (credit.shielded); none: Eq. 1b as written. Graph mode with propagation only (ignored elsewhere, as evidence is)"""
     alpha_init: float = 1.0
     """initial alpha of every edge type (Eq. 1b); 1 behaves like the `baseline` form"""
     alpha_min: float = 0.0

@@ -44,6 +44,7 @@ NODE_SCALES = ("group_outcome", "none", "node")
 EVIDENCE_FORMS = ("group", "baseline", "verifier", "both", "rollout")
 GATE_FORMS = ("rule", "none")
 VALUE_FORMS = ("include_self", "leave_one_out")
+SHIELD_FORMS = ("none", "verifier")
 MODES = ("outcome", "graph")
 
 
@@ -310,13 +311,34 @@ def verifier_evidence(scores: Tensor, present: Tensor, group_size: int, weights:
 # Eq. 1b: propagation, Eq. 2: one scale per group
 
 
+def verified_steps(scores: Tensor, present: Tensor) -> Tensor:
+    """(B, N) the verifiers' local verdict on each step: +1 right (every score that applies is 1), -1 wrong (some
+    score below 1), 0 unknown (absent, or no score applies). scores (B, N, S) in [0, 1], NaN where a kind does not
+    apply (data.verifier_scores)."""
+    known = ~torch.isnan(scores)  # (B, N, S)
+    low = torch.where(known, scores, torch.ones_like(scores)).amin(-1)  # (B, N); 1 where nothing is known
+    any_known = known.any(-1) & present
+    right = any_known & (low >= 1)
+    return right.to(torch.long) - (any_known & (low < 1)).to(torch.long)
+
+
+def shielded(propagated: Tensor, verdict: Tensor) -> Tensor:
+    """The credit a step receives from its children under the verifier shield (credit.shield = verifier, our
+    variant of Eq. 1b): only its positive part where the verifiers call the step right (a failure downstream is
+    not its fault), only its negative part where they call it wrong, all of it where they say nothing.
+    propagated, verdict: (B,). Differentiable (clamp passes the gradient where it is inactive)."""
+    return torch.where(verdict > 0, propagated.clamp(min=0),
+                       torch.where(verdict < 0, propagated.clamp(max=0), propagated))
+
+
 def propagate_credit(a: Tensor, alpha: Tensor, gate: Tensor, parents: list[list[int]],
-                     edge_types: list[list[int]], present: Tensor) -> Tensor:
+                     edge_types: list[list[int]], present: Tensor, shield: Tensor | None = None) -> Tensor:
     """(B, N) Eq. 1b c_{i,v} = a_{i,v} + sum_{u in children(v)} alpha_{e(v,u)} g_{i,v,u} c_{i,u}.
 
     Children first (reverse topological order). c is 0 where the slot is absent, so a missing child
     contributes nothing. Differentiable in alpha (num_edge_types,) and a: credits are kept per slot
-    in a list and stacked at the end, with no in-place writes.
+    in a list and stacked at the end, with no in-place writes. shield (B, N) in {-1, 0, 1} (verified_steps):
+    the sum over children passes through `shielded` before it is added to a_{i,v}.
     """
     B, N = a.shape
     alpha = alpha.to(device=a.device, dtype=a.dtype)  # the controller keeps alpha on the CPU in float64
@@ -325,9 +347,13 @@ def propagate_credit(a: Tensor, alpha: Tensor, gate: Tensor, parents: list[list[
     zero = torch.zeros(B, dtype=a.dtype, device=a.device)
     c: list[Tensor | None] = [None] * N
     for v in reversed(topological_order(parents)):
+        terms = [alpha[e] * gate[:, v, u] * c[u] for u, e in children[v]]
         cv = a[:, v]
-        for u, e in children[v]:
-            cv = cv + alpha[e] * gate[:, v, u] * c[u]
+        if shield is None:
+            for t in terms:
+                cv = cv + t
+        elif terms:
+            cv = cv + shielded(torch.stack(terms).sum(0), shield[:, v])
         c[v] = torch.where(present[:, v], cv, zero)
     return torch.stack(c, 1)
 
@@ -396,7 +422,8 @@ def token_advantages(node_adv: Tensor, spans: Tensor, parsed: Tensor, outcome_ad
 
 def graph_node_advantages(batch: CreditBatch, *, evidence: str = "group", gate: str = "rule",
                           scale: str = "group_outcome", eps: float = DEFAULT_EPS, alpha: Tensor | None = None,
-                          verifier_weights: Tensor | None = None, value: str = "include_self") -> tuple[Tensor, Tensor]:
+                          verifier_weights: Tensor | None = None, value: str = "include_self",
+                          shield: str = "none") -> tuple[Tensor, Tensor]:
     """(node advantages A (B, N), own evidence a (B, N)) of Graph-GRPO (Eqs. 1a, 1b, 2).
 
     evidence: 'group' Eq. 1a; 'baseline' c = R - V with no propagation (alpha unused); 'verifier'
@@ -405,8 +432,13 @@ def graph_node_advantages(batch: CreditBatch, *, evidence: str = "group", gate: 
     process-reward baseline when alpha = 0); 'both' Eq. 1a plus the verifier term; 'rollout' Eq. 1c (Monte-Carlo
     node values in batch.values).
     gate: 'rule' uses batch.gate; 'none' sets every gate to 1. value: 'include_self' (DESIGN's V) or
-    'leave_one_out' (see group_values).
+    'leave_one_out' (see group_values). shield: 'verifier' filters what each step receives from its children by
+    the verifiers' local verdict (verified_steps, shielded; needs batch.scores), 'none' is Eq. 1b as written.
     """
+    if shield not in SHIELD_FORMS:
+        raise ValueError(f"shield={shield!r}, expected one of {SHIELD_FORMS}")
+    if shield == "verifier" and batch.scores is None:
+        raise ValueError("shield='verifier' needs batch.scores (the verifiers' local scores)")
     if value not in VALUE_FORMS:
         raise ValueError(f"value={value!r}, expected one of {VALUE_FORMS}")
     loo = value == "leave_one_out"
@@ -439,7 +471,8 @@ def graph_node_advantages(batch: CreditBatch, *, evidence: str = "group", gate: 
     if alpha.shape != (b.num_edge_types,):
         raise ValueError(f"alpha has shape {tuple(alpha.shape)}, expected ({b.num_edge_types},)")
     g = b.gate if gate == "rule" else torch.ones_like(b.gate)
-    c = propagate_credit(a, alpha, g, b.parents, b.edge_types, b.present)
+    verdict = verified_steps(b.scores, b.present) if shield == "verifier" else None
+    c = propagate_credit(a, alpha, g, b.parents, b.edge_types, b.present, verdict)
     return node_advantages(c, b.rewards, G, scale, eps, b.present), a
 
 
@@ -512,7 +545,7 @@ def compute_advantages(batch: CreditBatch, *, num_tokens: int, mode: str = "grap
                        gate: str = "rule", scale: str = "group_outcome", outcome_scale: str = "group",
                        eps: float = DEFAULT_EPS, alpha: Tensor | None = None,
                        verifier_weights: Tensor | None = None, value: str = "include_self",
-                       batch_std: float | None = None) -> tuple[Tensor, dict]:
+                       batch_std: float | None = None, shield: str = "none") -> tuple[Tensor, dict]:
     """(B, T) token advantages and a stats dict: the one call the trainer makes (DESIGN sections 4, 6).
 
     mode 'outcome': plain GRPO, outcome_advantages(scale=outcome_scale) on every token.
@@ -531,7 +564,7 @@ def compute_advantages(batch: CreditBatch, *, num_tokens: int, mode: str = "grap
         token_adv = outcome[:, None].expand(-1, num_tokens).clone()
         return token_adv, {"credit/outcome_abs_adv": float(outcome.abs().mean())}
     node_adv, own = graph_node_advantages(b, evidence=evidence, gate=gate, scale=scale, eps=eps, alpha=alpha,
-                                          verifier_weights=verifier_weights, value=value)
+                                          verifier_weights=verifier_weights, value=value, shield=shield)
     token_adv = token_advantages(node_adv, b.spans, b.parsed, outcome, num_tokens)
     stats = credit_stats(b, node_adv, own if evidence != "baseline" else None)
     stats["credit/outcome_abs_adv"] = float(outcome.abs().mean())

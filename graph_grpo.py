@@ -206,11 +206,14 @@ class Credit:
                       scale={"group": "group_outcome", "node": "node", "none": "none"}[c.scale],
                       outcome_scale="none" if c.scale == "none" else "group")
         kw.update(eps=c.eps, gate=c.gate)
-        uses_scores = kw.get("evidence") in ("verifier", "both")
+        if mode == "graph" and c.evidence != "baseline" and c.shield != "none":  # only where Eq. 1b propagates
+            kw["shield"] = c.shield
+        uses_weights = kw.get("evidence") in ("verifier", "both")
+        uses_scores = uses_weights or "shield" in kw
         source = "gold" if (mode == "stepwise" or cfg.reward.local_scores == "gold") else "verifier"
         return cls(kwargs=kw, scores=source if (uses_scores or mode == "rule_shaped") else None,
                    shaped=mode == "rule_shaped", alpha_init=0.0 if mode in ("process", "stepwise") else c.alpha_init,
-                   learns_alpha=mode == "graph" and c.evidence != "baseline", uses_verifier_weights=uses_scores,
+                   learns_alpha=mode == "graph" and c.evidence != "baseline", uses_verifier_weights=uses_weights,
                    diversified=mode == "stepwise")
 
     @property
@@ -231,11 +234,12 @@ def credit_batch(parses: list[data.ParsedCoT], rewards: torch.Tensor, G: int, sc
     slots, y = schema.slots, schema.slots.index(schema.label_slot)
     B, N = len(parses), len(slots)
     parents, etypes = schema.parents()
-    present = torch.zeros(B, N, dtype=torch.bool)
-    keys = torch.zeros(B, N, dtype=torch.long)
-    gate = torch.ones(B, N, N)
-    spans = torch.full((B, N, 2), -1, dtype=torch.long)
-    scores = torch.full((B, N, len(data.SCORE_KINDS)), float("nan")) if verifier is not None else None
+    # filled as Python lists, converted once (element-wise writes into tensors cost microseconds each)
+    present, keys = [[False] * N for _ in range(B)], [[0] * N for _ in range(B)]
+    spans = [[[-1, -1]] * N for _ in range(B)]
+    label_gate = [[1.0] * N for _ in range(B)]  # gate[i, v, y]: the verdict -> label edge of this instance
+    nan = float("nan")
+    scores = [[[nan] * len(data.SCORE_KINDS) for _ in range(N)] for _ in range(B)] if verifier is not None else None
     key_ids: dict = {}
     for i, p in enumerate(parses):
         k = data.node_keys(p, with_values=with_values)
@@ -243,14 +247,19 @@ def credit_batch(parses: list[data.ParsedCoT], rewards: torch.Tensor, G: int, sc
         for v, name in enumerate(slots):
             if name not in k:
                 continue
-            present[i, v] = True
-            keys[i, v] = key_ids.setdefault((name, k[name]), len(key_ids))
-            spans[i, v, 0], spans[i, v, 1] = p.nodes[name].start, p.nodes[name].end
+            present[i][v] = True
+            keys[i][v] = key_ids.setdefault((name, k[name]), len(key_ids))
+            spans[i][v] = [p.nodes[name].start, p.nodes[name].end]
             if not dep.get(name, True):
-                gate[i, v, y] = 0.0
+                label_gate[i][v] = 0.0
             if verifier is not None and name in verifier[i]:
-                scores[i, v] = torch.tensor(verifier[i][name])
-    spans = spans.clamp(max=completion_len)
+                scores[i][v] = list(verifier[i][name])
+    gate = torch.ones(B, N, N)
+    gate[:, :, y] = torch.tensor(label_gate, dtype=gate.dtype).view(B, N)
+    present, keys = torch.tensor(present, dtype=torch.bool).view(B, N), torch.tensor(keys, dtype=torch.long).view(B, N)
+    spans = torch.tensor(spans, dtype=torch.long).view(B, N, 2).clamp(max=completion_len)
+    if verifier is not None:
+        scores = torch.tensor(scores, dtype=torch.float32).view(B, N, len(data.SCORE_KINDS))
     return credit.CreditBatch(rewards=rewards, group_size=G, present=present, keys=keys, parents=parents,
                               edge_types=etypes, num_edge_types=len(schema.edge_kinds), gate=gate, spans=spans,
                               parsed=torch.tensor([p.valid for p in parses]), scores=scores)
@@ -306,14 +315,12 @@ def monte_carlo_values(s: "RL", ro: Rollouts, prompts: list[list[int]], cb: cred
 def gold_correctness(ro: Rollouts, schema: data.GraphSchema) -> torch.Tensor:
     """(B, N) 1.0 where a well-formed step matches the example's gold annotation, 0.0 where it does not, NaN where
     there is no gold (or no step): what DESIGN 4.2's credit accuracy compares the advantages with."""
-    out = torch.full((len(ro.parses), len(schema.slots)), float("nan"), dtype=torch.float64)
+    nan, out = float("nan"), []
     for i, p in enumerate(ro.parses):
         ex = ro.examples[i // ro.group_size]
-        for v, name in enumerate(schema.slots):
-            if p.ok(name):
-                right = data.node_is_correct(name, p, ex, schema)
-                out[i, v] = float("nan") if right is None else float(right)
-    return out
+        rights = [data.node_is_correct(name, p, ex, schema) if p.ok(name) else None for name in schema.slots]
+        out.append([nan if r is None else float(r) for r in rights])
+    return torch.tensor(out, dtype=torch.float64).view(len(ro.parses), len(schema.slots))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ report with paired tests in results/<study>.md (+ .png).
     python experiments/ablation.py --study masking         # SFT with vs without CoT random masking, 3 seeds
     python experiments/ablation.py --study modes           # credit modes side by side, short RL, 3 seeds
     python experiments/ablation.py --study reach           # can outcome RL move the long tail at this budget?
+    python experiments/ablation.py --study shield          # the verifier shield on propagated credit (issue 14)
     python experiments/ablation.py --report-only           # only rebuild results/ from the run directories
     nohup python experiments/ablation.py > runs/ablation.log 2>&1 &     # the background-friendly way
 
@@ -177,6 +178,27 @@ CLAIMS2 = (("graph_default", "grpo", "test_longtail", "macro_f1", "Graph-GRPO (d
            ("paper_default", "paper_group_scale", "test_longtail", "macro_f1", "paper graph: per-node vs group scale, lt macro-F1"))
 
 
+# The verifier shield (issue 14, 2026-11-30): does keeping a verified step out of its children's blame lower the
+# misassignment that graph credit shared with GRPO (0.22 vs 0.21 of correct steps given A < 0), and does it help?
+# The default row is configs/base.yaml's Graph-GRPO at the time, written out; the rule is in the README.
+DEFAULT_NOW = ("--credit.mode=graph", "--credit.evidence=both", "--credit.value=leave_one_out", "--credit.shield=none",
+               "--controller.mode=meta", "--controller.objective=alignment")
+SHIELD_ROWS = (
+    Row("sft_masked", "SFT, input masking (ours)", "sft"),
+    Row("grpo", "GRPO", "rl", "sft_masked", GRPO),
+    Row("graph_default", "Graph-GRPO (default: group + verifier evidence, leave-one-out V, alignment controller)", "rl",
+        "sft_masked", DEFAULT_NOW),
+    Row("graph_shield", "Graph-GRPO default + verifier shield (credit.shield = verifier)", "rl", "sft_masked",
+        DEFAULT_NOW + ("--credit.shield=verifier",)),
+)
+SHIELD_CLAIMS = (("graph_shield", "grpo", "test_longtail", "macro_f1", "Graph-GRPO + shield vs GRPO, lt macro-F1"),
+                 ("graph_shield", "grpo", "test_id", "macro_f1", "Graph-GRPO + shield vs GRPO, id macro-F1"),
+                 ("graph_default", "grpo", "test_longtail", "macro_f1", "Graph-GRPO (default) vs GRPO, lt macro-F1"),
+                 ("graph_default", "grpo", "test_id", "macro_f1", "Graph-GRPO (default) vs GRPO, id macro-F1"),
+                 ("graph_shield", "graph_default", "test_longtail", "macro_f1", "shield vs default, lt macro-F1"),
+                 ("graph_shield", "graph_default", "test_id", "macro_f1", "shield vs default, id macro-F1"))
+
+
 @dataclass(frozen=True)
 class Study:
     name: str
@@ -197,6 +219,8 @@ class Study:
 STUDIES = {s.name: s for s in (
     Study("ablation", ROWS2, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=CLAIMS2, distill_steps=6000, distill_train=0,
           what="every row at the budget with room (200 RL steps), both graphs, credit accuracy"),
+    Study("shield", SHIELD_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=SHIELD_CLAIMS,
+          what="the verifier shield on propagated credit against the default and GRPO (issue 14)"),
     Study("ablation60", ROWS, what="every row of the paper's ablation in miniature (60 RL steps; the first study)"),
     Study("masking", MASKING_ROWS, seeds="0-2", what="SFT with vs without CoT random masking"),
     Study("modes", MODES_ROWS, seeds="0-2", rl_steps=70, what="the credit modes side by side (a first comparison)"),

@@ -4,8 +4,9 @@ the WANDS-built synthetic testbed for a fixed CPU budget; next to results/wands.
     python experiments/wands_smollm2.py --minutes 40 --threads 1      # -> results/wands_smollm2.md
 
 The model answers a chat-template question ("How relevant is the product to the query? Answer Exact, Partial or
-Irrelevant.") and is read by scoring: the label is the grade whose words have the highest log-probability after the
-prompt (no generation, no parsing; every pair gets a label). Fine-tuning (a fair way to fit one CPU hour, as the issue
+Irrelevant.") and is read by scoring: the label is the grade whose first token has the highest log-probability as the
+answer's first token (no generation, no parsing; every pair gets a label), and, calibrated, the same after subtracting
+a content-free pair's log-probabilities (contextual calibration). Fine-tuning (a fair way to fit one CPU hour, as the issue
 allows): label-only targets (the cross-entropy of the gold grade's words) on the WANDS-built testbed's synthetic pairs
 (configs/wands.yaml: the catalogue comes from WANDS product text, never from the judged pairs' labels or queries),
 with the embeddings and all but the top --train-layers decoder layers frozen. The real pairs are only evaluated.
@@ -36,20 +37,34 @@ def label_prompt(tokenizer, query: str, product: str) -> list[int]:
 
 
 def grade_logprobs(model, tokenizer, pairs, batch: int = 16) -> torch.Tensor:
-    """(n, 3) log-probability of each grade's words after each pair's prompt (teacher forcing, summed over the
-    grade's tokens), one forward per (pair, grade), batched."""
-    answers = [tokenizer.encode(g, add_special_tokens=False) for g in GRADES]
-    rows, out = [(label_prompt(tokenizer, q, p), a) for q, p in pairs for a in answers], []
-    for i in range(0, len(rows), batch):
-        chunk = rows[i:i + batch]
-        ids, attn, comp = policy.build_sequences([r[0] for r in chunk], [r[1] for r in chunk], tokenizer.pad_token_id)
-        out.append(policy.token_logprobs(model, ids, attn, comp, 1.0).logprobs.sum(1))
-    return torch.cat(out).view(-1, len(GRADES))
+    """(n, 3) log-probability of each grade's first token as the answer's first token after each pair's prompt: one
+    forward per pair, batched (the grades' first tokens differ, 'Ir' / 'Part' / 'Ex' in SmolLM2's tokenizer, and
+    their second tokens are all but certain after them; checked by grade_first_tokens)."""
+    first = grade_first_tokens(tokenizer)
+    out = []
+    for i in range(0, len(pairs), batch):
+        ids, attn = policy.left_pad([label_prompt(tokenizer, q, p) for q, p in pairs[i:i + batch]], tokenizer.pad_token_id)
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=policy.position_ids_from_mask(attn),
+                       logits_to_keep=1).logits[:, -1].float()
+        out.append(torch.log_softmax(logits, -1)[:, first])
+    return torch.cat(out)
 
 
-def predict(model, tokenizer, pairs) -> list[int]:
+def grade_first_tokens(tokenizer) -> list[int]:
+    first = [tokenizer.encode(g, add_special_tokens=False)[0] for g in GRADES]
+    if len(set(first)) != len(first):
+        raise SystemExit(f"wands_smollm2: the grades {GRADES} share a first token in this tokenizer; read whole words")
+    return first
+
+
+def predict(model, tokenizer, pairs, calibrate: bool = False) -> list[int]:
+    """argmax over the grades; calibrate: contextual calibration (Zhao et al., 2021), the grades' log-probabilities
+    for a content-free pair ('N/A', 'N/A') subtracted first, so the prompt's own preference for a word is removed."""
     with torch.no_grad():
-        return grade_logprobs(model, tokenizer, pairs).argmax(1).tolist()
+        scores = grade_logprobs(model, tokenizer, pairs)
+        if calibrate:
+            scores = scores - grade_logprobs(model, tokenizer, [("N/A", "N/A")])
+        return scores.argmax(1).tolist()
 
 
 def finetune(model, tokenizer, examples, minutes: float, train_layers: int, lr: float, batch: int, seed: int) -> dict:
@@ -67,7 +82,7 @@ def finetune(model, tokenizer, examples, minutes: float, train_layers: int, lr: 
     t0, steps, seen, losses = time.time(), 0, 0, []
     while time.time() - t0 < 60 * minutes:
         idx = torch.randint(len(examples), (batch,), generator=gen).tolist()
-        scores = grade_logprobs(model, tokenizer, [(examples[i].query, examples[i].product) for i in idx], batch * 3)
+        scores = grade_logprobs(model, tokenizer, [(examples[i].query, examples[i].product) for i in idx], batch)
         loss = torch.nn.functional.cross_entropy(scores, torch.tensor([examples[i].label for i in idx]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -102,6 +117,8 @@ def main(argv=None):
     zero = predict(model, tokenizer, pairs)
     rows.append({"model": "SmolLM2-135M-Instruct, zero-shot label prompt", **summary(gold, zero, names),
                  "minutes": round((time.time() - t0) / 60, 1)})
+    zero_cal = predict(model, tokenizer, pairs, calibrate=True)
+    rows.append({"model": "the same, contextual calibration", **summary(gold, zero_cal, names), "minutes": ""})
     torch.manual_seed(0)
     train = task.splits["sft"] + task.splits["rl"]
     info = finetune(model, tokenizer, train, args.minutes, args.train_layers, args.lr, args.batch, seed=0)
@@ -109,12 +126,15 @@ def main(argv=None):
     rows.append({"model": f"SmolLM2-135M-Instruct, label-only fine-tuning on the WANDS-built testbed ({info['steps']} "
                           f"steps, {info['examples']} synthetic pairs, top {args.train_layers} layers)",
                  **summary(gold, tuned, names), "minutes": round(info["minutes"], 1)})
+    tuned_cal = predict(model, tokenizer, pairs, calibrate=True)
+    rows.append({"model": "the same, contextual calibration", **summary(gold, tuned_cal, names), "minutes": ""})
     command = "python experiments/wands_smollm2.py " + " ".join(sys.argv[1:] if argv is None else argv)
     text = "\n".join([f"# SmolLM2-135M-Instruct on the real WANDS pairs (`{command}`)", "",
                       f"{len(real)} judged pairs; {args.threads} CPU thread(s); fine-tuning: lr {args.lr}, batch "
                       f"{args.batch}, loss {info['loss_first_10']:.3f} (first 10 steps) -> {info['loss_last_10']:.3f} "
-                      f"(last 10), {info['minutes']:.1f} min wall. Read by scoring the three grades after a "
-                      f"chat-template question; every pair gets a label.", "",
+                      f"(last 10), {info['minutes']:.1f} min wall. Read by the log-probability of each grade's first "
+                      f"token after a chat-template question (calibrated rows: minus the same for a content-free "
+                      f"pair); every pair gets a label.", "",
                       evaluation.format_table(rows, list(rows[0])), ""])
     with open(args.out, "w", encoding="utf-8") as f:
         f.write(text)

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from credit import (CreditBatch, EdgeController, alignment_token_dots, baseline_credit, compute_advantages, credit_stats,  # noqa: E402
                     graph_node_advantages, group_own_evidence, lookahead_alpha_surrogate, node_advantages,
                     outcome_advantages, output_layer_grad, output_layer_token_dots, propagate_credit,
-                    token_advantages, topological_order, verifier_evidence, zero_std_groups)
+                    token_advantages, topological_order, verified_steps, verifier_evidence, zero_std_groups)
 from graph_grpo import aggregate_loss, aggregation_weights  # noqa: E402  (the trainer's loss aggregation)
 
 f64 = torch.float64
@@ -408,6 +408,42 @@ def test_propagation_gradient_in_alpha_by_hand():
     c, _ = graph_node_advantages(b, evidence="group", scale="none", alpha=alpha)
     # c_X = a_X + a0 (a_Z + a1 c_Y): dc_X/da0 = c_Z = 1/4, dc_X/da1 = a0 c_Y = 1/6 for rollout 0
     close(torch.autograd.grad(c[0, 0], alpha)[0], [1 / 4, 1 / 6])
+
+
+def chain_scores():
+    """Verifier scores on the chain: X wrong in rollout 0 (grounding 0.5), right in 2; Z wrong in 0 (comparator 0),
+    right in 1 (both scores 1); everything else has no score."""
+    nan = float("nan")
+    s = torch.full((4, 3, 2), nan, dtype=f64)
+    s[0, 0, 0], s[2, 0, 0] = .5, 1.
+    s[0, 1, 1], s[1, 1] = 0., 1.
+    return s
+
+
+def test_verifier_shield_by_hand():
+    """credit.shield = verifier on the chain, alpha (.5, .25): a step the verifiers call right keeps only positive
+    propagated credit, one they call wrong only negative; unknown steps get Eq. 1b's."""
+    b = make_batch(CHAIN_R, CHAIN_KEYS, CHAIN_PARENTS, CHAIN_TYPES, 4, scores=chain_scores())
+    assert verified_steps(b.scores, b.present).tolist() == [[-1, -1, 0], [0, 1, 0], [1, 0, 0], [0, 0, 0]]
+    alpha = t([.5, .25]).requires_grad_()
+    c, a = graph_node_advantages(b, evidence="group", scale="none", alpha=alpha, shield="verifier")
+    # a as in test_chain_own_evidence_by_hand: a_X = [-1/6, -1/6, -1/6, 1/2], a_Z = [1/6, 1/6, -1/3, 0], c_Y = a_Y
+    # Z gets .25 c_Y = [1/12, -1/6, 0, 1/12]: rollout 0 (wrong) drops the +1/12, rollout 1 (right) the -1/6
+    # -> c_Z = [1/6, 1/6, -1/3, 1/12]; X gets .5 c_Z = [1/12, 1/12, -1/6, 1/24]: rollout 0 (wrong) drops +1/12,
+    # rollout 2 (right) drops -1/6 -> c_X = [-1/6, -1/12, -1/6, 13/24]
+    close(c.detach(), torch.stack([t([-1 / 6, -1 / 12, -1 / 6, 13 / 24]), t([1 / 6, 1 / 6, -1 / 3, 1 / 12]),
+                                   t([1 / 3, -2 / 3, 0, 1 / 3])], 1))
+    # a dropped part carries no gradient; rollout 1's X still depends on alpha_0 through c_Z = 1/6
+    close(torch.autograd.grad(c[0, 0], alpha, retain_graph=True)[0], [0., 0.])
+    close(torch.autograd.grad(c[1, 0], alpha)[0], [1 / 6, 0.])
+    # shield none is Eq. 1b as written (test_chain_propagation_and_scale_by_hand's numbers)
+    plain, _ = graph_node_advantages(b, evidence="group", scale="none", alpha=t([.5, .25]), shield="none")
+    close(plain[:, 0], [-1 / 24, -1 / 6, -1 / 3, 13 / 24])
+    with pytest.raises(ValueError, match="needs batch.scores"):
+        graph_node_advantages(make_batch(CHAIN_R, CHAIN_KEYS, CHAIN_PARENTS, CHAIN_TYPES, 4), evidence="group",
+                              alpha=t([.5, .25]), shield="verifier")
+    with pytest.raises(ValueError, match="shield="):
+        graph_node_advantages(b, evidence="group", alpha=t([.5, .25]), shield="gold")
 
 
 # -----------------------------------------------------------------------------

@@ -407,6 +407,9 @@ def test_credit_modes_map_onto_one_machinery():
     assert not cr("--credit.mode=graph", "--credit.evidence=baseline").learns_alpha
     with pytest.raises(ValueError, match="credit.scale = node"):
         cr("--credit.mode=outcome", "--credit.scale=node")
+    c = cr("--credit.mode=graph", "--credit.evidence=group", "--credit.shield=verifier")
+    assert c.kwargs["shield"] == "verifier" and c.scores == "verifier" and not c.uses_verifier_weights
+    assert "shield" not in cr("--credit.mode=outcome", "--credit.shield=verifier").kwargs  # no propagation there
 
 
 def test_diversified_filtering_and_curriculum():

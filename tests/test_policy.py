@@ -8,6 +8,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
                           PreTrainedTokenizerFast)
 
+import decoder
 import policy as P
 
 WORDS = ["<q>", "</q>", "<p>", "</p>", "<f:brand>", "</f:brand>", "<y>", "</y>", "brand", "nike", "adidas",
@@ -31,9 +32,16 @@ def sharp(model):
 
 
 def policy_model(arch, seed):
-    """(model, tokenizer) of a tiny Qwen2 (RoPE) or GPT-2 (absolute positions: wrong position ids
-    under left padding change every logit) over WORDS."""
+    """(model, tokenizer) of a tiny Qwen2 (RoPE, q/k/v biases), Llama (tied embeddings, one key/value head for
+    four query heads, another rope base) or GPT-2 (absolute positions: wrong position ids under left padding change
+    every logit) over WORDS."""
     model, tok = tiny(seed=seed)
+    if arch == "llama":
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=1, intermediate_size=48,
+                                             tie_word_embeddings=True, rope_theta=500.0, max_position_embeddings=64,
+                                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
     if arch == "gpt2":
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=64,
@@ -313,19 +321,24 @@ def test_sample_one_step_frequencies_match_model_softmax():
     assert stat < dof + 6 * math.sqrt(2 * dof)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
-def test_sample_equals_reference_with_shared_cache_and_row_dropping(arch):
+@pytest.mark.parametrize("arch,engine", [("qwen2", "decoder"), ("qwen2", "hf"), ("llama", "decoder"), ("gpt2", "auto")])
+def test_sample_equals_reference_with_shared_cache_and_row_dropping(arch, engine, monkeypatch):
     model, tok = policy_model(arch, seed=2)
+    assert decoder.supports(model) == (arch != "gpt2")
     eos = tok.eos_token_id
     with torch.no_grad():
         model.get_output_embeddings().weight[eos] += 0.3 * model.get_output_embeddings().weight.mean(0) \
             + 0.05 * torch.randn(32, generator=torch.Generator().manual_seed(0))
     prompts = [[5, 6, 7, 8, 9, 10], [11], [12, 13, 14]]
     G, max_new, T = 5, 12, 1.3
-    calls = []
+    calls = []  # the shapes of the token ids of every forward
+    if engine == "decoder":
+        forward = decoder.Decoder._forward
+        monkeypatch.setattr(decoder.Decoder, "_forward",
+                            lambda self, ids, *a: calls.append(tuple(ids.shape)) or forward(self, ids, *a))
     hook = model.register_forward_hook(lambda m, args, kwargs, out: calls.append(tuple(kwargs["input_ids"].shape)),
                                        with_kwargs=True)
-    got = P.sample(model, prompts, G, max_new, T, eos, tok.pad_token_id, seed=42)
+    got = P.sample(model, prompts, G, max_new, T, eos, tok.pad_token_id, seed=42, engine=engine)
     hook.remove()
     want = P.sample_reference(model, prompts, G, max_new, T, eos, tok.pad_token_id, seed=42)
     assert got == want
@@ -340,8 +353,42 @@ def test_sample_equals_reference_with_shared_cache_and_row_dropping(arch):
     assert calls[1:] == [(a, 1) for a in alive if a > 0]
     assert alive[0] < len(got)  # some rows really left the batch
     # a different seed gives different samples; the same seed the same
-    assert P.sample(model, prompts, G, max_new, T, eos, tok.pad_token_id, seed=43) != got
-    assert P.sample(model, prompts, G, max_new, T, eos, tok.pad_token_id, seed=42) == got
+    assert P.sample(model, prompts, G, max_new, T, eos, tok.pad_token_id, seed=43, engine=engine) != got
+    assert P.sample(model, prompts, G, max_new, T, eos, tok.pad_token_id, seed=42, engine=engine) == got
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_decoder_logits_equal_the_model_forward_under_left_padding_and_row_dropping(arch):
+    """decoder.Decoder against the model's own full forward over each row's real tokens: the prefill's last
+    logits, then every decode step's, after rows are dropped and the survivors reordered (DESIGN section 6's
+    pi_theta, computed another way)."""
+    model, tok = policy_model(arch, seed=5)
+    prompts, G = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]], 2
+    ids, mask = P.left_pad(prompts, tok.pad_token_id)
+    dec = decoder.Decoder(model)
+    seqs = [list(p) for p in prompts for _ in range(G)]  # each row's real tokens so far
+    rows = torch.arange(len(seqs))
+
+    def reference():  # (n, V) next-token logits of the current rows, one unpadded forward per row
+        with torch.no_grad():
+            return torch.cat([model(input_ids=torch.tensor([seqs[r]])).logits[:, -1] for r in rows.tolist()])
+
+    with torch.no_grad():
+        logits = dec.prefill(ids, mask, G, ids.shape[1] + 3)
+    torch.testing.assert_close(logits, reference(), rtol=1e-5, atol=1e-5)
+    for step, alive in enumerate([None, torch.tensor([0, 1, 0, 1, 1, 1], dtype=torch.bool),
+                                  torch.tensor([1, 0, 1, 1], dtype=torch.bool)]):
+        if alive is not None:
+            perm = dec.drop(alive)
+            assert sorted(perm.tolist()) == alive.nonzero().squeeze(1).tolist()  # the live rows, reordered
+            rows = rows[perm]
+        tokens = torch.tensor([8 + (r + step) % 5 for r in rows.tolist()])
+        for r, t in zip(rows.tolist(), tokens.tolist()):
+            seqs[r].append(t)
+        logits = dec.step(tokens)
+        torch.testing.assert_close(logits, reference(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="positions are full"):
+        dec.step(tokens[:len(rows)])
 
 
 def test_sample_row_does_not_depend_on_batch():

@@ -129,3 +129,24 @@ def test_smoke_run_sft_rl_eval_with_real_weights(tmp_path):
     assert rec["completions/mean_length"] > 0 and "alpha/f->y" in rec
     assert (out / "checkpoints" / "step_000001" / "manifest.json").exists()
     assert json.load(open(out / "eval.json"))["test_id"]["n"] == 4
+
+
+def test_wands_grade_reading_equals_the_plain_log_probs(smol):
+    """experiments/wands_smollm2.py reads a pair's grade from one forward (each grade's first token after the chat
+    prompt); the same numbers as policy.token_logprobs on the prompt + that token; both readings give every pair a grade."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("wands_smollm2", os.path.join(ROOT, "experiments", "wands_smollm2.py"))
+    ws = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ws)
+    model, tok = smol
+    pairs = [("red sofa", "Grey velvet sofa with two cushions"), ("lamp", "Brass floor lamp, 60 inch")]
+    first = ws.grade_first_tokens(tok)
+    assert len(set(first)) == 3
+    with torch.no_grad():
+        got = ws.grade_logprobs(model, tok, pairs, batch=2)
+        for i, (q, p) in enumerate(pairs):
+            ids, attn, comp = P.build_sequences([ws.label_prompt(tok, q, p)] * 3, [[t] for t in first], tok.pad_token_id)
+            want = P.token_logprobs(model, ids, attn, comp, 1.0).logprobs.sum(1)
+            torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-4)
+    plain, cal = ws.predict(model, tok, pairs), ws.predict(model, tok, pairs, calibrate=True)
+    assert len(plain) == len(cal) == 2 and all(0 <= k < 3 for k in plain + cal)
