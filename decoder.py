@@ -49,7 +49,7 @@ class Decoder:
     def __init__(self, model):
         self.model = model
         body = model.model
-        self.cfg = cfg = model.config
+        cfg = model.config
         self.embed = body.embed_tokens.weight
         self.head = model.get_output_embeddings().weight
         self.norm_w, self.eps = body.norm.weight, body.norm.variance_epsilon
