@@ -304,7 +304,9 @@ class ControllerConfig:
     step_size: float = 0.05
     """normalised step on phi each time the gate opens"""
     accumulate: int = 8
-    """steps K of phi gradient accumulated before the signal-to-noise gate is tested"""
+    """steps K of phi gradient accumulated before the signal-to-noise gate is tested (rule sequential: the fewest steps a test uses)"""
+    rule: Literal["window", "sequential"] = "window"
+    """window: test each block of K steps, then drop it (DESIGN 5); sequential: test every step over all gradients since the coordinate's last move (credit.EdgeController, ours)"""
     snr_z: float = 2.0
     """the gate opens when |mean| exceeds snr_z standard errors of the accumulated gradient"""
     reuse_forward: bool = True

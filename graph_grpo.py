@@ -493,7 +493,7 @@ class Controller:
         self.edge = credit.EdgeController(
             num_edge_types, cr.alpha_init, alpha_min=min(c.alpha_min, cr.alpha_init), alpha_max=c.alpha_max,
             mode=cfg.controller.mode if cr.learns_alpha else "fixed", window=cfg.controller.accumulate,
-            z=cfg.controller.snr_z, step_size=cfg.controller.step_size,
+            z=cfg.controller.snr_z, step_size=cfg.controller.step_size, rule=cfg.controller.rule,
             num_score_kinds=len(data.SCORE_KINDS) if cr.uses_verifier_weights else 0,
             weight_init=list(c.verifier_weights), weight_max=c.verifier_weight_max,
             learn_weights=cfg.controller.learn_weights and cr.uses_verifier_weights,

@@ -205,6 +205,40 @@ BASELINE_ROWS = tuple(replace(r, max_seeds=0) for r in ROWS2 if r.name in ("sft_
 BASELINE_CLAIMS = tuple((r, "grpo", split, "macro_f1", f"{r} vs GRPO, {split} macro-F1")
                         for r in ("process", "agrl", "she") for split in ("test_longtail", "test_id"))
 
+# A controller that moves (issue 14 item 4, 2026-11-30): which alpha is better on the testbed (fixed alpha 0, 0.5, 1,
+# 2, and on the wrong-edges graph 0 and 1), and does the alignment controller with the sequential gate
+# (controller.rule sequential, z 2.5, steps of 0.25) move alpha towards it from 0, 1 and alpha_max = 2? The evidence
+# is the default's (group + verifier, leave-one-out V); the rule for reading it is in the README.
+EVIDENCE_NOW = DEFAULT_NOW[:4]
+SEQ = ("--controller.mode=meta", "--controller.objective=alignment", "--controller.rule=sequential",
+       "--controller.snr_z=2.5", "--controller.step_size=0.25")
+
+
+def fixed_alpha(a: str) -> tuple[str, ...]:
+    return EVIDENCE_NOW + ("--controller.mode=fixed", f"--credit.alpha_init={a}")
+
+
+CONTROLLER_ROWS = SHIELD_ROWS[:3] + (
+    Row("fixed_a0", "Graph-GRPO default evidence, alpha fixed at 0", "rl", "sft_masked", fixed_alpha("0")),
+    Row("fixed_a05", "same, alpha fixed at 0.5", "rl", "sft_masked", fixed_alpha("0.5")),
+    Row("fixed_a1", "same, alpha fixed at 1", "rl", "sft_masked", fixed_alpha("1")),
+    Row("fixed_a2", "same, alpha fixed at 2 (alpha_max)", "rl", "sft_masked", fixed_alpha("2")),
+    Row("seq_a0", "alignment controller, sequential gate, from alpha 0", "rl", "sft_masked",
+        EVIDENCE_NOW + SEQ + ("--credit.alpha_init=0",)),
+    Row("seq_a1", "alignment controller, sequential gate, from alpha 1", "rl", "sft_masked",
+        EVIDENCE_NOW + SEQ + ("--credit.alpha_init=1",)),
+    Row("seq_a2", "alignment controller, sequential gate, from alpha 2", "rl", "sft_masked",
+        EVIDENCE_NOW + SEQ + ("--credit.alpha_init=2",)),
+    Row("wrong_fixed_a0", "wrong edges, alpha fixed at 0", "rl", "sft_masked", fixed_alpha("0") + (WRONG_EDGES,)),
+    Row("wrong_fixed_a1", "wrong edges, alpha fixed at 1", "rl", "sft_masked", fixed_alpha("1") + (WRONG_EDGES,)),
+    Row("wrong_seq_a1", "wrong edges, alignment controller, sequential gate, from alpha 1", "rl", "sft_masked",
+        EVIDENCE_NOW + SEQ + ("--credit.alpha_init=1", WRONG_EDGES)),
+)
+CONTROLLER_CLAIMS = tuple((a, b, "test_longtail", "macro_f1", f"{a} vs {b}, lt macro-F1") for a, b in (
+    ("fixed_a0", "fixed_a1"), ("fixed_a05", "fixed_a1"), ("fixed_a2", "fixed_a1"), ("seq_a1", "graph_default"),
+    ("seq_a0", "fixed_a0"), ("seq_a2", "fixed_a2"), ("wrong_fixed_a0", "wrong_fixed_a1"),
+    ("wrong_seq_a1", "wrong_fixed_a1"), ("graph_default", "grpo")))
+
 
 @dataclass(frozen=True)
 class Study:
@@ -228,6 +262,8 @@ STUDIES = {s.name: s for s in (
           what="every row at the budget with room (200 RL steps), both graphs, credit accuracy"),
     Study("shield", SHIELD_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=SHIELD_CLAIMS,
           what="the verifier shield on propagated credit against the default and GRPO (issue 14)"),
+    Study("controller", CONTROLLER_ROWS, seeds="0-3", rl_steps=200, eval_every=25, eval_items=0, score_last=3,
+          claims=CONTROLLER_CLAIMS, what="which alpha is better, and does the sequential-gate controller move towards it"),
     Study("baselines", BASELINE_ROWS, seeds="0-2", rl_steps=200, eval_every=25, eval_items=0, score_last=3,
           claims=BASELINE_CLAIMS, what="the seed papers' baselines against GRPO at the 200-step budget, 3 seeds"),
     Study("ablation60", ROWS, what="every row of the paper's ablation in miniature (60 RL steps; the first study)"),

@@ -802,6 +802,66 @@ def test_controller_state_dict_round_trip():
     assert a.log() == b.log()
 
 
+def test_sequential_gate_keeps_the_evidence_that_windows_throw_away():
+    """Gradients 1, 0, 1, 0, ... with K = 4, z = 2 (hand numbers). Every 4-step window is [1, 0, 1, 0]: mean 0.5,
+    unbiased std 0.577, t = 0.5 / (0.577 / 2) = 1.73 < 2, so the window rule never moves. The sequential rule tests
+    every step over all steps since the last move: at step 4 t = 1.73; at step 5 ([1, 0, 1, 0, 1]: mean 0.6, std
+    0.548) t = 2.45 > 2, a step down; afresh from step 6: [0, 1, 0, 1] 1.73, [0, 1, 0, 1, 0] 1.63 (mean 0.4,
+    std 0.548), [0, 1, 0, 1, 0, 1] 2.24 > 2 at step 11, a second step down."""
+    grads = [[1.0], [0.0]] * 6
+    window = EdgeController(1, 0.5, window=4, z=2.0, step_size=0.1, rule="window")
+    feed(window, grads)
+    assert window.n_open == 0 and window.alpha().item() == 0.5
+    seq = EdgeController(1, 0.5, window=4, z=2.0, step_size=0.1, rule="sequential")
+    moves = []
+    for i, gr in enumerate(grads, 1):
+        before = seq.alpha().item()
+        seq.accumulate(torch.as_tensor(gr, dtype=f64))
+        if seq.alpha().item() != before:
+            moves.append(i)
+    assert moves == [5, 11]
+    close(seq.alpha().detach(), [0.3])
+    assert (seq.n_windows, seq.n_open) == (5, 2)  # tests at steps 4, 5 and 9, 10, 11 (step 12 has 1 step since 11)
+    assert len(seq._buf_phi) == 1  # only step 12, which the next test still uses, is kept
+    with pytest.raises(ValueError, match="rule"):
+        EdgeController(1, 0.5, rule="adam")
+
+
+def test_sequential_gate_moves_each_coordinate_on_its_own_evidence_and_resumes():
+    """Coordinate 0 gets a clear signal, coordinate 1 noise: 0 moves every K steps, 1 rarely; a controller rebuilt
+    from state_dict mid-run continues exactly (the per-coordinate starts are part of the state)."""
+    g = torch.Generator().manual_seed(4)
+    grads = torch.stack([torch.full((60,), -1.0), torch.zeros(60)], 1) + 0.2 * torch.randn(60, 2, generator=g, dtype=f64)
+    a = EdgeController(2, 0.5, alpha_max=2.0, window=4, z=2.5, step_size=0.05, rule="sequential")
+    for gr in grads[:23]:
+        a.accumulate(gr)
+    b = EdgeController(2, 0.5, alpha_max=2.0, window=4, z=2.5, step_size=0.05, rule="sequential")
+    b.load_state_dict(a.state_dict())
+    for gr in grads[23:]:
+        a.accumulate(gr)
+        b.accumulate(gr)
+    assert a.state_dict()["phi"].tolist() == b.state_dict()["phi"].tolist() and a.log() == b.log()
+    close(a.alpha().detach()[:1], [0.5 + 15 * 0.05])  # a step up at steps 4, 8, ..., 60
+    assert abs(a.alpha()[1].item() - 0.5) <= 0.1
+
+
+def test_sequential_gate_false_moves_on_gaussian_noise_are_rare_and_scale_free():
+    """Zero-mean noise, 200 steps per run as in the testbed's RL runs, K = 8, z = 2.5: alpha ends within one step of
+    where it started in most runs, and the decisions do not depend on the gradient's scale (powers of two)."""
+    g = torch.Generator().manual_seed(5)
+    noise = torch.randn(40, 200, 1, generator=g, dtype=f64)
+    ends = {}
+    for scale in (2.0 ** -40, 2.0 ** 10):
+        ends[scale] = []
+        for run in noise:
+            ctl = EdgeController(1, 1.0, alpha_max=2.0, window=8, z=2.5, step_size=0.25, rule="sequential")
+            feed(ctl, run * scale)
+            ends[scale].append(ctl.alpha().item())
+    assert ends[2.0 ** -40] == ends[2.0 ** 10]
+    moved = sum(abs(e - 1.0) > 0.25 + 1e-9 for e in ends[2.0 ** 10])
+    assert moved <= 4, ends[2.0 ** 10]  # more than one net step in at most 10% of runs
+
+
 def test_controller_reduce_fn_is_applied_before_accumulation():
     # a "rank" whose local gradients are noise but whose reduced (all-rank mean) gradient is a clear signal
     ctl = EdgeController(1, 0.5, window=4, step_size=0.1, reduce_fn=lambda x: x * 0 + 1.0)
@@ -1057,7 +1117,8 @@ def test_alignment_dots_give_the_gradient_of_the_normalised_gain():
     assert J(alpha).item() == pytest.approx(((G * update_W(toy, alpha, 0.8) * 3).sum() / (3 * update_W(toy, alpha, 0.8)).norm()).item())
 
 
-def test_alignment_controller_approaches_the_known_best_alpha_where_eq3_runs_to_the_bound():
+@pytest.mark.parametrize("rule", ["window", "sequential"])
+def test_alignment_controller_approaches_the_known_best_alpha_where_eq3_runs_to_the_bound(rule):
     """Main-loss gradient G_W = -Delta_W(alpha*) + noise (as large as the signal), alpha* = (0.4, 1.2), fresh noise
     each step: the alignment objective's expected optimum is alpha*. The gated sign controller (window 4, z 2,
     step 0.1) on it ends within a third of its starting distance from alpha* on most of 6 seeds, from either end
@@ -1067,7 +1128,7 @@ def test_alignment_controller_approaches_the_known_best_alpha_where_eq3_runs_to_
     def run(objective, start, seed):
         toy = alignment_toy(seed)
         target = -update_W(toy, star)
-        ctl = EdgeController(2, start, alpha_min=0.0, alpha_max=2.0, window=4, z=2.0, step_size=0.1)
+        ctl = EdgeController(2, start, alpha_min=0.0, alpha_max=2.0, window=4, z=2.0, step_size=0.1, rule=rule)
         g = torch.Generator().manual_seed(100 + seed)
         for _ in range(200):
             G = target + target.norm() * torch.randn(target.shape, generator=g, dtype=f64) / target.numel() ** 0.5
