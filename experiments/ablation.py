@@ -239,6 +239,22 @@ CONTROLLER_CLAIMS = tuple((a, b, "test_longtail", "macro_f1", f"{a} vs {b}, lt m
     ("seq_a0", "fixed_a0"), ("seq_a2", "fixed_a2"), ("wrong_fixed_a0", "wrong_fixed_a1"),
     ("wrong_seq_a1", "wrong_fixed_a1"), ("graph_default", "grpo")))
 
+# Whose verdicts to trust (issue 14, 2026-11-30): the comparator knows head surface forms only, so on a long-tail
+# synonym it scores a correct 'match' verdict 0, and the default's verifier evidence pushes that verdict down. Rows:
+# the default with the comparator's weight fixed at 0 (grounding evidence only), and the default with both weights
+# fixed at their initial 0.5 (the control: the same rows without learned weights). The rule is in the README.
+EVIDENCE_ROWS = SHIELD_ROWS[:3] + (
+    Row("grounding_only", "Graph-GRPO default, grounding evidence only (comparator weight 0, weights fixed)", "rl",
+        "sft_masked", DEFAULT_NOW + ("--credit.verifier_weights=[0.5, 0.0]", "--controller.learn_weights=false")),
+    Row("fixed_weights", "Graph-GRPO default, verifier weights fixed at 0.5", "rl", "sft_masked",
+        DEFAULT_NOW + ("--controller.learn_weights=false",)),
+)
+EVIDENCE_CLAIMS = tuple((a, b, split, "macro_f1", f"{a} vs {b}, {split} macro-F1")
+                        for a, b in (("grounding_only", "grpo"), ("grounding_only", "graph_default"),
+                                     ("fixed_weights", "graph_default"), ("grounding_only", "fixed_weights"),
+                                     ("graph_default", "grpo"))
+                        for split in ("test_longtail", "test_id"))
+
 
 @dataclass(frozen=True)
 class Study:
@@ -264,6 +280,8 @@ STUDIES = {s.name: s for s in (
           what="the verifier shield on propagated credit against the default and GRPO (issue 14)"),
     Study("controller", CONTROLLER_ROWS, seeds="0-3", rl_steps=200, eval_every=25, eval_items=0, score_last=3,
           claims=CONTROLLER_CLAIMS, what="which alpha is better, and does the sequential-gate controller move towards it"),
+    Study("evidence", EVIDENCE_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=EVIDENCE_CLAIMS,
+          what="the default without the comparator's verifier evidence, and with fixed verifier weights"),
     Study("baselines", BASELINE_ROWS, seeds="0-2", rl_steps=200, eval_every=25, eval_items=0, score_last=3,
           claims=BASELINE_CLAIMS, what="the seed papers' baselines against GRPO at the 200-step budget, 3 seeds"),
     Study("ablation60", ROWS, what="every row of the paper's ablation in miniature (60 RL steps; the first study)"),
