@@ -10,6 +10,13 @@ a content-free pair's log-probabilities (contextual calibration). Fine-tuning (a
 allows): label-only targets (the cross-entropy of the gold grade's words) on the WANDS-built testbed's synthetic pairs
 (configs/wands.yaml: the catalogue comes from WANDS product text, never from the judged pairs' labels or queries),
 with the embeddings and all but the top --train-layers decoder layers frozen. The real pairs are only evaluated.
+
+Cross-validated read-out rows (--cv-folds K, default 5; 0: none): how much of the grade the model's zero-shot
+log-probabilities carry, measured the way a real user with a few hundred judged pairs would: a linear read-out
+(multinomial logistic regression, class-balanced, fitted by hand with L-BFGS) from features to the 3 grades, fitted
+on the real pairs of K-1 folds and applied to the held-out fold, the folds split by query (no query in two folds);
+every pair is predicted once, by the read-out that never saw it. The same read-out of the lexical rule's own inputs
+is the fair comparison. --minutes 0 skips the fine-tuning.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import eval as evaluation  # noqa: E402
+from experiments.wands import content_words  # noqa: E402
 import policy  # noqa: E402
 import testbed  # noqa: E402
 from config import cli, load_config  # noqa: E402
@@ -67,6 +75,59 @@ def predict(model, tokenizer, pairs, calibrate: bool = False) -> list[int]:
         return scores.argmax(1).tolist()
 
 
+# ----------------------------------------------------------------------------------------------------------
+# cross-validated linear read-out on the real pairs
+
+
+def lexical_features(query: str, product: str) -> list[float]:
+    """(3,) the lexical rule's inputs (experiments/wands.py): the share of the query's content words found in the
+    product text, whether its last one (the head noun) is, whether all are; a query of stopwords only: 0, 0, 0."""
+    q, p = content_words(query), set(content_words(product))
+    hits = [w in p for w in q]
+    return [sum(hits) / len(q), float(hits[-1]), float(all(hits))] if q else [0.0, 0.0, 0.0]
+
+
+def query_folds(queries: list[str], k: int) -> list[int]:
+    """Fold of each pair: the distinct queries in sorted order are dealt round-robin into k folds, so every pair of
+    one query is in the same fold (a read-out is never tested on a query it was fitted on)."""
+    rank = {q: i for i, q in enumerate(sorted(set(queries)))}
+    return [rank[q] % k for q in queries]
+
+
+def fit_readout(X: torch.Tensor, y: torch.Tensor, n_classes: int, weight_decay: float = 1e-2):
+    """Multinomial logistic regression, X (n, d) float64, y (n,) long: features standardised by the fitting rows'
+    mean / std, cross-entropy weighted by n / (n_classes * count_c) per class (macro-F1 weighs classes equally),
+    plus weight_decay * |W|^2; L-BFGS to convergence. Returns predict(X_new) -> (m,) long."""
+    mu, sd = X.mean(0), X.std(0).clamp(min=1e-6)
+    Z = (X - mu) / sd
+    counts = torch.bincount(y, minlength=n_classes).to(X.dtype)
+    cw = torch.where(counts > 0, len(y) / (n_classes * counts.clamp(min=1)), torch.zeros_like(counts))
+    W = torch.zeros(X.shape[1], n_classes, dtype=X.dtype, requires_grad=True)
+    b = torch.zeros(n_classes, dtype=X.dtype, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], max_iter=500, tolerance_grad=1e-9, tolerance_change=1e-12,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(Z @ W + b, y, weight=cw) + weight_decay * (W ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    W, b = W.detach(), b.detach()
+    return lambda X_new: (((X_new - mu) / sd) @ W + b).argmax(1)
+
+
+def cross_validated_predictions(X: torch.Tensor, y: list[int], folds: list[int], n_classes: int) -> list[int]:
+    """Each pair's grade from the read-out fitted on every other fold (fit_readout); X (n, d)."""
+    y_t, f_t = torch.tensor(y), torch.tensor(folds)
+    pred = torch.empty(len(y), dtype=torch.long)
+    for k in sorted(set(folds)):
+        test = f_t == k
+        pred[test] = fit_readout(X[~test], y_t[~test], n_classes)(X[test])
+    return pred.tolist()
+
+
 def finetune(model, tokenizer, examples, minutes: float, train_layers: int, lr: float, batch: int, seed: int) -> dict:
     """Label-only fine-tuning for a wall-clock budget: the gold grade's words after the prompt, cross-entropy over the
     three grades' log-probabilities (the same reading as predict), top `train_layers` layers + final norm trained."""
@@ -102,6 +163,7 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cv-folds", type=int, default=5, help="folds of the cross-validated read-out rows (0: none)")
     ap.add_argument("--out", default=os.path.join(ROOT, "results", "wands_smollm2.md"))
     args, overrides = ap.parse_known_args(argv)
     torch.set_num_threads(args.threads)
@@ -119,22 +181,35 @@ def main(argv=None):
                  "minutes": round((time.time() - t0) / 60, 1)})
     zero_cal = predict(model, tokenizer, pairs, calibrate=True)
     rows.append({"model": "the same, contextual calibration", **summary(gold, zero_cal, names), "minutes": ""})
-    torch.manual_seed(0)
-    train = task.splits["sft"] + task.splits["rl"]
-    info = finetune(model, tokenizer, train, args.minutes, args.train_layers, args.lr, args.batch, seed=0)
-    tuned = predict(model, tokenizer, pairs)
-    rows.append({"model": f"SmolLM2-135M-Instruct, label-only fine-tuning on the WANDS-built testbed ({info['steps']} "
-                          f"steps, {info['examples']} synthetic pairs, top {args.train_layers} layers)",
-                 **summary(gold, tuned, names), "minutes": round(info["minutes"], 1)})
-    tuned_cal = predict(model, tokenizer, pairs, calibrate=True)
-    rows.append({"model": "the same, contextual calibration", **summary(gold, tuned_cal, names), "minutes": ""})
+    if args.cv_folds:
+        folds = query_folds([q for q, _ in pairs], args.cv_folds)
+        with torch.no_grad():
+            lp = grade_logprobs(model, tokenizer, pairs).double()
+        lex = torch.tensor([lexical_features(q, p) for q, p in pairs], dtype=torch.float64)
+        where = f"fitted on the other {args.cv_folds - 1} folds' real labels ({args.cv_folds} folds by query)"
+        for what, X in ((f"lexical rule's inputs, linear read-out {where}", lex),
+                        (f"SmolLM2 zero-shot grade log-probs, linear read-out {where}", lp),
+                        ("both, linear read-out, the same folds", torch.cat([lex, lp], 1))):
+            rows.append({"model": what, **summary(gold, cross_validated_predictions(X, gold, folds, len(names)), names),
+                         "minutes": ""})
+    info = None
+    if args.minutes > 0:
+        torch.manual_seed(0)
+        train = task.splits["sft"] + task.splits["rl"]
+        info = finetune(model, tokenizer, train, args.minutes, args.train_layers, args.lr, args.batch, seed=0)
+        tuned = predict(model, tokenizer, pairs)
+        rows.append({"model": f"SmolLM2-135M-Instruct, label-only fine-tuning on the WANDS-built testbed ({info['steps']} "
+                              f"steps, {info['examples']} synthetic pairs, top {args.train_layers} layers)",
+                     **summary(gold, tuned, names), "minutes": round(info["minutes"], 1)})
+        tuned_cal = predict(model, tokenizer, pairs, calibrate=True)
+        rows.append({"model": "the same, contextual calibration", **summary(gold, tuned_cal, names), "minutes": ""})
     command = "python experiments/wands_smollm2.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    tuning = (f"fine-tuning: lr {args.lr}, batch {args.batch}, loss {info['loss_first_10']:.3f} (first 10 steps) -> "
+              f"{info['loss_last_10']:.3f} (last 10), {info['minutes']:.1f} min wall" if info else "no fine-tuning")
     text = "\n".join([f"# SmolLM2-135M-Instruct on the real WANDS pairs (`{command}`)", "",
-                      f"{len(real)} judged pairs; {args.threads} CPU thread(s); fine-tuning: lr {args.lr}, batch "
-                      f"{args.batch}, loss {info['loss_first_10']:.3f} (first 10 steps) -> {info['loss_last_10']:.3f} "
-                      f"(last 10), {info['minutes']:.1f} min wall. Read by the log-probability of each grade's first "
-                      f"token after a chat-template question (calibrated rows: minus the same for a content-free "
-                      f"pair); every pair gets a label.", "",
+                      f"{len(real)} judged pairs; {args.threads} CPU thread(s); {tuning}. Read by the log-probability "
+                      f"of each grade's first token after a chat-template question (calibrated rows: minus the same "
+                      f"for a content-free pair); every pair gets a label.", "",
                       evaluation.format_table(rows, list(rows[0])), ""])
     with open(args.out, "w", encoding="utf-8") as f:
         f.write(text)

@@ -134,10 +134,7 @@ def test_smoke_run_sft_rl_eval_with_real_weights(tmp_path):
 def test_wands_grade_reading_equals_the_plain_log_probs(smol):
     """experiments/wands_smollm2.py reads a pair's grade from one forward (each grade's first token after the chat
     prompt); the same numbers as policy.token_logprobs on the prompt + that token; both readings give every pair a grade."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("wands_smollm2", os.path.join(ROOT, "experiments", "wands_smollm2.py"))
-    ws = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ws)
+    ws = wands_smollm2()
     model, tok = smol
     pairs = [("red sofa", "Grey velvet sofa with two cushions"), ("lamp", "Brass floor lamp, 60 inch")]
     first = ws.grade_first_tokens(tok)
@@ -150,3 +147,39 @@ def test_wands_grade_reading_equals_the_plain_log_probs(smol):
             torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-4)
     plain, cal = ws.predict(model, tok, pairs), ws.predict(model, tok, pairs, calibrate=True)
     assert len(plain) == len(cal) == 2 and all(0 <= k < 3 for k in plain + cal)
+
+
+def wands_smollm2():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("wands_smollm2", os.path.join(ROOT, "experiments", "wands_smollm2.py"))
+    ws = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ws)
+    return ws
+
+
+def test_query_folds_keep_each_query_in_one_fold_and_the_readout_never_sees_its_own_fold():
+    """Folds by query; then a leak check: features are pure noise and each fold's pairs all carry that fold's own
+    grade (fold k: grade k), so a read-out fitted on the other folds has never seen the held-out grade and must get
+    every pair wrong (accuracy 0); fitted on everything it would see it. A separable problem is learned exactly."""
+    ws = wands_smollm2()
+    queries = ["sofa", "lamp", "rug", "sofa", "desk", "lamp", "bed", "rug", "chair"]
+    folds = ws.query_folds(queries, 3)
+    assert folds == [["bed", "chair", "desk", "lamp", "rug", "sofa"].index(q) % 3 for q in queries]
+    assert all(len({f for q2, f in zip(queries, folds) if q2 == q}) == 1 for q in queries)
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(90, 4, generator=g, dtype=torch.float64)
+    folds = [i % 3 for i in range(90)]
+    y = list(folds)
+    pred = ws.cross_validated_predictions(X, y, folds, 3)
+    assert sum(p == t for p, t in zip(pred, y)) == 0
+    # separable: the grade is the argmax of the first three features
+    y2 = X[:, :3].argmax(1)
+    pred2 = ws.cross_validated_predictions(X, y2.tolist(), folds, 3)
+    assert sum(p == t for p, t in zip(pred2, y2.tolist())) >= 80
+
+
+def test_lexical_features_are_the_rules_inputs():
+    ws = wands_smollm2()
+    assert ws.lexical_features("red velvet sofa", "Grey velvet sofa") == [2 / 3, 1.0, 0.0]
+    assert ws.lexical_features("the", "anything") == [0.0, 0.0, 0.0]
+    assert ws.lexical_features("sofas", "sofa bed") == [1.0, 1.0, 1.0]  # singular forms, as the rule reads them
