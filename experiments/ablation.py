@@ -7,6 +7,8 @@ report with paired tests in results/<study>.md (+ .png).
     python experiments/ablation.py --study reach           # can outcome RL move the long tail at this budget?
     python experiments/ablation.py --study shield          # the verifier shield on propagated credit (issue 14)
     python experiments/ablation.py --study baselines       # process, TaoSR-AGRL, TaoSR-SHE vs GRPO, 3 seeds
+    python experiments/ablation.py --study controller --seeds 0-3   # fixed alpha 0-2, the sequential-gate controller
+    python experiments/ablation.py --study evidence        # the comparator's verifier evidence at weight 0, 0.5, 1.5
     python experiments/ablation.py --report-only           # only rebuild results/ from the run directories
     nohup python experiments/ablation.py > runs/ablation.log 2>&1 &     # the background-friendly way
 
@@ -285,7 +287,7 @@ STUDIES = {s.name: s for s in (
     Study("controller", CONTROLLER_ROWS, seeds="0-3", rl_steps=200, eval_every=25, eval_items=0, score_last=3,
           claims=CONTROLLER_CLAIMS, what="which alpha is better, and does the sequential-gate controller move towards it"),
     Study("evidence", EVIDENCE_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=EVIDENCE_CLAIMS,
-          what="the default without the comparator's verifier evidence, and with fixed verifier weights"),
+          what="the comparator's verifier evidence at weight 0, 0.5 (learned or fixed) and 1.5"),
     Study("baselines", BASELINE_ROWS, seeds="0-2", rl_steps=200, eval_every=25, eval_items=0, score_last=3,
           claims=BASELINE_CLAIMS, what="the seed papers' baselines against GRPO at the 200-step budget, 3 seeds"),
     Study("ablation60", ROWS, what="every row of the paper's ablation in miniature (60 RL steps; the first study)"),
