@@ -250,7 +250,8 @@ def group_own_evidence(rewards: Tensor, keys: Tensor, present: Tensor, parents: 
     sink's content and its parents' (as the label reward is), R_i - V equals Q - V; defining it as
     R_i - V keeps the sink's credit the outcome itself when it is not (e.g. a graded or noisy reward).
     A node whose content is the same in every rollout of its group (with the same parents) gets
-    exactly 0: Q and V then average the same rollouts.
+    exactly 0 with DESIGN's V: Q and V then average the same rollouts. With leave_one_out it gets
+    (R_i - mean of the others) / G instead, a scaled GRPO advantage with GRPO's sign (tested).
     """
     q_dev, v_dev = group_values(rewards, keys, present, parents, group_size, leave_one_out)
     a = torch.where(sink_slots(parents, rewards.device)[None, :], -v_dev, q_dev - v_dev)

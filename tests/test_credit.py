@@ -1050,6 +1050,18 @@ def test_leave_one_out_value_hand_numbers():
     close(a_loo, [[.5 - 2 / 3, 1.], [-.5, -1.], [1 / 3, 0.], [1 / 3, 0.]])
 
 
+def test_leave_one_out_gives_content_every_rollout_shares_a_scaled_outcome_advantage():
+    """Why graph credit with the leave-one-out V blames correct steps as often as GRPO (README, "Whose verdicts to
+    trust"): a root step written identically in all G = 4 rollouts, R = [1, 0, 0, 0]. include_self (DESIGN's V):
+    Q = V = 0.25, a = 0 for every rollout. leave_one_out: Q = 0.25, V_i = mean of the other three = [0, 1/3, 1/3,
+    1/3], so a = [0.25, -1/12, -1/12, -1/12] = (R_i - mean of the others) / G: the sign of the GRPO advantage."""
+    R = t([1., 0., 0., 0.])
+    keys = torch.tensor([[0, 1], [0, 2], [0, 2], [0, 2]])  # slot 0 (the root, not a sink: Y is its child) shared
+    present = torch.ones(4, 2, dtype=torch.bool)
+    close(group_own_evidence(R, keys, present, [[], [0]], 4)[:, 0], [0., 0., 0., 0.])
+    close(group_own_evidence(R, keys, present, [[], [0]], 4, leave_one_out=True)[:, 0], [.25, -1 / 12, -1 / 12, -1 / 12])
+
+
 def test_leave_one_out_falls_back_to_the_other_rollouts_when_parent_content_is_unique():
     """Q keys [a, b, c, c], R = [1, 0, 1, 0]: rollout 0's Q content is unique, so include_self gives its Y
     credit R_0 - R_0 = 0 (the outcome is thrown away); leave_one_out uses the other three: 1 - 1/3."""
