@@ -271,8 +271,8 @@ class CreditConfig:
     """own evidence a_{i,v}: baseline R - V; group Eq. 1a; verifier s - mean s; both: group + verifier; rollout: Monte-Carlo node values, Eq. 1c"""
     rollout_samples: int = 2
     """evidence rollout: continuations K sampled from each distinct prefix at a node boundary (Eq. 1c)"""
-    value: Literal["include_self", "leave_one_out"] = "include_self"
-    """V_{i,v} of Eq. 1a: include_self (DESIGN) or leave_one_out (the other rollouts sharing i's parent content)"""
+    value: Literal["include_self", "leave_one_out", "others"] = "include_self"
+    """V_{i,v} of Eq. 1a: include_self (DESIGN), leave_one_out (the other rollouts sharing i's parent content), or others (Q_{i,v} over the other rollouts too; credit.group_values)"""
     gate: Literal["rule", "none"] = "rule"
     """instance gate g in Eq. 1b: rule: counterfactual under the business rule; none: g = 1"""
     shield: Literal["none", "verifier"] = "none"

@@ -43,7 +43,7 @@ OUTCOME_SCALES = ("group", "batch", "none")
 NODE_SCALES = ("group_outcome", "none", "node")
 EVIDENCE_FORMS = ("group", "baseline", "verifier", "both", "rollout")
 GATE_FORMS = ("rule", "none")
-VALUE_FORMS = ("include_self", "leave_one_out")
+VALUE_FORMS = ("include_self", "leave_one_out", "others")
 SHIELD_FORMS = ("none", "verifier")
 GATE_RULES = ("window", "sequential")
 MODES = ("outcome", "graph")
@@ -208,7 +208,7 @@ def _masked_mean_dev(dev: Tensor, mask: Tensor) -> Tensor:
 
 
 def group_values(rewards: Tensor, keys: Tensor, present: Tensor, parents: list[list[int]],
-                 group_size: int, leave_one_out: bool = False) -> tuple[Tensor, Tensor]:
+                 group_size: int, leave_one_out: bool = False, q_others: bool = False) -> tuple[Tensor, Tensor]:
     """(Q - R, V - R), each (B, N), of Eq. 1a, estimated within each group by key matching.
 
     Q_{i,v} = mean R_j over rollouts j of i's group with the same content as i at v and at every parent
@@ -220,6 +220,11 @@ def group_values(rewards: Tensor, keys: Tensor, present: Tensor, parents: list[l
     rollouts with i's parent content, and the other rollouts of the group where none shares it (RLOO's
     baseline). DESIGN's V includes rollout i itself, which shrinks a node's advantage by (1 - 1/n), n the
     number of rollouts sharing its parents' content, and to 0 when n = 1 (measured in the graph bandit).
+
+    q_others (with leave_one_out; `credit.value: others`, ours): Q_{i,v} too averages the OTHER rollouts with i's
+    content at v and its parents, and is R_i where none shares it. A step every rollout wrote the same way then
+    gets Q = V, own evidence 0, as under DESIGN's V, where leave_one_out alone gives it (R_i - mean of the
+    others) / G, GRPO's sign (README, "Whose verdicts to trust"); a unique step keeps leave_one_out's R_i - V.
     """
     B, N = present.shape
     r = rewards.view(-1, group_size)  # (n, G)
@@ -238,12 +243,16 @@ def group_values(rewards: Tensor, keys: Tensor, present: Tensor, parents: list[l
             v_dev.append(_masked_mean_dev(dev, v_mask))
         else:
             v_dev.append(_masked_mean_dev(dev, same_pa))
-        q_dev.append(_masked_mean_dev(dev, same_pa & same[..., v]))
+        q_mask = same_pa & same[..., v]
+        if q_others and group_size > 1:
+            q_loo = q_mask & others
+            q_mask = torch.where(q_loo.any(-1, keepdim=True), q_loo, ~others.expand_as(q_loo))  # none: R_i itself
+        q_dev.append(_masked_mean_dev(dev, q_mask))
     return torch.stack(q_dev, -1).reshape(B, N), torch.stack(v_dev, -1).reshape(B, N)
 
 
 def group_own_evidence(rewards: Tensor, keys: Tensor, present: Tensor, parents: list[list[int]],
-                       group_size: int, leave_one_out: bool = False) -> Tensor:
+                       group_size: int, leave_one_out: bool = False, q_others: bool = False) -> Tensor:
     """(B, N) Eq. 1a own evidence a_{i,v} = Q_{i,v} - V_{i,v}; at a sink a_{i,v} = R_i - V_{i,v}; 0 where absent.
 
     A sink is a slot without children in the schema (the label Y). If the reward is a function of the
@@ -251,9 +260,10 @@ def group_own_evidence(rewards: Tensor, keys: Tensor, present: Tensor, parents: 
     R_i - V keeps the sink's credit the outcome itself when it is not (e.g. a graded or noisy reward).
     A node whose content is the same in every rollout of its group (with the same parents) gets
     exactly 0 with DESIGN's V: Q and V then average the same rollouts. With leave_one_out it gets
-    (R_i - mean of the others) / G instead, a scaled GRPO advantage with GRPO's sign (tested).
+    (R_i - mean of the others) / G instead, a scaled GRPO advantage with GRPO's sign (tested); with q_others
+    again 0.
     """
-    q_dev, v_dev = group_values(rewards, keys, present, parents, group_size, leave_one_out)
+    q_dev, v_dev = group_values(rewards, keys, present, parents, group_size, leave_one_out, q_others)
     a = torch.where(sink_slots(parents, rewards.device)[None, :], -v_dev, q_dev - v_dev)
     return torch.where(present, a, torch.zeros_like(a))
 
@@ -433,8 +443,8 @@ def graph_node_advantages(batch: CreditBatch, *, evidence: str = "group", gate: 
     outcome must enter somewhere, and where else than at the label: this is the independent
     process-reward baseline when alpha = 0); 'both' Eq. 1a plus the verifier term; 'rollout' Eq. 1c (Monte-Carlo
     node values in batch.values).
-    gate: 'rule' uses batch.gate; 'none' sets every gate to 1. value: 'include_self' (DESIGN's V) or
-    'leave_one_out' (see group_values). shield: 'verifier' filters what each step receives from its children by
+    gate: 'rule' uses batch.gate; 'none' sets every gate to 1. value: 'include_self' (DESIGN's V),
+    'leave_one_out', or 'others' (leave_one_out for Q too; see group_values). shield: 'verifier' filters what each step receives from its children by
     the verifiers' local verdict (verified_steps, shielded; needs batch.scores), 'none' is Eq. 1b as written.
     """
     if shield not in SHIELD_FORMS:
@@ -443,7 +453,7 @@ def graph_node_advantages(batch: CreditBatch, *, evidence: str = "group", gate: 
         raise ValueError("shield='verifier' needs batch.scores (the verifiers' local scores)")
     if value not in VALUE_FORMS:
         raise ValueError(f"value={value!r}, expected one of {VALUE_FORMS}")
-    loo = value == "leave_one_out"
+    loo, q_others = value in ("leave_one_out", "others"), value == "others"
     if evidence not in EVIDENCE_FORMS:
         raise ValueError(f"evidence={evidence!r}, expected one of {EVIDENCE_FORMS}")
     if gate not in GATE_FORMS:
@@ -454,7 +464,7 @@ def graph_node_advantages(batch: CreditBatch, *, evidence: str = "group", gate: 
         c = baseline_credit(b.rewards, b.keys, b.present, b.parents, G, loo)
         return node_advantages(c, b.rewards, G, scale, eps, b.present), c
     if evidence in ("group", "both"):
-        a = group_own_evidence(b.rewards, b.keys, b.present, b.parents, G, loo)
+        a = group_own_evidence(b.rewards, b.keys, b.present, b.parents, G, loo, q_others)
     elif evidence == "rollout":
         if b.values is None:
             raise ValueError("evidence='rollout' needs batch.values (the Monte-Carlo node values of Eq. 1c)")

@@ -9,6 +9,7 @@ report with paired tests in results/<study>.md (+ .png).
     python experiments/ablation.py --study baselines       # process, TaoSR-AGRL, TaoSR-SHE vs GRPO, 3 seeds
     python experiments/ablation.py --study controller --seeds 0-3   # fixed alpha 0-2, the sequential-gate controller
     python experiments/ablation.py --study evidence        # the comparator's verifier evidence at weight 0, 0.5, 1.5
+    python experiments/ablation.py --study value           # credit.value others (Q over the other rollouts too)
     python experiments/ablation.py --report-only           # only rebuild results/ from the run directories
     nohup python experiments/ablation.py > runs/ablation.log 2>&1 &     # the background-friendly way
 
@@ -261,6 +262,17 @@ EVIDENCE_CLAIMS = tuple((a, b, split, "macro_f1", f"{a} vs {b}, {split} macro-F1
                                      ("graph_default", "grpo"))
                         for split in ("test_longtail", "test_id"))
 
+# Q from the other rollouts too (issue 14, 2026-11-30 20:05): the leave-one-out V gives a step every rollout shares a
+# scaled GRPO advantage (test_leave_one_out_gives_content_every_rollout_shares...); credit.value 'others' gives it 0
+# and keeps leave_one_out's credit for unique steps. The default with it, against the default; rule in the README.
+VALUE_ROWS = SHIELD_ROWS[:3] + (
+    Row("graph_others", "Graph-GRPO default, Q and V over the other rollouts (credit.value = others)", "rl",
+        "sft_masked", tuple(a if a != "--credit.value=leave_one_out" else "--credit.value=others" for a in DEFAULT_NOW)),
+)
+VALUE_CLAIMS = tuple((a, b, split, "macro_f1", f"{a} vs {b}, {split} macro-F1")
+                     for a, b in (("graph_others", "graph_default"), ("graph_others", "grpo"), ("graph_default", "grpo"))
+                     for split in ("test_longtail", "test_id"))
+
 
 @dataclass(frozen=True)
 class Study:
@@ -288,6 +300,8 @@ STUDIES = {s.name: s for s in (
           claims=CONTROLLER_CLAIMS, what="which alpha is better, and does the sequential-gate controller move towards it"),
     Study("evidence", EVIDENCE_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=EVIDENCE_CLAIMS,
           what="the comparator's verifier evidence at weight 0, 0.5 (learned or fixed) and 1.5"),
+    Study("value", VALUE_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=VALUE_CLAIMS,
+          what="Q and V of Eq. 1a both over the other rollouts (credit.value others) against the default"),
     Study("baselines", BASELINE_ROWS, seeds="0-2", rl_steps=200, eval_every=25, eval_items=0, score_last=3,
           claims=BASELINE_CLAIMS, what="the seed papers' baselines against GRPO at the 200-step budget, 3 seeds"),
     Study("ablation60", ROWS, what="every row of the paper's ablation in miniature (60 RL steps; the first study)"),

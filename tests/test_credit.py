@@ -1062,6 +1062,24 @@ def test_leave_one_out_gives_content_every_rollout_shares_a_scaled_outcome_advan
     close(group_own_evidence(R, keys, present, [[], [0]], 4, leave_one_out=True)[:, 0], [.25, -1 / 12, -1 / 12, -1 / 12])
 
 
+def test_value_others_takes_q_from_the_other_rollouts_too():
+    """credit.value others: Q_{i,v} over the other rollouts with i's content (R_i where none shares it), V as
+    leave_one_out. Root slot 0 of a chain 0 -> 1, G = 4, hand numbers:
+    shared by all, R = [1, 0, 0, 0]: Q_i = V_i = mean of the other three -> a = 0 (leave_one_out: .25, -1/12, ...);
+    unique contents: Q_i = R_i, V_i = mean of the others [0, 1/3, 1/3, 1/3] -> a = [1, -1/3, -1/3, -1/3];
+    keys [a, a, b, b], R = [1, 0, 1, 1]: Q_i = R of the other rollout with i's key = [0, 1, 1, 1],
+    V_i = [2/3, 1, 2/3, 2/3] -> a = [-2/3, 0, 1/3, 1/3]. The sink keeps R_i - V."""
+    parents, present = [[], [0]], torch.ones(4, 2, dtype=torch.bool)
+    ev = lambda R, k0: group_own_evidence(t(R), torch.tensor([[k, 7] for k in k0]), present, parents, 4,  # noqa: E731
+                                          leave_one_out=True, q_others=True)
+    close(ev([1., 0., 0., 0.], [0, 0, 0, 0])[:, 0], [0., 0., 0., 0.])
+    close(ev([1., 0., 0., 0.], [0, 1, 2, 3])[:, 0], [1., -1 / 3, -1 / 3, -1 / 3])
+    a = ev([1., 0., 1., 1.], [0, 0, 1, 1])
+    close(a[:, 0], [-2 / 3, 0., 1 / 3, 1 / 3])
+    close(a[:, 1], group_own_evidence(t([1., 0., 1., 1.]), torch.tensor([[0, 7], [0, 7], [1, 7], [1, 7]]), present,
+                                      parents, 4, leave_one_out=True)[:, 1])
+
+
 def test_leave_one_out_falls_back_to_the_other_rollouts_when_parent_content_is_unique():
     """Q keys [a, b, c, c], R = [1, 0, 1, 0]: rollout 0's Q content is unique, so include_self gives its Y
     credit R_0 - R_0 = 0 (the outcome is thrown away); leave_one_out uses the other three: 1 - 1/3."""
