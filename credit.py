@@ -444,8 +444,9 @@ def graph_node_advantages(batch: CreditBatch, *, evidence: str = "group", gate: 
     process-reward baseline when alpha = 0); 'both' Eq. 1a plus the verifier term; 'rollout' Eq. 1c (Monte-Carlo
     node values in batch.values).
     gate: 'rule' uses batch.gate; 'none' sets every gate to 1. value: 'include_self' (DESIGN's V),
-    'leave_one_out', or 'others' (leave_one_out for Q too; see group_values). shield: 'verifier' filters what each step receives from its children by
-    the verifiers' local verdict (verified_steps, shielded; needs batch.scores), 'none' is Eq. 1b as written.
+    'leave_one_out', or 'others' (leave_one_out for Q too; see group_values). shield: 'verifier' filters what
+    each step receives from its children by the verifiers' local verdict (verified_steps, shielded; needs
+    batch.scores), 'none' is Eq. 1b as written.
     """
     if shield not in SHIELD_FORMS:
         raise ValueError(f"shield={shield!r}, expected one of {SHIELD_FORMS}")
@@ -740,7 +741,8 @@ class EdgeController:
                 raise ValueError("EdgeController(learn_weights=True).accumulate needs grad_psi")
             self._buf_psi.append(self.reduce_fn(grad_psi.detach().to(torch.float64)))
         if self.rule == "sequential":
-            tested, opened = self._sequential_step(self.phi, self._buf_phi, self._start_phi, self.alpha_min, self.alpha_max)
+            tested, opened = self._sequential_step(self.phi, self._buf_phi, self._start_phi, self.alpha_min,
+                                                   self.alpha_max)
             if self.learn_weights:
                 t2, o2 = self._sequential_step(self.psi, self._buf_psi, self._start_psi, 0.0, self.weight_max)
                 tested, opened = torch.cat([tested, t2]), torch.cat([opened, o2])
@@ -818,7 +820,8 @@ class EdgeController:
                 self.psi.copy_(state["psi"])
         self._buf_phi = [g.clone() for g in state["buf_phi"]]
         self._buf_psi = [g.clone() for g in state["buf_psi"]]
-        self._start_phi = list(state.get("start_phi", [0] * len(self._start_phi)))  # absent before rule 'sequential'
+        # absent in states saved before rule 'sequential' existed
+        self._start_phi = list(state.get("start_phi", [0] * len(self._start_phi)))
         self._start_psi = list(state.get("start_psi", [0] * len(self._start_psi)))
         self.n_windows, self.n_open, self.n_coords = state["n_windows"], state["n_open"], state["n_coords"]
         self.last_open = list(state["last_open"])

@@ -40,17 +40,22 @@ def content_words(text: str) -> list[str]:
     return [testbed.singular(w) for w in re.findall(r"[^\W_]+", text.lower()) if w not in STOPWORDS]
 
 
+def query_word_hits(query: str, product: str) -> list[bool]:
+    """Per content word of the query, in order: does it occur among the product text's content words."""
+    p = set(content_words(product))
+    return [w in p for w in content_words(query)]
+
+
 def lexical_label(query: str, product: str) -> int:
     """2 exact: every query content word occurs in the product text; 1 partial: the query's last content word
     (the head noun of an English noun phrase, usually the product type) occurs, or at least half of them do;
     0 irrelevant: otherwise; a query of stopwords only is partial. Labels of the WANDS scale (0 / 1 / 2)."""
-    q, p = content_words(query), set(content_words(product))
-    if not q:
+    hits = query_word_hits(query, product)
+    if not hits:
         return 1
-    hits = [w in p for w in q]
     if all(hits):
         return 2
-    return 1 if hits[-1] or 2 * sum(hits) >= len(q) else 0
+    return 1 if hits[-1] or 2 * sum(hits) >= len(hits) else 0
 
 
 # ----------------------------------------------------------------------------------------------------------

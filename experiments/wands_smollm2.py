@@ -30,7 +30,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import eval as evaluation  # noqa: E402
-from experiments.wands import content_words  # noqa: E402
+from experiments.wands import query_word_hits  # noqa: E402
 import policy  # noqa: E402
 import testbed  # noqa: E402
 from config import cli, load_config  # noqa: E402
@@ -82,9 +82,8 @@ def predict(model, tokenizer, pairs, calibrate: bool = False) -> list[int]:
 def lexical_features(query: str, product: str) -> list[float]:
     """(3,) the lexical rule's inputs (experiments/wands.py): the share of the query's content words found in the
     product text, whether its last one (the head noun) is, whether all are; a query of stopwords only: 0, 0, 0."""
-    q, p = content_words(query), set(content_words(product))
-    hits = [w in p for w in q]
-    return [sum(hits) / len(q), float(hits[-1]), float(all(hits))] if q else [0.0, 0.0, 0.0]
+    hits = query_word_hits(query, product)
+    return [sum(hits) / len(hits), float(hits[-1]), float(all(hits))] if hits else [0.0, 0.0, 0.0]
 
 
 def query_folds(queries: list[str], k: int) -> list[int]:
