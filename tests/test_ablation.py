@@ -169,3 +169,26 @@ def test_every_row_of_every_study_makes_a_valid_config(study, tmp_path, monkeypa
     assert jobs
     for job in jobs:
         parse_args(job.args[2:])  # [python, script, config, overrides...]; exit 2 (SystemExit) on a bad row
+
+
+def test_gate_replay_moves_down_on_a_positive_trace_and_names_a_run_without_gradients(tmp_path):
+    """experiments/gate_replay.py through the project's controller: a run whose alpha gradient is always positive
+    moves every rule's alpha down by >= 0.2 (100% of real traces); a directory without controller gradients, or
+    without metrics.jsonl, ends in one line naming it, exit code 2."""
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / "metrics.jsonl", "w") as f:
+        for step in range(64):
+            f.write(json.dumps({"step": step, "controller/alpha_grad/q->f": 1e-9 * (1 + (step % 3))}) + "\n")
+    cmd = [sys.executable, os.path.join(ROOT, "experiments", "gate_replay.py"), str(run), "--copies", "2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| window") or line.startswith("| sequential")]
+    assert len(rows) == 3 and all(row.split("|")[3].strip() == "100%" for row in rows), r.stdout
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "metrics.jsonl").write_text(json.dumps({"step": 0, "reward": 0.5}) + "\n")
+    r = subprocess.run(cmd[:2] + [str(empty)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "no controller/alpha_grad" in r.stderr and r.stderr.count("\n") == 1
+    r = subprocess.run(cmd[:2] + [str(tmp_path / "missing")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "missing/metrics.jsonl" in r.stderr and r.stderr.count("\n") == 1
