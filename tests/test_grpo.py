@@ -581,3 +581,43 @@ def test_alignment_dots_from_the_update_pass_equal_a_direct_computation():
     want = credit.alignment_token_dots(out.hidden.float(), out.logits, ro.completion_ids, G, delta, 1.0) / 0.7
     torch.testing.assert_close(got * mask, want * mask, rtol=1e-4, atol=1e-6)
     assert (want * mask).abs().sum() > 0
+
+
+def test_credit_screen_reads_every_form_on_the_same_rollouts(tmp_path, sft_ckpt):
+    """experiments/credit_screen.py: every form is scored on one set of rollouts; GRPO's P(A<0 | correct) is the
+    share of correct steps that sit in failed rollouts (hand count from the same rollouts), TaoSR-SHE with gold step
+    labels and alpha 0 never gives a wrong verdict step A > 0; a run directory without config.yaml, or a data.dir
+    that does not exist, is one line, exit code 2."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import credit_screen
+    from config import save_config
+    ckpt, data_dir = sft_ckpt
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(load_config("configs/tiny.yaml", [f"--data.dir={data_dir}", "--credit.mode=graph",
+                                                  "--credit.evidence=both", "--credit.value=others"]),
+                str(run / "config.yaml"))
+    out = tmp_path / "screen.md"
+    credit_screen.main([str(run), ckpt, "--prompts", "16", "--rollout-samples", "1", "--out", str(out)])
+    table = [line for line in out.read_text().splitlines() if line.startswith("| ") and "credit form" not in line]
+    assert [line.split(" | ")[0][2:] for line in table] == [label for label, _ in credit_screen.FORMS]
+    cells = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in table}
+    # the hand count: sample the same rollouts again (the same seeds)
+    cfg = load_config(str(run / "config.yaml"))
+    task = testbed.load_task(cfg)
+    model, tok = policy.load_policy(ckpt, task.schema.words())
+    groups = credit_screen.sample_groups(cfg, model, tok, task, data.TagVocab.from_tokenizer(tok, task.schema), 16, 0)
+    right = in_failed = 0
+    for ro, _, _, correct in groups:
+        outcome = credit.outcome_advantages(ro.rewards, cfg.rl.num_generations, "group")
+        live = (correct == 1) & (outcome != 0)[:, None]
+        right += int(live.sum())
+        in_failed += int((live & (outcome < 0)[:, None]).sum())
+    assert right > 0
+    assert cells["GRPO (outcome)"][0] == f"{in_failed / right:.3f}"
+    assert cells["TaoSR-SHE stepwise (gold step labels)"][5] == "0.000"
+    r = _run([sys.executable, os.path.join("experiments", "credit_screen.py"), str(tmp_path / "nowhere"), ckpt])
+    assert r.returncode == 2 and "nowhere/config.yaml" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    r = _run([sys.executable, os.path.join("experiments", "credit_screen.py"), str(run), ckpt,
+              f"--data.dir={tmp_path / 'no_data'}"])  # refused, not generated anew
+    assert r.returncode == 2 and "no_data (from " in r.stderr and "does not exist" in r.stderr and r.stderr.count("\n") == 1, r.stderr

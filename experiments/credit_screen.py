@@ -1,0 +1,162 @@
+"""Credit accuracy of many credit forms on the same sampled groups at one checkpoint, without training (issue 14;
+DESIGN 4.2; README, "Credit accuracy without training").
+
+    python experiments/credit_screen.py RUN_DIR CHECKPOINT [--prompts 256] [--seed 0] [--rollout-samples 4]
+                                        [--out results/credit_screen.md] [--data.dir=DIR ...]
+
+RUN_DIR holds the config.yaml of a run (its data, graph and credit settings); CHECKPOINT is the policy to sample
+from (an SFT start, or an RL checkpoint). The first --prompts items of the RL pool are sampled once, G rollouts
+each (the run's rl.num_generations and temperature), scored, and every form in FORMS computes its advantages on
+those same rollouts through the trainer's own path (graph_grpo.Credit.from_config -> credit.compute_advantages);
+the credit accuracy is DESIGN 4.2's, read where the trainer reads it (credit.node_applied_advantages,
+credit.credit_accuracy_sums, graph_grpo.credit_accuracy_metrics). Alpha is each form's credit.alpha_init (the
+learned alpha of a meta run is not used), the verifier weights are credit.verifier_weights. Further `--key=value`
+arguments override RUN_DIR's config for every form (e.g. --data.dir=, where the run's relative data.dir was meant
+from another directory: a synthetic data.dir that does not exist is refused rather than generated anew).
+
+It answers what the training studies cannot afford to: how often each form gives a correct step a negative
+advantage in the same groups, including the forms that use gold step labels, which bound what non-gold credit
+can reach under this sign-based measure. It trains nothing and says nothing about which form learns better.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import types
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import config  # noqa: E402
+import credit  # noqa: E402
+import data  # noqa: E402
+import graph_grpo as gg  # noqa: E402
+import policy  # noqa: E402
+import testbed  # noqa: E402
+from checkpoint import PathError  # noqa: E402
+
+# (label, config overrides on top of RUN_DIR's config). Uses gold: the last two.
+FORMS = (
+    ("GRPO (outcome)", ("--credit.mode=outcome",)),
+    ("the run's credit as configured", ()),
+    ("group + verifier evidence, alpha 0", ("--credit.mode=graph", "--credit.evidence=both", "--credit.alpha_init=0")),
+    ("group evidence only, alpha 0", ("--credit.mode=graph", "--credit.evidence=group", "--credit.alpha_init=0")),
+    ("group evidence only, alpha 1", ("--credit.mode=graph", "--credit.evidence=group", "--credit.alpha_init=1")),
+    ("the run's credit + verifier shield", ("--credit.shield=verifier",)),
+    ("Monte-Carlo node values, alpha 0", ("--credit.mode=graph", "--credit.evidence=rollout", "--credit.alpha_init=0")),
+    ("Monte-Carlo node values, alpha 1", ("--credit.mode=graph", "--credit.evidence=rollout", "--credit.alpha_init=1")),
+    ("process (verifier evidence, alpha 0)", ("--credit.mode=process",)),
+    ("TaoSR-SHE stepwise (gold step labels)", ("--credit.mode=stepwise",)),
+    ("gold step labels as verifier scores, group + verifier evidence, alpha 1",
+     ("--credit.mode=graph", "--credit.evidence=both", "--credit.alpha_init=1", "--reward.local_scores=gold")),
+)
+COLUMNS = (("credit/misassigned_correct", "P(A<0 \\| correct)"),
+           ("correct/evidence", "same, understanding steps"),
+           ("correct/verdict", "same, verdict steps"),
+           ("correct/label", "same, label"),
+           ("credit/misassigned_wrong", "P(A>0 \\| wrong)"),
+           ("wrong/verdict", "same, verdict steps"),
+           ("credit/wrong_mass_share", "\\|A\\| share on wrong steps of failed rollouts"))
+
+
+def sample_groups(cfg, model, tok, task, vocab, n_prompts: int, seed: int) -> list[tuple]:
+    """[(rollouts, prompt ids, per-source local scores, gold correctness)] in chunks of rl.prompts_per_step."""
+    pool, G, chunk, out = task.splits["rl"], cfg.rl.num_generations, cfg.rl.prompts_per_step, []
+    for start in range(0, min(n_prompts, len(pool)), chunk):
+        exs = pool[start:start + chunk]
+        prompts = [policy.encode(tok, data.format_prompt(e.query, e.product), task.strict) for e in exs]
+        with torch.no_grad():
+            ro = gg.sample_rollouts(model, tok, exs, prompts, cfg.rl, seed * 100_003 + start)
+        gg.score_rollouts(ro, vocab, task.schema, cfg.reward)
+        golds = [ex for ex in ro.examples for _ in range(G)]
+        scores = {src: gg.local_node_scores(ro.parses, golds, task.schema, task.comparator, src)
+                  for src in ("verifier", "gold")}
+        out.append((ro, prompts, scores, gg.gold_correctness(ro, task.schema)))
+    return out
+
+
+def screen_form(cfg, groups, s, seed: int) -> dict:
+    """credit_accuracy_metrics of one form summed over every chunk of groups."""
+    cr, G, schema = gg.Credit.from_config(cfg), cfg.rl.num_generations, s.task.schema
+    alpha = torch.full((len(schema.edge_kinds),), float(cr.alpha_init), dtype=torch.float64)
+    weights = torch.tensor(cfg.credit.verifier_weights, dtype=torch.float64)
+    sums = {k: torch.zeros(len(schema.slots), dtype=torch.float64) for k in credit.CREDIT_ACCURACY}
+    for j, (ro, prompts, scores, correct) in enumerate(groups):
+        T = ro.completion_mask.shape[1]
+        cb = gg.credit_batch(ro.parses, ro.rewards, G, schema, T, scores[cr.scores] if cr.scores else None)
+        if cr.monte_carlo:
+            with torch.no_grad():
+                cb.values, _ = gg.monte_carlo_values(s, ro, prompts, cb, seed + gg.MC_SEED + j)
+        rewards = gg.shaped_rewards(ro.rewards, ro.parses, scores[cr.scores], cfg.reward.shaping_weights) \
+            if cr.shaped else ro.rewards
+        cb.rewards = rewards
+        adv, _ = credit.compute_advantages(cb, num_tokens=T, alpha=alpha, verifier_weights=weights, **cr.kwargs)
+        outcome = credit.outcome_advantages(rewards, G, "group", cfg.credit.eps)
+        acc = credit.credit_accuracy_sums(credit.node_applied_advantages(adv.detach().double(), cb.spans, cb.present),
+                                          correct, outcome.double())
+        for k in sums:
+            sums[k] += acc[k]
+    out = gg.credit_accuracy_metrics(sums, schema)
+    for role in ("evidence", "verdict", "label"):  # by role, whatever the graph's node types are called
+        idx = [v for v, name in enumerate(schema.slots) if schema.slot_info[name].type.role == role]
+        for key, num, den in (("correct", "right_negative", "right"), ("wrong", "wrong_positive", "wrong")):
+            if idx and sums[den][idx].sum() > 0:
+                out[f"{key}/{role}"] = float(sums[num][idx].sum() / sums[den][idx].sum())
+    return out
+
+
+def report(rows: list[tuple[str, dict]], header: str) -> str:
+    lines = [header, "", "| credit form | " + " | ".join(c for _, c in COLUMNS) + " |",
+             "|---|" + "---:|" * len(COLUMNS)]
+    for label, m in rows:
+        lines.append(f"| {label} | " + " | ".join(f"{m[k]:.3f}" if k in m else "-" for k, _ in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("run_dir")
+    ap.add_argument("checkpoint")
+    ap.add_argument("--prompts", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rollout-samples", type=int, default=4, help="K of the Monte-Carlo rows (Eq. 1c)")
+    ap.add_argument("--out", default="", help="append the table to this markdown file")
+    args, extra = ap.parse_known_args(argv)
+    if args.prompts < 1 or args.rollout_samples < 1:
+        raise config.ConfigError("--prompts and --rollout-samples must be at least 1")
+    path = os.path.join(args.run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        raise PathError(f"{path}: no such file (RUN_DIR must be a run directory with its config.yaml)")
+    common = [f"--credit.rollout_samples={args.rollout_samples}", *extra]
+    base = config.load_config(path, common)
+    if base.data.source == "synthetic" and not os.path.isdir(base.data.dir):
+        raise PathError(f"data.dir = {base.data.dir} (from {path}) does not exist here: run from the directory the run "
+                        f"was started in, or pass --data.dir=")
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(base.run.num_threads or 1)
+    task = testbed.load_task(base)
+    model, tok = policy.load_policy(args.checkpoint, task.schema.words(), dtype=torch.float32, device="cpu",
+                                    key="CHECKPOINT")
+    vocab = data.TagVocab.from_tokenizer(tok, task.schema)
+    groups = sample_groups(base, model, tok, task, vocab, args.prompts, args.seed)
+    rows = []
+    for label, overrides in FORMS:
+        cfg = config.load_config(path, [*common, *overrides])
+        s = types.SimpleNamespace(cfg=cfg, model=model, tokenizer=tok, task=task, vocab=vocab)
+        rows.append((label, screen_form(cfg, groups, s, args.seed)))
+        print(f"{label}: {rows[-1][1].get('credit/misassigned_correct', float('nan')):.3f}", flush=True)
+    G = base.rl.num_generations
+    text = report(rows, f"`python experiments/credit_screen.py {args.run_dir} {args.checkpoint} --prompts "
+                        f"{args.prompts} --seed {args.seed} --rollout-samples {args.rollout_samples}`: "
+                        f"{len(groups) * base.rl.prompts_per_step} prompts x {G} rollouts, rows with a nonzero "
+                        f"outcome advantage")
+    print(text)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    config.cli(main)
