@@ -290,11 +290,18 @@ SUPPLEMENT_ROWS = VALUE_ROWS[:2] + (
         DEFAULT_OTHERS + ("--credit.gate=none",)),
     Row("others_node_scale", "Graph-GRPO default, per-node scale (DESIGN 0.1, z-score)", "rl", "sft_masked",
         DEFAULT_OTHERS + ("--credit.scale=node",)),
+    # added after the rows above had run (22:45, stated before their runs): wrong edges cost 2.2 points while alpha
+    # in [0, 2] made no difference, so is it Eq. 1a's conditioning on parents? Both graphs without propagation.
+    Row("others_a0", "Graph-GRPO default evidence, alpha fixed at 0", "rl", "sft_masked",
+        DEFAULT_OTHERS + ("--controller.mode=fixed", "--credit.alpha_init=0")),
+    Row("others_wrong_edges_a0", "same, wrong edges", "rl", "sft_masked",
+        DEFAULT_OTHERS + ("--controller.mode=fixed", "--credit.alpha_init=0", WRONG_EDGES)),
 )
 SUPPLEMENT_CLAIMS = tuple((a, b, split, "macro_f1", f"{a} vs {b}, {split} macro-F1")
                           for a, b in (("graph_others", "others_wrong_edges"), ("graph_others", "others_no_gate"),
                                        ("others_node_scale", "graph_others"), ("others_node_scale", "grpo"),
-                                       ("graph_others", "grpo"))
+                                       ("graph_others", "grpo"), ("others_a0", "others_wrong_edges_a0"),
+                                       ("others_a0", "graph_others"))
                           for split in ("test_longtail", "test_id"))
 
 # The paper's recipe on its own 7-node graph at the current code, 3 seeds (issue 14 item 5; 2026-11-30 22:15): the
