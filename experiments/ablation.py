@@ -296,12 +296,17 @@ SUPPLEMENT_ROWS = VALUE_ROWS[:2] + (
         DEFAULT_OTHERS + ("--controller.mode=fixed", "--credit.alpha_init=0")),
     Row("others_wrong_edges_a0", "same, wrong edges", "rl", "sft_masked",
         DEFAULT_OTHERS + ("--controller.mode=fixed", "--credit.alpha_init=0", WRONG_EDGES)),
+    # added after the two rows above (23:10, stated before its run): with credit.value others propagation is worth
+    # about a point (alpha 0 vs the default, p 0.055), so would more of it (alpha started at alpha_max) help?
+    Row("others_a2", "Graph-GRPO default, alpha started at 2 (alpha_max)", "rl", "sft_masked",
+        DEFAULT_OTHERS + ("--credit.alpha_init=2",)),
 )
 SUPPLEMENT_CLAIMS = tuple((a, b, split, "macro_f1", f"{a} vs {b}, {split} macro-F1")
                           for a, b in (("graph_others", "others_wrong_edges"), ("graph_others", "others_no_gate"),
                                        ("others_node_scale", "graph_others"), ("others_node_scale", "grpo"),
                                        ("graph_others", "grpo"), ("others_a0", "others_wrong_edges_a0"),
-                                       ("others_a0", "graph_others"))
+                                       ("others_a0", "graph_others"), ("others_a2", "graph_others"),
+                                       ("others_a2", "grpo"))
                           for split in ("test_longtail", "test_id"))
 
 # The paper's recipe on its own 7-node graph at the current code, 3 seeds (issue 14 item 5; 2026-11-30 22:15): the
