@@ -984,14 +984,16 @@ def step_metrics(step, ro: Rollouts, zero_std, sums, cstats, edge, rl, world, gr
     return rec
 
 
-def credit_accuracy_metrics(acc: dict[str, torch.Tensor], schema: data.GraphSchema) -> dict:
-    """credit/misassigned_correct[/<node type>] = P(A < 0 | correct step), credit/misassigned_wrong[/<node type>] =
+def credit_accuracy_metrics(acc: dict[str, torch.Tensor], schema: data.GraphSchema, by: str = "type") -> dict:
+    """credit/misassigned_correct[/<group>] = P(A < 0 | correct step), credit/misassigned_wrong[/<group>] =
     P(A > 0 | wrong step), credit/wrong_mass_share = share of |A| on the wrong steps of failed rollouts (DESIGN 4.2;
-    credit.credit_accuracy_sums), over all ranks; a ratio without steps to count is left out."""
+    credit.credit_accuracy_sums), over all ranks; a ratio without steps to count is left out. The groups are the
+    node types (by='type', what the trainer logs) or the node roles evidence / verdict / label (by='role')."""
     sums = dict(zip(credit.CREDIT_ACCURACY, all_reduce_sum(torch.stack([acc[k] for k in credit.CREDIT_ACCURACY]))))
     groups = {"": list(range(len(schema.slots)))}
     for v, name in enumerate(schema.slots):
-        groups.setdefault("/" + schema.slot_info[name].type.name, []).append(v)
+        t = schema.slot_info[name].type
+        groups.setdefault("/" + (t.name if by == "type" else t.role), []).append(v)
     rec = {}
     for suffix, idx in groups.items():
         for name, num, den in (("misassigned_correct", "right_negative", "right"),

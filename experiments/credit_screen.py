@@ -53,11 +53,11 @@ FORMS = (
      ("--credit.mode=graph", "--credit.evidence=both", "--credit.alpha_init=1", "--reward.local_scores=gold")),
 )
 COLUMNS = (("credit/misassigned_correct", "P(A<0 \\| correct)"),
-           ("correct/evidence", "same, understanding steps"),
-           ("correct/verdict", "same, verdict steps"),
-           ("correct/label", "same, label"),
+           ("credit/misassigned_correct/evidence", "same, understanding steps"),
+           ("credit/misassigned_correct/verdict", "same, verdict steps"),
+           ("credit/misassigned_correct/label", "same, label"),
            ("credit/misassigned_wrong", "P(A>0 \\| wrong)"),
-           ("wrong/verdict", "same, verdict steps"),
+           ("credit/misassigned_wrong/verdict", "same, verdict steps"),
            ("credit/wrong_mass_share", "\\|A\\| share on wrong steps of failed rollouts"))
 
 
@@ -85,26 +85,19 @@ def screen_form(cfg, groups, s, seed: int) -> dict:
     sums = {k: torch.zeros(len(schema.slots), dtype=torch.float64) for k in credit.CREDIT_ACCURACY}
     for j, (ro, prompts, scores, correct) in enumerate(groups):
         T = ro.completion_mask.shape[1]
-        cb = gg.credit_batch(ro.parses, ro.rewards, G, schema, T, scores[cr.scores] if cr.scores else None)
+        rewards = gg.shaped_rewards(ro.rewards, ro.parses, scores[cr.scores], cfg.reward.shaping_weights) \
+            if cr.shaped else ro.rewards
+        cb = gg.credit_batch(ro.parses, rewards, G, schema, T, scores[cr.scores] if cr.scores else None)
         if cr.monte_carlo:
             with torch.no_grad():
                 cb.values, _ = gg.monte_carlo_values(s, ro, prompts, cb, seed + gg.MC_SEED + j)
-        rewards = gg.shaped_rewards(ro.rewards, ro.parses, scores[cr.scores], cfg.reward.shaping_weights) \
-            if cr.shaped else ro.rewards
-        cb.rewards = rewards
         adv, _ = credit.compute_advantages(cb, num_tokens=T, alpha=alpha, verifier_weights=weights, **cr.kwargs)
         outcome = credit.outcome_advantages(rewards, G, "group", cfg.credit.eps)
         acc = credit.credit_accuracy_sums(credit.node_applied_advantages(adv.detach().double(), cb.spans, cb.present),
                                           correct, outcome.double())
         for k in sums:
             sums[k] += acc[k]
-    out = gg.credit_accuracy_metrics(sums, schema)
-    for role in ("evidence", "verdict", "label"):  # by role, whatever the graph's node types are called
-        idx = [v for v, name in enumerate(schema.slots) if schema.slot_info[name].type.role == role]
-        for key, num, den in (("correct", "right_negative", "right"), ("wrong", "wrong_positive", "wrong")):
-            if idx and sums[den][idx].sum() > 0:
-                out[f"{key}/{role}"] = float(sums[num][idx].sum() / sums[den][idx].sum())
-    return out
+    return gg.credit_accuracy_metrics(sums, schema, by="role")  # by role, whatever the node types are called
 
 
 def report(rows: list[tuple[str, dict]], header: str) -> str:
