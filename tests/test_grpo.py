@@ -357,6 +357,30 @@ def test_sigkill_then_resume_ends_in_the_same_state(tmp_path, sft_ckpt):
     assert moved  # the run learned: equal end states are not both the start
 
 
+def test_a_finished_run_lengthened_on_resume_is_the_longer_run(tmp_path, sft_ckpt):
+    """rl.steps is resume-free (checkpoint.RESUME_FREE): a finished 4-step run resumed with --rl.steps=6 must end where
+    an uninterrupted 6-step run ends (weights, every logged reward and alpha). The 'long' study relies on it: its
+    400-step runs are the 200-step runs of earlier studies, resumed. It fails if anything of a step depends on the
+    run's length (a learning-rate schedule over rl.steps, a prompt order drawn per run) or if the final checkpoint
+    holds less state than a periodic one (optimizer, controller buffer)."""
+    extra = ["--run.save_every=2", "--credit.mode=graph", "--controller.mode=meta", "--controller.accumulate=2",
+             "--controller.rule=sequential"]
+    ref, out = tmp_path / "ref", tmp_path / "lengthened"
+    for d, steps in ((ref, 6), (out, 4), (out, 6)):
+        r = _run([sys.executable, *_rl_args(d, sft_ckpt, f"--rl.steps={steps}", *extra)])
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from" in r.stdout
+    import json
+    logs = [[json.loads(x) for x in open(d / "metrics.jsonl")] for d in (ref, out)]
+    assert [x["step"] for x in logs[1]] == list(range(6))
+    keys = ["reward", "loss"] + [k for k in logs[0][-1] if k.startswith("alpha/")]
+    assert [[x[k] for k in keys] for x in logs[0]] == [[x[k] for k in keys] for x in logs[1]]
+    a, _ = policy.load_policy(str(ref / "checkpoint"), [])
+    b, _ = policy.load_policy(str(out / "checkpoint"), [])
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), n
+
+
 # ---------------------------------------------------------------------------------------------- seed-paper baselines
 
 def _parsed(text):
