@@ -712,12 +712,15 @@ def report(found: dict, ref_row: str = "grpo", rows=ROWS, claims=None) -> str:
 
 def credit_table(found: dict, rows=ROWS) -> list[str]:
     """Where node credit puts its mass: mean |A| per node type against the outcome advantage's, the share of nodes
-    with zero own evidence, the key repeat rate, how often the rule gate is open, alpha and the controller gate."""
+    with zero own evidence, the key repeat rate, how often the rule gate is open, alpha and the controller gate;
+    the last column is each seed's final alpha averaged over edge types (whether a controller moved, seed by seed)."""
     lines = ["| row | mean abs A: outcome / q / p / f (avg of facets) / y | zero own evidence | key repeat | "
-             "rule gate open | final alpha per edge type (names sorted) | controller gate open |", "|---|---|---:|---:|---:|---|---:|"]
+             "rule gate open | final alpha per edge type (names sorted) | controller gate open | "
+             "final alpha per seed (mean over edge types; seeds in order) |", "|---|---|---:|---:|---:|---|---:|---|"]
     for row in rows:
-        sums = [r["credit"] for r in found.get(row.name, {}).values() if r.get("credit", {}).get("credit/zero_evidence_rate")
-                is not None]
+        runs = sorted((seed, r["credit"]) for seed, r in found.get(row.name, {}).items()
+                      if r.get("credit", {}).get("credit/zero_evidence_rate") is not None)
+        sums = [c for _, c in runs]
         if not sums:
             continue
         m = lambda k: float(np.mean([c.get(k, float("nan")) for c in sums]))  # noqa: E731
@@ -728,7 +731,8 @@ def credit_table(found: dict, rows=ROWS) -> list[str]:
                      f"{m('credit/node_abs_adv/p'):.2f} / {f_abs:.2f} / {m('credit/node_abs_adv/y'):.2f} | "
                      f"{m('credit/zero_evidence_rate'):.2f} | {m('credit/key_repeat_rate'):.2f} | "
                      f"{m('credit/gate_open_rate'):.2f} | {', '.join(f'{m(k):.2f}' for k in alphas)} | "
-                     f"{m('controller/gate_open_rate'):.2f} |")
+                     f"{m('controller/gate_open_rate'):.2f} | "
+                     f"{' / '.join(f'{np.mean([c[k] for k in alphas]):.2f}' for c in sums) if alphas else '-'} |")
     return lines
 
 

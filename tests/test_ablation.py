@@ -77,7 +77,7 @@ def test_report_on_fake_runs(tmp_path):
     # final alpha 1.2; statistics it did not log are nan
     credit_line = md.split("## Credit diagnostics")[1].splitlines()[4]
     assert credit_line.startswith("| 8. ") and "/ 0.30 / nan |" in credit_line and "| 0.80 |" in credit_line
-    assert "| 1.20 |" in credit_line
+    assert "| 1.20 |" in credit_line and credit_line.endswith("| nan | 1.20 |")  # controller gate (not logged), per seed
     claim = next(line for line in md.splitlines() if line.startswith("| graph-meta vs GRPO"))
     assert "| 2 | +0.0700 |" in claim and "| 2 / 0 / 0 |" in claim
 
