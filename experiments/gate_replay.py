@@ -23,10 +23,11 @@ sys.path.insert(0, ROOT)
 import credit  # noqa: E402
 
 # (label, rule, window K, z, step size): DESIGN 5's gate as configured, the same with a larger step, the
-# sequential gate as the controller study ran it
+# sequential gate as the controller study ran it and with a smaller z
 RULES = (("window, K 8, z 2, step 0.05 (the default)", "window", 8, 2.0, 0.05),
          ("window, K 8, z 2, step 0.2", "window", 8, 2.0, 0.2),
-         ("sequential, K 8, z 2.5, step 0.25", "sequential", 8, 2.5, 0.25))
+         ("sequential, K 8, z 2.5, step 0.25", "sequential", 8, 2.5, 0.25),
+         ("sequential, K 8, z 2, step 0.25", "sequential", 8, 2.0, 0.25))  # the moves study: is z 2.5 the limit?
 
 
 def fail(msg: str) -> None:

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import eval as evaluation
-from experiments import ablation
+from experiments import ablation, gate_replay
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -184,7 +184,7 @@ def test_gate_replay_moves_down_on_a_positive_trace_and_names_a_run_without_grad
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     rows = [line for line in r.stdout.splitlines() if line.startswith("| window") or line.startswith("| sequential")]
-    assert len(rows) == 3 and all(row.split("|")[3].strip() == "100%" for row in rows), r.stdout
+    assert len(rows) == len(gate_replay.RULES) and all(row.split("|")[3].strip() == "100%" for row in rows), r.stdout
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "metrics.jsonl").write_text(json.dumps({"step": 0, "reward": 0.5}) + "\n")
