@@ -192,3 +192,31 @@ def test_gate_replay_moves_down_on_a_positive_trace_and_names_a_run_without_grad
     assert r.returncode == 2 and "no controller/alpha_grad" in r.stderr and r.stderr.count("\n") == 1
     r = subprocess.run(cmd[:2] + [str(tmp_path / "missing")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "missing/metrics.jsonl" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_sample_rewards_splits_logged_rewards_by_long_tail_kind_with_hand_numbers(tmp_path):
+    """experiments/sample_rewards.py: rollouts joined to the RL pool's meta by (query, product), grouped head / long
+    tail not pivotal / long tail pivotal, steps before --from-step dropped, pooled over seeds; a missing run is one
+    line naming its file, exit 2, and nothing on stdout."""
+    pool = tmp_path / "data" / "s1"
+    pool.mkdir(parents=True)
+    metas = {"a": {}, "b": {"longtail": "brand_alias", "pivotal": False}, "c": {"longtail": "size_unit", "pivotal": True}}
+    with open(pool / "rl.jsonl", "w") as f:
+        for q, m in metas.items():
+            f.write(json.dumps({"query": q, "product": "p", "label": 0, "meta": m}) + "\n")
+    rows = {0: [(0, "a", 0.0), (5, "a", 1.0), (5, "c", 0.25), (6, "b", 0.5)], 1: [(7, "a", 0.5), (8, "c", 0.75)]}
+    for seed, recs in rows.items():
+        d = tmp_path / f"r_s{seed}"
+        d.mkdir()
+        with open(d / "samples.jsonl", "w") as f:
+            for step, q, rew in recs:
+                f.write(json.dumps({"step": step, "query": q, "product": "p", "reward": rew}) + "\n")
+    cmd = [sys.executable, os.path.join(ROOT, "experiments", "sample_rewards.py"), str(tmp_path), "r", "--seeds", "0-1",
+           "--from-step", "5"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    # head: 1.0 (seed 0, step 5) and 0.5 (seed 1); step 0 dropped -> 0.750 over 2; not pivotal 0.5 over 1;
+    # pivotal 0.25 and 0.75 -> 0.500 over 2
+    assert "| r | 0.750 (2) | 0.500 (1) | 0.500 (2) |" in r.stdout, r.stdout
+    r = subprocess.run(cmd[:3] + ["missing"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "missing_s0/samples.jsonl" in r.stderr and r.stderr.count("\n") == 1 and not r.stdout
