@@ -187,6 +187,12 @@ CLAIMS2 = (("graph_default", "grpo", "test_longtail", "macro_f1", "Graph-GRPO (d
            ("paper_default", "paper_group_scale", "test_longtail", "macro_f1", "paper graph: per-node vs group scale, lt macro-F1"))
 
 
+def pair_claims(pairs: tuple[tuple[str, str], ...]) -> tuple:
+    """Paired macro-F1 claims (row, reference row) on both test splits, in the report's claim format."""
+    return tuple((a, b, split, "macro_f1", f"{a} vs {b}, {split} macro-F1") for a, b in pairs
+                 for split in ("test_longtail", "test_id"))
+
+
 # The verifier shield (issue 14, 2026-11-30): does keeping a verified step out of its children's blame lower the
 # misassignment that graph credit shared with GRPO (0.22 vs 0.21 of correct steps given A < 0), and does it help?
 # The default row is configs/base.yaml's Graph-GRPO at the time, written out; the rule is in the README.
@@ -261,12 +267,10 @@ EVIDENCE_ROWS = SHIELD_ROWS[:3] + (
     Row("comparator_heavy", "Graph-GRPO default, comparator weight fixed at 1.5 (grounding 0.5)", "rl", "sft_masked",
         DEFAULT_NOW + ("--credit.verifier_weights=[0.5, 1.5]", "--controller.learn_weights=false")),
 )
-EVIDENCE_CLAIMS = tuple((a, b, split, "macro_f1", f"{a} vs {b}, {split} macro-F1")
-                        for a, b in (("grounding_only", "grpo"), ("grounding_only", "graph_default"),
-                                     ("comparator_heavy", "grpo"), ("comparator_heavy", "graph_default"),
-                                     ("fixed_weights", "graph_default"), ("grounding_only", "fixed_weights"),
-                                     ("graph_default", "grpo"))
-                        for split in ("test_longtail", "test_id"))
+EVIDENCE_CLAIMS = pair_claims((("grounding_only", "grpo"), ("grounding_only", "graph_default"),
+                               ("comparator_heavy", "grpo"), ("comparator_heavy", "graph_default"),
+                               ("fixed_weights", "graph_default"), ("grounding_only", "fixed_weights"),
+                               ("graph_default", "grpo")))
 
 # Q from the other rollouts too (issue 14, 2026-11-30 20:05): the leave-one-out V gives a step every rollout shares a
 # scaled GRPO advantage (test_leave_one_out_gives_content_every_rollout_shares...); credit.value 'others' gives it 0
@@ -275,9 +279,7 @@ VALUE_ROWS = SHIELD_ROWS[:3] + (
     Row("graph_others", "Graph-GRPO default, Q and V over the other rollouts (credit.value = others)", "rl",
         "sft_masked", tuple(a if a != "--credit.value=leave_one_out" else "--credit.value=others" for a in DEFAULT_NOW)),
 )
-VALUE_CLAIMS = tuple((a, b, split, "macro_f1", f"{a} vs {b}, {split} macro-F1")
-                     for a, b in (("graph_others", "graph_default"), ("graph_others", "grpo"), ("graph_default", "grpo"))
-                     for split in ("test_longtail", "test_id"))
+VALUE_CLAIMS = pair_claims((("graph_others", "graph_default"), ("graph_others", "grpo"), ("graph_default", "grpo")))
 
 # The supplementary rows at the current default, 8 seeds (issue 14 item 5; 2026-11-30 21:45): the paper's claims
 # table still reads "the dependency graph matters" and "per-node normalisation" off one seed of the 200-step
@@ -304,13 +306,11 @@ SUPPLEMENT_ROWS = VALUE_ROWS[:2] + (
     Row("others_a2", "Graph-GRPO default, alpha started at 2 (alpha_max)", "rl", "sft_masked",
         DEFAULT_OTHERS + ("--credit.alpha_init=2",)),
 )
-SUPPLEMENT_CLAIMS = tuple((a, b, split, "macro_f1", f"{a} vs {b}, {split} macro-F1")
-                          for a, b in (("graph_others", "others_wrong_edges"), ("graph_others", "others_no_gate"),
-                                       ("others_node_scale", "graph_others"), ("others_node_scale", "grpo"),
-                                       ("graph_others", "grpo"), ("others_a0", "others_wrong_edges_a0"),
-                                       ("others_a0", "graph_others"), ("others_a2", "graph_others"),
-                                       ("others_a2", "grpo"))
-                          for split in ("test_longtail", "test_id"))
+SUPPLEMENT_CLAIMS = pair_claims((("graph_others", "others_wrong_edges"), ("graph_others", "others_no_gate"),
+                                 ("others_node_scale", "graph_others"), ("others_node_scale", "grpo"),
+                                 ("graph_others", "grpo"), ("others_a0", "others_wrong_edges_a0"),
+                                 ("others_a0", "graph_others"), ("others_a2", "graph_others"),
+                                 ("others_a2", "grpo")))
 
 # A controller that moves, at the current default (issue 14 item 4; 2026-12-01 02:30): with credit.value others
 # alpha 0 / 1 / 2 score 0.761 / 0.772 / 0.764 long tail (the supplement study), and on the wrong-edges graph 0 beats
@@ -329,12 +329,10 @@ MOVES_ROWS = SUPPLEMENT_ROWS[:3] + tuple(r for r in SUPPLEMENT_ROWS if r.name in
     Row("others_seq3_a0", "Graph-GRPO default, Eq. 3 controller with the sequential gate, from alpha 0", "rl",
         "sft_masked", DEFAULT_OTHERS + SEQ_LOOKAHEAD + ("--credit.alpha_init=0",), 4),
 )
-MOVES_CLAIMS = tuple((a, b, split, "macro_f1", f"{a} vs {b}, {split} macro-F1")
-                     for a, b in (("others_seq_a0", "others_a0"), ("others_seq_a2", "others_a2"),
-                                  ("others_wrong_seq_a1", "others_wrong_edges"), ("others_seq_a0", "graph_others"),
-                                  ("others_seq_a2", "graph_others"), ("others_seq3_a0", "others_a0"),
-                                  ("graph_others", "grpo"))
-                     for split in ("test_longtail", "test_id"))
+MOVES_CLAIMS = pair_claims((("others_seq_a0", "others_a0"), ("others_seq_a2", "others_a2"),
+                            ("others_wrong_seq_a1", "others_wrong_edges"), ("others_seq_a0", "graph_others"),
+                            ("others_seq_a2", "graph_others"), ("others_seq3_a0", "others_a0"),
+                            ("graph_others", "grpo")))
 
 # Twice the budget (issue 14's goal; 2026-12-01 02:45): on the mean curves of the supplement study's runs the
 # default's long-tail lead over GRPO grows with the steps (+0.008 at step 100, +0.015 at 125, +0.021 at 175, +0.025 at
@@ -343,10 +341,8 @@ MOVES_CLAIMS = tuple((a, b, split, "macro_f1", f"{a} vs {b}, {split} macro-F1")
 # alpha fixed at 0. rl.steps is resume-free, but data.dir and rl.init_from count, so each copied run is resumed
 # under the study directory it was made in (README); the rule is in the README.
 LONG_ROWS = SUPPLEMENT_ROWS[:3] + tuple(r for r in SUPPLEMENT_ROWS if r.name == "others_a0")
-LONG_CLAIMS = tuple((a, b, split, "macro_f1", f"{a} vs {b}, {split} macro-F1")
-                    for a, b in (("graph_others", "grpo"), ("graph_others", "others_a0"), ("grpo", "sft_masked"),
-                                 ("graph_others", "sft_masked"))
-                    for split in ("test_longtail", "test_id"))
+LONG_CLAIMS = pair_claims((("graph_others", "grpo"), ("graph_others", "others_a0"), ("grpo", "sft_masked"),
+                           ("graph_others", "sft_masked")))
 
 # A side result checked on new seeds (2026-12-01 03:10): in the moves study the sequential-gate controller started at 2
 # had the smallest in-distribution drift of any row (1.2 points against GRPO's 3.4), not a planned comparison and the
@@ -354,9 +350,7 @@ LONG_CLAIMS = tuple((a, b, split, "macro_f1", f"{a} vs {b}, {split} macro-F1")
 # the SFT start, GRPO, the default and that controller; the rule is in the README.
 DRIFT_ROWS = MOVES_ROWS[:3] + tuple(replace(r, title="Graph-GRPO default, alignment controller with the sequential gate, "
                                                     "from alpha 2") for r in MOVES_ROWS if r.name == "others_seq_a2")
-DRIFT_CLAIMS = tuple((a, b, split, "macro_f1", f"{a} vs {b}, {split} macro-F1")
-                     for a, b in (("others_seq_a2", "grpo"), ("others_seq_a2", "graph_others"), ("graph_others", "grpo"))
-                     for split in ("test_longtail", "test_id"))
+DRIFT_CLAIMS = pair_claims((("others_seq_a2", "grpo"), ("others_seq_a2", "graph_others"), ("graph_others", "grpo")))
 
 # The paper's recipe on its own 7-node graph at the current code, 3 seeds (issue 14 item 5; 2026-11-30 22:15): the
 # claims table's "its 7-node graph" row had one seed of the 200-step ablation. configs/paper.yaml as it is now
@@ -371,11 +365,9 @@ PAPER_ROWS = VALUE_ROWS[:2] + (
     Row("paper_recipe_group_scale", "paper graph: the same, one scale per group", "rl", "paper_sft",
         ("--credit.scale=group",), config=PAPER, ref="paper_grpo"),
 )
-PAPER_CLAIMS = tuple((a, b, split, "macro_f1", f"{a} vs {b}, {split} macro-F1")
-                     for a, b in (("paper_recipe", "paper_grpo"), ("paper_recipe_group_scale", "paper_grpo"),
-                                  ("paper_recipe", "paper_recipe_group_scale"), ("paper_grpo", "grpo"),
-                                  ("paper_sft", "sft_masked"))
-                     for split in ("test_longtail", "test_id"))
+PAPER_CLAIMS = pair_claims((("paper_recipe", "paper_grpo"), ("paper_recipe_group_scale", "paper_grpo"),
+                            ("paper_recipe", "paper_recipe_group_scale"), ("paper_grpo", "grpo"),
+                            ("paper_sft", "sft_masked")))
 
 
 @dataclass(frozen=True)
