@@ -17,6 +17,10 @@ import json
 import os
 import sys
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from experiments.ablation import parse_seeds  # noqa: E402
+
 GROUPS = ("head", "long tail, not pivotal", "long tail, pivotal")
 
 
@@ -55,8 +59,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0-7", help="a range a-b or a comma list")
     ap.add_argument("--from-step", type=int, default=0)
     args = ap.parse_args()
-    a, _, b = args.seeds.partition("-")
-    seeds = list(range(int(a), int(b) + 1)) if b else [int(s) for s in args.seeds.split(",")]
+    seeds = parse_seeds(args.seeds)
     pools = sorted(glob.glob(os.path.join(args.runs_dir, "data", "*", "rl.jsonl")))
     if not pools:
         fail(f"{args.runs_dir}/data/*/rl.jsonl: no RL pool found")
