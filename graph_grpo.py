@@ -370,8 +370,9 @@ def accumulate_policy_gradient(ddp_model, ro: Rollouts, mask: torch.Tensor, rl, 
     need_hidden = grad_W is not None or main_adv is not None or align is not None
     main_counts = main_counts or (float(ro.completion_mask.sum()), float(ro.input_ids.shape[0]))
     # Groups sorted by their longest completion, micro-batches of whole groups (each prompt's forward then runs
-    # once, policy.completion_logprobs_shared_prompt), each trimmed to its own padding: the same sums in another
-    # order, with less work (benchmarks/README.md). A micro-batch size that splits groups falls back to rows.
+    # once and the completions' real tokens run packed, policy.completion_logprobs_shared_prompt), each trimmed to
+    # its own padding (what is left of it costs only in attention): the same sums in another order, with less
+    # work (benchmarks/README.md). A micro-batch size that splits groups falls back to rows.
     G = ro.group_size if ro.group_size > 1 and rl.micro_batch_size % ro.group_size == 0 else 1
     longest = ro.completion_mask.sum(1).cpu().view(-1, G).max(1).values
     order = (torch.argsort(longest, stable=True)[:, None] * G + torch.arange(G)[None]).flatten().to(ro.input_ids.device)

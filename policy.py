@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-from transformers import (AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerFast,
-                          Qwen2Config, Qwen2ForCausalLM)
+from transformers import (AttentionInterface, AutoModelForCausalLM, AutoTokenizer, DynamicCache,
+                          PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM)
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import decoder
 
@@ -365,20 +366,87 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return TokenLogprobs(aligned(logp), entropy, hidden, tempered)
 
 
+PACKED_ATTENTION = "graph_grpo_packed"
+"""The attention implementation name of the packed completion pass (registered with transformers below)."""
+PACK_MIN_PADDING = 0.1
+"""The completion pass drops a micro-batch's padding only when at least this share of its (rows x columns) cells
+is padding; below, it feeds every cell (the packed sequence is then the grid itself: no scatter, no gather).
+Measured at hidden 256 (benchmarks/README.md): scattering and gathering cost 6% of an update without padding;
+dropping 19% padding saved 14-19%."""
+
+
+class PackedRows(NamedTuple):
+    """Where the completion pass's packed tokens sit, and what each row attends to besides its own tokens.
+
+    The pass feeds the N real completion tokens of B rows as one sequence (1, N): every projection, MLP and norm
+    runs on real tokens only. Attention alone needs rows: packed_attention scatters queries / keys / values into
+    the (B, S) grid, prepends each row's prompt keys / values from the prompt pass, and gathers the outputs back."""
+    flat: torch.Tensor | None # (N,) row * S + column of each fed token in the (B, S) grid; None: every cell
+    rows: int                 # B
+    columns: int              # S
+    group: torch.Tensor       # (B,) the prompt of each row
+    prompt_kv: DynamicCache   # per layer (n, kv_heads, P, head_dim), from the prompt pass (differentiable)
+    mask: torch.Tensor        # (B, 1, S, P + S) bool: the row's real prompt tokens, then causal over the row
+    calls: list               # one entry per attention call: checks that every layer took the packed path
+
+
+def packed_attention(module, query, key, value, attention_mask, packed_rows: PackedRows | None = None, **kwargs):
+    """Attention of a packed completion pass (query (1, heads, N, d), key / value (1, kv_heads, N, d), rotary
+    applied at the tokens' own positions) for the rows described by `packed_rows`; returns (1, N, heads, d) as
+    transformers' attention functions do. The attention itself is transformers' SDPA function on the (B, S) grid
+    (its scaling, GQA and kernel choice), so each real token sees exactly what it sees in the per-row forward."""
+    if packed_rows is None:
+        raise RuntimeError(f"attention implementation {PACKED_ATTENTION!r} is only for "
+                           "completion_logprobs_shared_prompt's packed pass")
+    pr = packed_rows
+    pr.calls.append(module.layer_idx)
+
+    def grid(x):  # (1, h, N, d) -> (B, h, S, d), zeros where no token is fed
+        h, d = x.shape[1], x.shape[-1]
+        if pr.flat is None:  # every cell fed, row after row
+            return x[0].view(h, pr.rows, pr.columns, d).transpose(0, 1)
+        z = x.new_zeros(pr.rows * pr.columns, h, d).index_copy(0, pr.flat, x[0].transpose(0, 1))
+        return z.view(pr.rows, pr.columns, h, d).transpose(1, 2)
+
+    layer = pr.prompt_kv.layers[module.layer_idx]
+    k = torch.cat([layer.keys.index_select(0, pr.group), grid(key)], 2)      # (B, kv_heads, P + S, d)
+    v = torch.cat([layer.values.index_select(0, pr.group), grid(value)], 2)
+    out, _ = sdpa_attention_forward(module, grid(query), k, v, pr.mask, **kwargs)   # (B, S, heads, d)
+    out = out.reshape(pr.rows * pr.columns, *out.shape[2:])
+    return (out if pr.flat is None else out.index_select(0, pr.flat))[None], None
+
+
+AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+
+
+@contextlib.contextmanager
+def attention_implementation(config, name: str):
+    """config._attn_implementation set to `name` inside the block (every attention layer of Qwen2, Llama and
+    GPT-2 reads it at each call), restored after."""
+    saved = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = saved
+
+
 def completion_logprobs_shared_prompt(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                                       completion_ids: torch.Tensor, completion_mask: torch.Tensor, group_size: int,
                                       temperature: float, return_entropy: bool = False,
                                       return_hidden: bool = False) -> TokenLogprobs:
-    """token_logprobs for G completions per prompt, with each prompt's forward run once instead of G times.
+    """token_logprobs for G completions per prompt, with each prompt's forward run once and no work on padding.
 
     prompt_ids / prompt_mask: (n, P) left-padded prompts; completion_ids / completion_mask: (n * G, T), rows
-    group-contiguous (rows g*G .. g*G+G-1 continue prompt g), right-padded. The prompts go through the network
-    once, their keys/values are repeated G times (a differentiable repeat: the prompt's gradient is the sum over
-    its G completions, as in the per-row forward), then the completions run on top. Same numbers as
-    token_logprobs on the concatenated rows; the prompt's share of the work falls by (G - 1) / G. Outputs are
-    (B, T) / (B, T, ...) over the completion columns only. `model` may be DDP-wrapped: the completion pass goes
-    through the wrapper, the prompt pass through the module (its gradient reaches the same parameters in the
-    same backward).
+    group-contiguous (rows g*G .. g*G+G-1 continue prompt g), right-padded (the mask a prefix of each row). Two
+    passes: the prompts once, keeping their keys / values (differentiable: the prompt's gradient is the sum
+    over its G completions, as in the per-row forward); then the completions' real tokens packed into one
+    sequence (PackedRows, packed_attention): a right-padded completion's padding costs nothing in the
+    projections, the MLPs and the log-softmax, only in attention's (B, S) grid (with less than PACK_MIN_PADDING
+    padding, every cell is fed instead: the grid is then the sequence). Same numbers as token_logprobs on
+    the concatenated rows. Outputs are (B, T) / (B, T, ...) over the completion columns only. `model` may be
+    DDP-wrapped: the completion pass goes through the wrapper, the prompt pass through the module (its gradient
+    reaches the same parameters in the same backward).
     """
     if temperature <= 0:
         raise ValueError(f"completion_logprobs_shared_prompt: temperature must be > 0, got {temperature}")
@@ -387,9 +455,19 @@ def completion_logprobs_shared_prompt(model, prompt_ids: torch.Tensor, prompt_ma
     if B != n * group_size:
         raise ValueError(f"completion_logprobs_shared_prompt: {B} completion rows for {n} prompts x G = {group_size}")
     raw = getattr(model, "module", model)
+    dev = prompt_ids.device
     # prompts rolled to right padding (no query row without a key: the CUDA SDPA NaN, see token_logprobs)
     ids_r, mask_r, _ = rolled_to_right_padding(prompt_ids, prompt_mask)
     lens = mask_r.long().sum(1)                                             # (n,) real prompt tokens
+    mask = completion_mask.bool()
+    group = torch.arange(n, device=dev).repeat_interleave(group_size)       # (B,)
+    # Completion token t >= 1 is predicted at completion column t - 1: column t - 1 is fed iff token t is real.
+    # Token 0 is predicted at the prompt's last position (prompt pass).
+    fed = mask[:, 1:]
+    every = T > 1 and float(fed.float().mean()) > 1 - PACK_MIN_PADDING  # little padding: feed every cell
+    row, col = (torch.ones_like(fed) if every else fed).nonzero(as_tuple=True)  # (N,) each, row-major
+    if len(row) == 0 and T > 1:  # keep the second pass (ranks run the same forwards, parallel.FSDP_MIN_COLUMNS)
+        row = col = torch.zeros(1, dtype=torch.long, device=dev)           # fed, never read: token 1 is masked
     captured = []
     hook = raw.get_output_embeddings().register_forward_hook(
         lambda module, args, output: captured.append(args[0])) if return_hidden else None
@@ -400,33 +478,43 @@ def completion_logprobs_shared_prompt(model, prompt_ids: torch.Tensor, prompt_ma
         keep, where = torch.unique(last, return_inverse=True)              # (u,) positions, (n,) index into them
         out_p = raw(input_ids=ids_r, attention_mask=mask_r, position_ids=position_ids_from_mask(mask_r),
                     past_key_values=cache, use_cache=True, logits_to_keep=keep)
-        pick = lambda x: x[torch.arange(n, device=x.device), where].repeat_interleave(group_size, 0)  # noqa: E731
-        # captured[0]: the lm head's input at those positions (n, u, H)
-        parts, hidden_parts = [pick(out_p.logits)[:, None]], [pick(captured[0])[:, None]] if return_hidden else []
-        if T > 1:  # completion token t >= 1 is predicted at completion position t - 1
-            cache.batch_repeat_interleave(group_size)
-            mask_c = torch.cat([mask_r.repeat_interleave(group_size, 0), completion_mask[:, :-1].to(mask_r.dtype)], 1)
-            pos = lens.repeat_interleave(group_size, 0)[:, None] + torch.arange(T - 1, device=prompt_ids.device)[None]
-            out_c = model(input_ids=completion_ids[:, :-1], attention_mask=mask_c, position_ids=pos,
-                          past_key_values=cache, use_cache=True, logits_to_keep=0)
-            parts.append(out_c.logits)
+        pick = lambda x: x[torch.arange(n, device=dev), where].repeat_interleave(group_size, 0)  # noqa: E731
+        logit_parts = [pick(out_p.logits)]                                  # (B, V)
+        hidden_parts = [pick(captured[0])] if return_hidden else []         # (B, H)
+        if T > 1:
+            S = T - 1
+            causal = torch.ones(S, S, dtype=torch.bool, device=dev).tril()
+            rows = PackedRows(None if every else row * S + col, B, S, group, cache,
+                              torch.cat([mask_r.bool()[group, None].expand(B, S, P), causal.expand(B, S, S)], 2)[:, None],
+                              [])
+            with attention_implementation(raw.config, PACKED_ATTENTION):
+                out_c = model(input_ids=completion_ids[row, col][None], position_ids=(lens[group[row]] + col)[None],
+                              use_cache=False, logits_to_keep=0, packed_rows=rows)
+            if len(rows.calls) != len(cache.layers):
+                raise RuntimeError(f"completion_logprobs_shared_prompt: {type(raw).__name__}'s attention took the "
+                                   f"packed path in {len(rows.calls)} of {len(cache.layers)} layers")
+            logit_parts.append(out_c.logits[0])                             # (N, V)
             if return_hidden:
-                hidden_parts.append(captured[1])
+                hidden_parts.append(captured[1][0])
     finally:
         if hook is not None:
             hook.remove()
-    logits = torch.cat(parts, 1).float() / temperature                      # (B, T, V)
+    # every prediction in one flat list (B [+ N]); (at_row, at_col): the completion position it predicts
+    at_row, at_col = torch.arange(B, device=dev), torch.zeros(B, dtype=torch.long, device=dev)
+    if T > 1:
+        at_row, at_col = torch.cat([at_row, row]), torch.cat([at_col, col + 1])
+    logits = torch.cat(logit_parts).float() / temperature                   # (B + N, V)
     logp_all = F.log_softmax(logits, dim=-1)
-    mask = completion_mask.bool()
-    logp = logp_all.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) * mask
+    grid = lambda x: x.new_zeros((B, T) + x.shape[1:]).index_put((at_row, at_col), x)  # noqa: E731
+    logp = grid(logp_all.gather(-1, completion_ids[at_row, at_col, None]).squeeze(-1)) * mask
     entropy = None
     if return_entropy:  # a logged diagnostic: no gradient
         with torch.no_grad():
-            entropy = -(logp_all.exp() * logp_all).sum(-1) * mask
+            entropy = grid(-(logp_all.exp() * logp_all).sum(-1)) * mask
     hidden = tempered = None
     if return_hidden:
-        h = torch.cat(hidden_parts, 1)
-        hidden, tempered = h * mask.unsqueeze(-1).to(h.dtype), logits * mask.unsqueeze(-1)
+        h = grid(torch.cat(hidden_parts))
+        hidden, tempered = h * mask.unsqueeze(-1).to(h.dtype), grid(logits) * mask.unsqueeze(-1)
     return TokenLogprobs(logp, entropy, hidden, tempered)
 
 

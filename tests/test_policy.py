@@ -1,5 +1,6 @@
 """policy.py: tokenizer and checkpoint round trips, log-probs under left padding, sampling equal
 to the per-row reference, sampling distribution, pretrained checkpoints of another architecture."""
+import contextlib
 import math
 
 import pytest
@@ -206,13 +207,19 @@ def test_token_logprobs_with_padding_equals_naive_per_row_forward(arch, prompts,
                           out.logprobs[sel], atol=1e-6)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
-def test_shared_prompt_forward_equals_per_row_forward(arch):
-    """Each prompt run once for its G completions: the same log-probs, entropies, lm-head inputs, logits and
-    parameter gradients as token_logprobs on the concatenated, padded rows."""
+RAGGED = [[14, 15, 3], [16, 17, 18, 5, 6], [7], [8, 9], [10, 11, 12], [13]]  # 13 of 24 fed cells: packed
+NEARLY_FULL = [[14, 15, 3, 4, 5], [16, 17, 18, 5, 6], [7, 8, 9, 10, 11], [8, 9, 10, 11], [10, 11, 12, 13, 14],
+               [13, 12, 11, 10, 9]]  # 23 of 24 fed cells (under PACK_MIN_PADDING): every cell fed
+
+
+@pytest.mark.parametrize("arch,comps", [("qwen2", RAGGED), ("llama", RAGGED), ("gpt2", RAGGED),
+                                        ("qwen2", NEARLY_FULL), ("gpt2", NEARLY_FULL)])
+def test_shared_prompt_forward_equals_per_row_forward(arch, comps):
+    """Each prompt run once for its G completions, the completions' real tokens packed into one sequence (or,
+    with little padding, every cell): the same log-probs, entropies, lm-head inputs, logits and parameter
+    gradients as token_logprobs on the concatenated, padded rows."""
     model, tok = policy_model(arch, seed=3)
     prompts, G = [[5, 6, 7, 8, 9], [10], [11, 12, 13]], 2
-    comps = [[14, 15, 3], [16, 17, 18, 5, 6], [7], [8, 9], [10, 11, 12], [13]]
     ids, attn, comp = P.build_sequences([p for p in prompts for _ in range(G)], comps, tok.pad_token_id)
     L = ids.shape[1]
     Pl = L - max(len(c) for c in comps)
@@ -232,6 +239,36 @@ def test_shared_prompt_forward_equals_per_row_forward(arch):
             torch.testing.assert_close(b, a, rtol=0, atol=1e-5 * float(a.abs().max()))
     with pytest.raises(ValueError, match="completion rows"):
         P.completion_logprobs_shared_prompt(model, ids[::G, :Pl], attn[::G, :Pl], ids[:5, Pl:], comp[:5, Pl:], G, 1.0)
+
+
+def test_shared_prompt_forward_with_nothing_to_pack_and_an_attention_that_ignores_packing():
+    """Two completion columns of which only the first is real in every row (a micro-batch kept at
+    parallel.FSDP_MIN_COLUMNS): the packed pass still runs (one token, never read; ranks run the same forwards)
+    and the numbers equal token_logprobs'. An architecture whose attention does not read the implementation name
+    would silently attend within the packed sequence: that is an error, not wrong numbers."""
+    model, tok = policy_model("qwen2", seed=5)
+    prompts, G = [[5, 6, 7], [8]], 2
+    ids, attn, comp = P.build_sequences([p for p in prompts for _ in range(G)], [[9], [10], [11], [12]],
+                                        tok.pad_token_id)
+    pad = torch.full((ids.shape[0], 1), tok.pad_token_id)
+    ids, attn, comp = torch.cat([ids, pad], 1), torch.cat([attn, pad * 0], 1), torch.cat([comp, pad * 0], 1)
+    Pl = ids.shape[1] - 2
+    ref = P.token_logprobs(model, ids, attn, comp, 0.7)
+    calls = []
+    forward = model.forward
+    model.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    out = P.completion_logprobs_shared_prompt(model, ids[::G, :Pl], attn[::G, :Pl], ids[:, Pl:], comp[:, Pl:], G, 0.7)
+    assert len(calls) == 2  # the prompt pass and the packed pass (one token, never read)
+    torch.testing.assert_close(out.logprobs, ref.logprobs[:, Pl:], rtol=1e-5, atol=2e-6)
+    assert bool((out.logprobs[:, 1] == 0).all())
+    model.forward = forward
+    ids, attn, comp = P.build_sequences([p for p in prompts for _ in range(G)], [[9, 3], [10], [11, 4], [12]],
+                                        tok.pad_token_id)
+    Pl = ids.shape[1] - 2
+    ignore = lambda config, name: contextlib.nullcontext()  # noqa: E731
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(RuntimeError, match="packed path in 0 of 2 layers"):
+        mp.setattr(P, "attention_implementation", ignore)
+        P.completion_logprobs_shared_prompt(model, ids[::G, :Pl], attn[::G, :Pl], ids[:, Pl:], comp[:, Pl:], G, 1.0)
 
 
 def test_token_logprobs_temperature_one_is_plain_log_softmax_and_gradients_flow():
