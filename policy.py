@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import re
+import warnings
 from typing import Iterable, NamedTuple
 
 import torch
@@ -303,101 +304,44 @@ def rolled_to_right_padding(input_ids: torch.Tensor, attention_mask: torch.Tenso
     return input_ids.gather(1, roll), attention_mask.gather(1, roll), left
 
 
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
-                   temperature: float, return_entropy: bool = False, return_hidden: bool = False,
-                   targets: torch.Tensor | None = None) -> TokenLogprobs:
-    """log pi_theta(o_t | prefix) at temperature T for every completion position (DESIGN.md section 6).
-
-    Differentiable; `model` may be DDP-wrapped (the forward goes through the wrapper). Logits are
-    computed only from the first completion column on (the forward runs on rows rolled to right padding, see
-    below), log-softmax in float32 even under bf16. return_hidden also returns the tempered logits: the closed form of d_t in
-    Eq. 3 needs h_t and p_t = softmax(logits_t). `targets` (B, L): score these tokens instead of
-    input_ids (CoT random masking feeds masked inputs but scores the original tokens, DESIGN section 9).
-    """
-    if temperature <= 0:
-        raise ValueError(f"token_logprobs: temperature must be > 0, got {temperature}")
-    B, L = input_ids.shape
-    completion_mask = completion_mask.bool()
-    if completion_mask[:, 0].any():
-        raise ValueError("token_logprobs: position 0 has no prefix and cannot be a completion token")
-    cols = completion_mask.any(0).nonzero()
-    first = int(cols[0]) if len(cols) else L  # first column holding any completion token
-
-    raw = getattr(model, "module", model)
-    captured = {}
-    hook = None
-    if return_hidden:
-        hook = raw.get_output_embeddings().register_forward_hook(
-            lambda module, args, output: captured.__setitem__("hidden", args[0]))
-    # Left padding is rolled to the right for the forward: a left pad is a query row with no key to attend to,
-    # and CUDA SDPA under bf16 autocast returned NaN gradients for such rows (README, experiments/gpu_debug.py);
-    # rolled, every pad row sees the real tokens before it. Real tokens see exactly what they saw before.
-    ids_r, mask_r, left = rolled_to_right_padding(input_ids, attention_mask)
-    # Logits only where a completion token is predicted: original positions first-1 .. L-2, which sit at rolled
-    # positions >= first-1-left >= `start` (a (B, L, V) tensor over the prompt is memory wasted with a 150k vocabulary).
-    start = max(0, first - 1 - int(left.max()))
-    try:
-        out = model(input_ids=ids_r, attention_mask=mask_r, position_ids=position_ids_from_mask(mask_r),
-                    use_cache=False, logits_to_keep=L - start)
-    finally:
-        if hook is not None:
-            hook.remove()
-    # (B, L - first) index into the kept rolled positions; left-pad positions (masked below) may wrap out: clamped
-    at = ((torch.arange(first - 1, L - 1, device=input_ids.device)[None] - left[:, None]) % L - start).clamp(0, L - start - 1)
-    back = lambda x: x.gather(1, at.view(*at.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))  # noqa: E731
-    logits = back(out.logits).float() / temperature  # (B, L - first, V), predicts input_ids[:, first:]
-    logp_all = F.log_softmax(logits, dim=-1)
-    targets = (input_ids if targets is None else targets)[:, first:]
-    mask = completion_mask[:, first:]
-    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * mask  # (B, L - first)
-
-    def aligned(x):  # (B, L - first, ...) -> (B, L, ...) with zeros before `first`
-        pad = x.new_zeros((B, first) + tuple(x.shape[2:]))
-        return torch.cat([pad, x], 1)
-
-    entropy = hidden = tempered = None
-    if return_entropy:  # a logged diagnostic: no gradient
-        with torch.no_grad():
-            entropy = aligned(-(logp_all.exp() * logp_all).sum(-1) * mask)
-    if return_hidden:
-        h = back(captured["hidden"])
-        hidden = aligned(h * mask.unsqueeze(-1).to(h.dtype))
-        tempered = aligned(logits * mask.unsqueeze(-1))
-    return TokenLogprobs(aligned(logp), entropy, hidden, tempered)
-
-
 PACKED_ATTENTION = "graph_grpo_packed"
-"""The attention implementation name of the packed completion pass (registered with transformers below)."""
+"""The attention implementation name of a packed pass (registered with transformers below)."""
 PACK_MIN_PADDING = 0.1
-"""The completion pass drops a micro-batch's padding only when at least this share of its (rows x columns) cells
-is padding; below, it feeds every cell (the packed sequence is then the grid itself: no scatter, no gather).
-Measured at hidden 256 (benchmarks/README.md): scattering and gathering cost 6% of an update without padding;
-dropping 19% padding saved 14-19%."""
+"""A packed pass drops the grid's padding only when at least this share of its (rows x columns) cells is padding;
+below, it feeds every cell (the packed sequence is then the grid itself: no scatter, no gather). Measured at
+hidden 256 (benchmarks/README.md): scattering and gathering cost 6% of an update without padding; dropping 19%
+padding saved 14-19%."""
+NO_PACKING = "_graph_grpo_no_packing"
+"""Set on a model whose attention layers ignored the packed implementation: its passes run unpacked from then on."""
+
+
+class PackingUnsupported(RuntimeError):
+    """The model's attention layers did not all take the packed path: the pass's numbers are wrong."""
 
 
 class PackedRows(NamedTuple):
-    """Where the completion pass's packed tokens sit, and what each row attends to besides its own tokens.
+    """Where a packed pass's tokens sit in their rows, and what each row attends to before its own tokens.
 
-    The pass feeds the N real completion tokens of B rows as one sequence (1, N): every projection, MLP and norm
-    runs on real tokens only. Attention alone needs rows: packed_attention scatters queries / keys / values into
-    the (B, S) grid, prepends each row's prompt keys / values from the prompt pass, and gathers the outputs back."""
-    flat: torch.Tensor | None # (N,) row * S + column of each fed token in the (B, S) grid; None: every cell
-    rows: int                 # B
-    columns: int              # S
-    group: torch.Tensor       # (B,) the prompt of each row
-    prompt_kv: DynamicCache   # per layer (n, kv_heads, P, head_dim), from the prompt pass (differentiable)
-    mask: torch.Tensor        # (B, 1, S, P + S) bool: the row's real prompt tokens, then causal over the row
-    calls: list               # one entry per attention call: checks that every layer took the packed path
+    A packed pass feeds the N fed cells of a (B, S) grid of right-padded rows as one sequence (1, N): every
+    projection, MLP and norm runs on those tokens only. Attention alone needs rows: packed_attention scatters
+    queries / keys / values into the grid, puts each row's prompt keys / values (if any) in front, and gathers the
+    outputs back."""
+    flat: torch.Tensor | None  # (N,) row * S + column of each fed cell; None: every cell, row after row
+    rows: int                  # B
+    columns: int               # S
+    prompt: tuple | None       # None: each row starts in the grid (causal attention); else (cache, group, mask):
+    # the prompts' keys / values per layer (n, kv_heads, P, d) from a prompt pass (differentiable), the prompt of
+    # each row (B,), and (B, 1, S, P + S) bool: the row's real prompt tokens, then causal over the row
+    calls: list                # one entry per attention call: checks that every layer took the packed path
 
 
 def packed_attention(module, query, key, value, attention_mask, packed_rows: PackedRows | None = None, **kwargs):
-    """Attention of a packed completion pass (query (1, heads, N, d), key / value (1, kv_heads, N, d), rotary
-    applied at the tokens' own positions) for the rows described by `packed_rows`; returns (1, N, heads, d) as
-    transformers' attention functions do. The attention itself is transformers' SDPA function on the (B, S) grid
-    (its scaling, GQA and kernel choice), so each real token sees exactly what it sees in the per-row forward."""
+    """Attention of a packed pass (query (1, heads, N, d), key / value (1, kv_heads, N, d), rotary applied at the
+    tokens' own positions) for the rows described by `packed_rows`; returns (1, N, heads, d) as transformers'
+    attention functions do. The attention itself is transformers' SDPA function on the (B, S) grid (its scaling,
+    GQA and kernel choice), so each token sees exactly what it sees in the per-row forward."""
     if packed_rows is None:
-        raise RuntimeError(f"attention implementation {PACKED_ATTENTION!r} is only for "
-                           "completion_logprobs_shared_prompt's packed pass")
+        raise RuntimeError(f"attention implementation {PACKED_ATTENTION!r} is only for policy.packed_forward")
     pr = packed_rows
     pr.calls.append(module.layer_idx)
 
@@ -408,10 +352,14 @@ def packed_attention(module, query, key, value, attention_mask, packed_rows: Pac
         z = x.new_zeros(pr.rows * pr.columns, h, d).index_copy(0, pr.flat, x[0].transpose(0, 1))
         return z.view(pr.rows, pr.columns, h, d).transpose(1, 2)
 
-    layer = pr.prompt_kv.layers[module.layer_idx]
-    k = torch.cat([layer.keys.index_select(0, pr.group), grid(key)], 2)      # (B, kv_heads, P + S, d)
-    v = torch.cat([layer.values.index_select(0, pr.group), grid(value)], 2)
-    out, _ = sdpa_attention_forward(module, grid(query), k, v, pr.mask, **kwargs)   # (B, S, heads, d)
+    if pr.prompt is None:  # causal within each row: SDPA's causal kernel, no mask tensor
+        out, _ = sdpa_attention_forward(module, grid(query), grid(key), grid(value), None, **kwargs)
+    else:
+        cache, group, mask = pr.prompt
+        layer = cache.layers[module.layer_idx]
+        k = torch.cat([layer.keys.index_select(0, group), grid(key)], 2)      # (B, kv_heads, P + S, d)
+        v = torch.cat([layer.values.index_select(0, group), grid(value)], 2)
+        out, _ = sdpa_attention_forward(module, grid(query), k, v, mask, **kwargs)  # (B, S, heads, d)
     out = out.reshape(pr.rows * pr.columns, *out.shape[2:])
     return (out if pr.flat is None else out.index_select(0, pr.flat))[None], None
 
@@ -431,6 +379,169 @@ def attention_implementation(config, name: str):
         config._attn_implementation = saved
 
 
+def packed_forward(model, ids: torch.Tensor, fed: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor,
+                   prompt: tuple | None = None, return_hidden: bool = False):
+    """`model` on the fed cells of a (B, S) grid of right-padded rows, packed into one sequence (1, N).
+
+    ids / positions (B, S): each cell's token and position id; fed (B, S) bool, a prefix of each row: the cells
+    that run; keep (B, S) bool, within fed: the cells whose logits (and lm-head inputs) come back, as (K, V) /
+    (K, H) in row-major order. prompt: PackedRows.prompt without its mask, i.e. (cache, group, prompt mask
+    (n, P) bool), or None. With less than PACK_MIN_PADDING of the grid unfed, every cell runs (no scatter); with
+    none fed, one cell runs and is never read (ranks run the same forwards, parallel.FSDP_MIN_COLUMNS). `model`
+    may be DDP-wrapped: the pass goes through the wrapper. Raises PackingUnsupported when the model's attention
+    layers did not all take the packed path.
+    """
+    raw = getattr(model, "module", model)
+    B, S = ids.shape
+    dev = ids.device
+    every = float(fed.float().mean()) > 1 - PACK_MIN_PADDING
+    cells = torch.ones_like(fed) if every else fed
+    row, col = cells.nonzero(as_tuple=True)                                 # (N,) each, row-major
+    if len(row) == 0:
+        row = col = torch.zeros(1, dtype=torch.long, device=dev)
+    at = cells.flatten().long().cumsum(0).view(B, S) - 1                    # each cell's index in the sequence
+    kr, kc = keep.nonzero(as_tuple=True)
+    mask = None
+    if prompt is not None:
+        cache, group, prompt_mask = prompt
+        causal = torch.ones(S, S, dtype=torch.bool, device=dev).tril()
+        P = prompt_mask.shape[1]
+        mask = torch.cat([prompt_mask.bool()[group, None].expand(B, S, P), causal.expand(B, S, S)], 2)[:, None]
+        prompt = (cache, group, mask)
+    rows = PackedRows(None if every else row * S + col, B, S, prompt, [])
+    captured = []
+    hook = raw.get_output_embeddings().register_forward_hook(
+        lambda module, args, output: captured.append(args[0])) if return_hidden else None
+    try:
+        with attention_implementation(raw.config, PACKED_ATTENTION):
+            out = model(input_ids=ids[row, col][None], position_ids=positions[row, col][None], use_cache=False,
+                        logits_to_keep=at[kr, kc], packed_rows=rows)
+    finally:
+        if hook is not None:
+            hook.remove()
+    if len(rows.calls) != raw.config.num_hidden_layers:
+        raise PackingUnsupported(f"{type(raw).__name__}'s attention took the packed path in {len(rows.calls)} of "
+                                 f"{raw.config.num_hidden_layers} layers")
+    return out.logits[0], captured[0][0] if return_hidden else None
+
+
+def packing_off(model, err: PackingUnsupported) -> None:
+    """Remember (on the model) that its passes run unpacked, and say so once."""
+    setattr(getattr(model, "module", model), NO_PACKING, True)
+    warnings.warn(f"{err}: this model's log-probs run unpacked (padding included) from now on", stacklevel=3)
+
+
+def packs(model) -> bool:
+    """False once packing_off marked the model (its attention ignores the packed implementation)."""
+    return not getattr(getattr(model, "module", model), NO_PACKING, False)
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
+                   temperature: float, return_entropy: bool = False, return_hidden: bool = False,
+                   targets: torch.Tensor | None = None, packed: bool = True) -> TokenLogprobs:
+    """log pi_theta(o_t | prefix) at temperature T for every completion position (DESIGN.md section 6).
+
+    Differentiable; `model` may be DDP-wrapped (the forward goes through the wrapper). The forward runs on rows
+    rolled to right padding (see below), packed (packed_forward: no work on padding outside attention; `packed`
+    False, or a model whose attention ignores packing, runs the padded rows), with logits only where a completion
+    token is predicted; log-softmax in float32 even under bf16. return_hidden also returns the tempered logits: the
+    closed form of d_t in Eq. 3 needs h_t and p_t = softmax(logits_t). `targets` (B, L): score these tokens instead
+    of input_ids (CoT random masking feeds masked inputs but scores the original tokens, DESIGN section 9).
+    """
+    if temperature <= 0:
+        raise ValueError(f"token_logprobs: temperature must be > 0, got {temperature}")
+    B, L = input_ids.shape
+    completion_mask = completion_mask.bool()
+    if completion_mask[:, 0].any():
+        raise ValueError("token_logprobs: position 0 has no prefix and cannot be a completion token")
+    targets = input_ids if targets is None else targets
+    # Left padding is rolled to the right for the forward: a left pad is a query row with no key to attend to,
+    # and CUDA SDPA under bf16 autocast returned NaN gradients for such rows (README, experiments/gpu_debug.py);
+    # rolled, every pad row sees the real tokens before it. Real tokens see exactly what they saw before.
+    ids_r, mask_r, left = rolled_to_right_padding(input_ids, attention_mask)
+    if packed and packs(model):
+        try:
+            return _token_logprobs_packed(model, ids_r, mask_r.bool(), left, completion_mask, targets, temperature,
+                                          return_entropy, return_hidden)
+        except PackingUnsupported as err:
+            packing_off(model, err)
+    cols = completion_mask.any(0).nonzero()
+    first = int(cols[0]) if len(cols) else L  # first column holding any completion token
+
+    raw = getattr(model, "module", model)
+    captured = {}
+    hook = None
+    if return_hidden:
+        hook = raw.get_output_embeddings().register_forward_hook(
+            lambda module, args, output: captured.__setitem__("hidden", args[0]))
+    # Logits only where a completion token is predicted: original positions first-1 .. L-2, which sit at rolled
+    # positions >= first-1-left >= `start` (a (B, L, V) tensor over the prompt is memory wasted with a 150k vocabulary).
+    start = max(0, first - 1 - int(left.max()))
+    try:
+        out = model(input_ids=ids_r, attention_mask=mask_r, position_ids=position_ids_from_mask(mask_r),
+                    use_cache=False, logits_to_keep=L - start)
+    finally:
+        if hook is not None:
+            hook.remove()
+    # (B, L - first) index into the kept rolled positions; left-pad positions (masked below) may wrap out: clamped
+    at = ((torch.arange(first - 1, L - 1, device=input_ids.device)[None] - left[:, None]) % L - start).clamp(0, L - start - 1)
+    back = lambda x: x.gather(1, at.view(*at.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))  # noqa: E731
+    logits = back(out.logits).float() / temperature  # (B, L - first, V), predicts input_ids[:, first:]
+    logp_all = F.log_softmax(logits, dim=-1)
+    mask = completion_mask[:, first:]
+    logp = logp_all.gather(-1, targets[:, first:].unsqueeze(-1)).squeeze(-1) * mask  # (B, L - first)
+
+    def aligned(x):  # (B, L - first, ...) -> (B, L, ...) with zeros before `first`
+        pad = x.new_zeros((B, first) + tuple(x.shape[2:]))
+        return torch.cat([pad, x], 1)
+
+    entropy = hidden = tempered = None
+    if return_entropy:  # a logged diagnostic: no gradient
+        with torch.no_grad():
+            entropy = aligned(-(logp_all.exp() * logp_all).sum(-1) * mask)
+    if return_hidden:
+        h = back(captured["hidden"])
+        hidden = aligned(h * mask.unsqueeze(-1).to(h.dtype))
+        tempered = aligned(logits * mask.unsqueeze(-1))
+    return TokenLogprobs(aligned(logp), entropy, hidden, tempered)
+
+
+def predictions_on_grid(B: int, T: int, at_row: torch.Tensor, at_col: torch.Tensor, logits: torch.Tensor,
+                        hidden: torch.Tensor | None, targets: torch.Tensor, mask: torch.Tensor, temperature: float,
+                        return_entropy: bool) -> TokenLogprobs:
+    """TokenLogprobs (B, T) from K predictions: logits (K, V) / hidden (K, H) of the tokens at (at_row, at_col)
+    (K,) of the (B, T) grid, whose targets (B, T) and mask (B, T) bool say what is scored; zeros elsewhere."""
+    logits = logits.float() / temperature                                   # (K, V)
+    logp_all = F.log_softmax(logits, dim=-1)
+    grid = lambda x: x.new_zeros((B, T) + x.shape[1:]).index_put((at_row, at_col), x)  # noqa: E731
+    logp = grid(logp_all.gather(-1, targets[at_row, at_col, None]).squeeze(-1)) * mask
+    entropy = None
+    if return_entropy:  # a logged diagnostic: no gradient
+        with torch.no_grad():
+            entropy = grid(-(logp_all.exp() * logp_all).sum(-1)) * mask
+    h = tempered = None
+    if hidden is not None:
+        h = grid(hidden) * mask.unsqueeze(-1).to(hidden.dtype)
+        tempered = grid(logits) * mask.unsqueeze(-1)
+    return TokenLogprobs(logp, entropy, h, tempered)
+
+
+def _token_logprobs_packed(model, ids_r, mask_r, left, completion_mask, targets, temperature, return_entropy,
+                           return_hidden) -> TokenLogprobs:
+    """token_logprobs' packed forward: rows already rolled to right padding (ids_r, mask_r (B, L), left (B,))."""
+    B, L = ids_r.shape
+    S = max(int(mask_r.sum(1).max()), 1)                                    # the longest row: the grid's width
+    roll = (torch.arange(L, device=ids_r.device)[None] + left[:, None]) % L  # rolled column -> original column
+    comp_r = completion_mask.gather(1, roll)
+    keep = torch.zeros_like(mask_r[:, :S])
+    keep[:, :-1] = comp_r[:, 1:S]                                           # cell u predicts the token at u + 1
+    logits, hidden = packed_forward(model, ids_r[:, :S], mask_r[:, :S],
+                                    torch.arange(S, device=ids_r.device).expand(B, S), keep, None, return_hidden)
+    kr, kc = keep.nonzero(as_tuple=True)
+    return predictions_on_grid(B, L, kr, roll[kr, kc + 1], logits, hidden, targets, completion_mask, temperature,
+                               return_entropy)
+
+
 def completion_logprobs_shared_prompt(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                                       completion_ids: torch.Tensor, completion_mask: torch.Tensor, group_size: int,
                                       temperature: float, return_entropy: bool = False,
@@ -440,13 +551,12 @@ def completion_logprobs_shared_prompt(model, prompt_ids: torch.Tensor, prompt_ma
     prompt_ids / prompt_mask: (n, P) left-padded prompts; completion_ids / completion_mask: (n * G, T), rows
     group-contiguous (rows g*G .. g*G+G-1 continue prompt g), right-padded (the mask a prefix of each row). Two
     passes: the prompts once, keeping their keys / values (differentiable: the prompt's gradient is the sum
-    over its G completions, as in the per-row forward); then the completions' real tokens packed into one
-    sequence (PackedRows, packed_attention): a right-padded completion's padding costs nothing in the
-    projections, the MLPs and the log-softmax, only in attention's (B, S) grid (with less than PACK_MIN_PADDING
-    padding, every cell is fed instead: the grid is then the sequence). Same numbers as token_logprobs on
-    the concatenated rows. Outputs are (B, T) / (B, T, ...) over the completion columns only. `model` may be
-    DDP-wrapped: the completion pass goes through the wrapper, the prompt pass through the module (its gradient
-    reaches the same parameters in the same backward).
+    over its G completions, as in the per-row forward); then the completions packed (packed_forward): a
+    right-padded completion's padding costs nothing in the projections, the MLPs and the log-softmax, only in
+    attention's (B, S) grid. Same numbers as token_logprobs on the concatenated rows. Outputs are (B, T) /
+    (B, T, ...) over the completion columns only. `model` may be DDP-wrapped: the completion pass goes through the
+    wrapper, the prompt pass through the module (its gradient reaches the same parameters in the same backward).
+    A model whose attention ignores packing runs token_logprobs on the concatenated, padded rows.
     """
     if temperature <= 0:
         raise ValueError(f"completion_logprobs_shared_prompt: temperature must be > 0, got {temperature}")
@@ -454,20 +564,31 @@ def completion_logprobs_shared_prompt(model, prompt_ids: torch.Tensor, prompt_ma
     B, T = completion_ids.shape
     if B != n * group_size:
         raise ValueError(f"completion_logprobs_shared_prompt: {B} completion rows for {n} prompts x G = {group_size}")
+    if packs(model):
+        try:
+            return _shared_prompt_packed(model, prompt_ids, prompt_mask, completion_ids, completion_mask.bool(),
+                                         group_size, temperature, return_entropy, return_hidden)
+        except PackingUnsupported as err:
+            packing_off(model, err)
+    rep = lambda x: x.repeat_interleave(group_size, 0)  # noqa: E731
+    out = token_logprobs(model, torch.cat([rep(prompt_ids), completion_ids], 1),
+                         torch.cat([rep(prompt_mask), completion_mask.to(prompt_mask.dtype)], 1),
+                         torch.cat([torch.zeros_like(rep(prompt_mask)), completion_mask.to(prompt_mask.dtype)], 1),
+                         temperature, return_entropy, return_hidden, packed=False)
+    return TokenLogprobs(*(None if x is None else x[:, P:] for x in out))
+
+
+def _shared_prompt_packed(model, prompt_ids, prompt_mask, completion_ids, mask, group_size, temperature,
+                          return_entropy, return_hidden) -> TokenLogprobs:
+    """completion_logprobs_shared_prompt's two passes (mask: the completion mask as bool)."""
+    n, P = prompt_ids.shape
+    B, T = completion_ids.shape
     raw = getattr(model, "module", model)
     dev = prompt_ids.device
     # prompts rolled to right padding (no query row without a key: the CUDA SDPA NaN, see token_logprobs)
     ids_r, mask_r, _ = rolled_to_right_padding(prompt_ids, prompt_mask)
     lens = mask_r.long().sum(1)                                             # (n,) real prompt tokens
-    mask = completion_mask.bool()
     group = torch.arange(n, device=dev).repeat_interleave(group_size)       # (B,)
-    # Completion token t >= 1 is predicted at completion column t - 1: column t - 1 is fed iff token t is real.
-    # Token 0 is predicted at the prompt's last position (prompt pass).
-    fed = mask[:, 1:]
-    every = T > 1 and float(fed.float().mean()) > 1 - PACK_MIN_PADDING  # little padding: feed every cell
-    row, col = (torch.ones_like(fed) if every else fed).nonzero(as_tuple=True)  # (N,) each, row-major
-    if len(row) == 0 and T > 1:  # keep the second pass (ranks run the same forwards, parallel.FSDP_MIN_COLUMNS)
-        row = col = torch.zeros(1, dtype=torch.long, device=dev)           # fed, never read: token 1 is masked
     captured = []
     hook = raw.get_output_embeddings().register_forward_hook(
         lambda module, args, output: captured.append(args[0])) if return_hidden else None
@@ -478,44 +599,26 @@ def completion_logprobs_shared_prompt(model, prompt_ids: torch.Tensor, prompt_ma
         keep, where = torch.unique(last, return_inverse=True)              # (u,) positions, (n,) index into them
         out_p = raw(input_ids=ids_r, attention_mask=mask_r, position_ids=position_ids_from_mask(mask_r),
                     past_key_values=cache, use_cache=True, logits_to_keep=keep)
-        pick = lambda x: x[torch.arange(n, device=dev), where].repeat_interleave(group_size, 0)  # noqa: E731
-        logit_parts = [pick(out_p.logits)]                                  # (B, V)
-        hidden_parts = [pick(captured[0])] if return_hidden else []         # (B, H)
-        if T > 1:
-            S = T - 1
-            causal = torch.ones(S, S, dtype=torch.bool, device=dev).tril()
-            rows = PackedRows(None if every else row * S + col, B, S, group, cache,
-                              torch.cat([mask_r.bool()[group, None].expand(B, S, P), causal.expand(B, S, S)], 2)[:, None],
-                              [])
-            with attention_implementation(raw.config, PACKED_ATTENTION):
-                out_c = model(input_ids=completion_ids[row, col][None], position_ids=(lens[group[row]] + col)[None],
-                              use_cache=False, logits_to_keep=0, packed_rows=rows)
-            if len(rows.calls) != len(cache.layers):
-                raise RuntimeError(f"completion_logprobs_shared_prompt: {type(raw).__name__}'s attention took the "
-                                   f"packed path in {len(rows.calls)} of {len(cache.layers)} layers")
-            logit_parts.append(out_c.logits[0])                             # (N, V)
-            if return_hidden:
-                hidden_parts.append(captured[1][0])
     finally:
         if hook is not None:
             hook.remove()
-    # every prediction in one flat list (B [+ N]); (at_row, at_col): the completion position it predicts
+    pick = lambda x: x[torch.arange(n, device=dev), where].repeat_interleave(group_size, 0)  # noqa: E731
+    logits, hidden = [pick(out_p.logits)], [pick(captured[0])] if return_hidden else None  # (B, V), (B, H)
+    # every prediction in one flat list (B [+ K]); (at_row, at_col): the completion position it predicts.
+    # Token 0 is predicted at the prompt's last position (the prompt pass); token t >= 1 at completion column t - 1.
     at_row, at_col = torch.arange(B, device=dev), torch.zeros(B, dtype=torch.long, device=dev)
     if T > 1:
-        at_row, at_col = torch.cat([at_row, row]), torch.cat([at_col, col + 1])
-    logits = torch.cat(logit_parts).float() / temperature                   # (B + N, V)
-    logp_all = F.log_softmax(logits, dim=-1)
-    grid = lambda x: x.new_zeros((B, T) + x.shape[1:]).index_put((at_row, at_col), x)  # noqa: E731
-    logp = grid(logp_all.gather(-1, completion_ids[at_row, at_col, None]).squeeze(-1)) * mask
-    entropy = None
-    if return_entropy:  # a logged diagnostic: no gradient
-        with torch.no_grad():
-            entropy = grid(-(logp_all.exp() * logp_all).sum(-1)) * mask
-    hidden = tempered = None
-    if return_hidden:
-        h = grid(torch.cat(hidden_parts))
-        hidden, tempered = h * mask.unsqueeze(-1).to(h.dtype), grid(logits) * mask.unsqueeze(-1)
-    return TokenLogprobs(logp, entropy, hidden, tempered)
+        S = T - 1
+        fed = mask[:, 1:]                                                   # column t - 1 runs iff token t is real
+        lc, hc = packed_forward(model, completion_ids[:, :S], fed, lens[group, None] + torch.arange(S, device=dev),
+                                fed, (cache, group, mask_r), return_hidden)
+        kr, kc = fed.nonzero(as_tuple=True)
+        at_row, at_col = torch.cat([at_row, kr]), torch.cat([at_col, kc + 1])
+        logits.append(lc)
+        if return_hidden:
+            hidden.append(hc)
+    return predictions_on_grid(B, T, at_row, at_col, torch.cat(logits), torch.cat(hidden) if return_hidden else None,
+                               completion_ids, mask, temperature, return_entropy)
 
 
 # -----------------------------------------------------------------------------

@@ -175,16 +175,21 @@ def test_build_sequences_layout():
     assert P.position_ids_from_mask(attn).tolist() == [[0, 1, 2, 2], [0, 1, 2, 3], [0, 0, 1, 2], [0, 0, 0, 0]]
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
-@pytest.mark.parametrize("prompts, completions", [
+TOKEN_CASES = [
     ([[5, 6, 7, 8, 9], [10], [11, 12, 13]], [[14, 15, 3], [16, 17, 18, 5, 6], [7]]),
     ([[5, 6, 7], [8, 9, 10]], [[11], [12, 13, 14]]),  # no left pad: logits are kept from column 2 on only
-])
-def test_token_logprobs_with_padding_equals_naive_per_row_forward(arch, prompts, completions):
+    ([[5, 6, 7], [8, 9, 10]], [[11, 12], [13, 14]]),  # no padding at all: the packed pass feeds every cell
+]
+
+
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+@pytest.mark.parametrize("prompts, completions", TOKEN_CASES)
+def test_token_logprobs_with_padding_equals_naive_per_row_forward(arch, prompts, completions, packed):
     model, tok = policy_model(arch, seed=3)
     T = 0.7
     ids, attn, comp = P.build_sequences(prompts, completions, tok.pad_token_id)
-    out = P.token_logprobs(model, ids, attn, comp, T, return_entropy=True, return_hidden=True)
+    out = P.token_logprobs(model, ids, attn, comp, T, return_entropy=True, return_hidden=True, packed=packed)
     assert out.logprobs.shape == ids.shape and out.entropy.shape == ids.shape
     assert out.hidden.shape == ids.shape + (32,) and out.logits.shape == ids.shape + (len(tok),)
     assert torch.all(out.logprobs[comp == 0] == 0) and torch.all(out.entropy[comp == 0] == 0)
@@ -223,7 +228,7 @@ def test_shared_prompt_forward_equals_per_row_forward(arch, comps):
     ids, attn, comp = P.build_sequences([p for p in prompts for _ in range(G)], comps, tok.pad_token_id)
     L = ids.shape[1]
     Pl = L - max(len(c) for c in comps)
-    ref = P.token_logprobs(model, ids, attn, comp, 0.7, return_entropy=True, return_hidden=True)
+    ref = P.token_logprobs(model, ids, attn, comp, 0.7, return_entropy=True, return_hidden=True, packed=False)
     out = P.completion_logprobs_shared_prompt(model, ids[::G, :Pl], attn[::G, :Pl], ids[:, Pl:], comp[:, Pl:], G, 0.7,
                                               return_entropy=True, return_hidden=True)
     for got, want in zip(out, ref):
@@ -241,11 +246,34 @@ def test_shared_prompt_forward_equals_per_row_forward(arch, comps):
         P.completion_logprobs_shared_prompt(model, ids[::G, :Pl], attn[::G, :Pl], ids[:5, Pl:], comp[:5, Pl:], G, 1.0)
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "gpt2"])
+@pytest.mark.parametrize("prompts, completions", TOKEN_CASES)
+def test_packed_token_logprobs_have_the_padded_forwards_gradients(arch, prompts, completions):
+    """token_logprobs packed (real tokens only, or every cell) against the padded forward, scoring other tokens
+    than the inputs (`targets`, as CoT masking does): the same log-probs, lm-head inputs and parameter gradients."""
+    model, tok = policy_model(arch, seed=4)
+    ids, attn, comp = P.build_sequences(prompts, completions, tok.pad_token_id)
+    targets = torch.where(comp.bool(), (ids + 1) % len(tok), ids)
+    params = list(model.parameters())
+    outs, grads = [], []
+    for packed in (False, True):
+        out = P.token_logprobs(model, ids, attn, comp, 0.8, return_hidden=True, targets=targets, packed=packed)
+        outs.append(out)
+        grads.append(torch.autograd.grad((out.logprobs * torch.arange(ids.shape[1])).sum(), params, allow_unused=True))
+    torch.testing.assert_close(outs[1].logprobs, outs[0].logprobs, rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(outs[1].hidden, outs[0].hidden, rtol=1e-5, atol=2e-6)
+    for a, b in zip(*grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-5 * float(a.abs().max()))
+
+
 def test_shared_prompt_forward_with_nothing_to_pack_and_an_attention_that_ignores_packing():
     """Two completion columns of which only the first is real in every row (a micro-batch kept at
     parallel.FSDP_MIN_COLUMNS): the packed pass still runs (one token, never read; ranks run the same forwards)
     and the numbers equal token_logprobs'. An architecture whose attention does not read the implementation name
-    would silently attend within the packed sequence: that is an error, not wrong numbers."""
+    would attend across the packed rows: such a model is warned about once and runs unpacked, with the right
+    numbers, from then on."""
     model, tok = policy_model("qwen2", seed=5)
     prompts, G = [[5, 6, 7], [8]], 2
     ids, attn, comp = P.build_sequences([p for p in prompts for _ in range(G)], [[9], [10], [11], [12]],
@@ -253,7 +281,7 @@ def test_shared_prompt_forward_with_nothing_to_pack_and_an_attention_that_ignore
     pad = torch.full((ids.shape[0], 1), tok.pad_token_id)
     ids, attn, comp = torch.cat([ids, pad], 1), torch.cat([attn, pad * 0], 1), torch.cat([comp, pad * 0], 1)
     Pl = ids.shape[1] - 2
-    ref = P.token_logprobs(model, ids, attn, comp, 0.7)
+    ref = P.token_logprobs(model, ids, attn, comp, 0.7, packed=False)
     calls = []
     forward = model.forward
     model.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
@@ -265,10 +293,17 @@ def test_shared_prompt_forward_with_nothing_to_pack_and_an_attention_that_ignore
     ids, attn, comp = P.build_sequences([p for p in prompts for _ in range(G)], [[9, 3], [10], [11, 4], [12]],
                                         tok.pad_token_id)
     Pl = ids.shape[1] - 2
+    ref = P.token_logprobs(model, ids, attn, comp, 0.7, packed=False)
     ignore = lambda config, name: contextlib.nullcontext()  # noqa: E731
-    with pytest.MonkeyPatch.context() as mp, pytest.raises(RuntimeError, match="packed path in 0 of 2 layers"):
+    with pytest.MonkeyPatch.context() as mp:
         mp.setattr(P, "attention_implementation", ignore)
-        P.completion_logprobs_shared_prompt(model, ids[::G, :Pl], attn[::G, :Pl], ids[:, Pl:], comp[:, Pl:], G, 1.0)
+        with pytest.warns(UserWarning, match="packed path in 0 of 2 layers"):
+            out = P.completion_logprobs_shared_prompt(model, ids[::G, :Pl], attn[::G, :Pl], ids[:, Pl:], comp[:, Pl:],
+                                                      G, 0.7)
+        torch.testing.assert_close(out.logprobs, ref.logprobs[:, Pl:], rtol=1e-5, atol=2e-6)
+        assert not P.packs(model)
+        got = P.token_logprobs(model, ids, attn, comp, 0.7)  # no second warning: the model is marked
+    torch.testing.assert_close(got.logprobs, ref.logprobs, rtol=1e-5, atol=2e-6)
 
 
 def test_token_logprobs_temperature_one_is_plain_log_softmax_and_gradients_flow():
