@@ -379,6 +379,20 @@ def attention_implementation(config, name: str):
         config._attn_implementation = saved
 
 
+@contextlib.contextmanager
+def lm_head_inputs(model, on: bool = True):
+    """Yields a list that collects the output layer's input of every forward inside the block (nothing when
+    `on` is False); `model` may be wrapped."""
+    captured = []
+    hook = getattr(model, "module", model).get_output_embeddings().register_forward_hook(
+        lambda module, args, output: captured.append(args[0])) if on else None
+    try:
+        yield captured
+    finally:
+        if hook is not None:
+            hook.remove()
+
+
 def packed_forward(model, ids: torch.Tensor, fed: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor,
                    prompt: tuple | None = None, return_hidden: bool = False):
     """`model` on the fed cells of a (B, S) grid of right-padded rows, packed into one sequence (1, N).
@@ -409,16 +423,9 @@ def packed_forward(model, ids: torch.Tensor, fed: torch.Tensor, positions: torch
         mask = torch.cat([prompt_mask.bool()[group, None].expand(B, S, P), causal.expand(B, S, S)], 2)[:, None]
         prompt = (cache, group, mask)
     rows = PackedRows(None if every else row * S + col, B, S, prompt, [])
-    captured = []
-    hook = raw.get_output_embeddings().register_forward_hook(
-        lambda module, args, output: captured.append(args[0])) if return_hidden else None
-    try:
-        with attention_implementation(raw.config, PACKED_ATTENTION):
-            out = model(input_ids=ids[row, col][None], position_ids=positions[row, col][None], use_cache=False,
-                        logits_to_keep=at[kr, kc], packed_rows=rows)
-    finally:
-        if hook is not None:
-            hook.remove()
+    with lm_head_inputs(model, return_hidden) as captured, attention_implementation(raw.config, PACKED_ATTENTION):
+        out = model(input_ids=ids[row, col][None], position_ids=positions[row, col][None], use_cache=False,
+                    logits_to_keep=at[kr, kc], packed_rows=rows)
     if len(rows.calls) != raw.config.num_hidden_layers:
         raise PackingUnsupported(f"{type(raw).__name__}'s attention took the packed path in {len(rows.calls)} of "
                                  f"{raw.config.num_hidden_layers} layers")
@@ -468,21 +475,12 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     cols = completion_mask.any(0).nonzero()
     first = int(cols[0]) if len(cols) else L  # first column holding any completion token
 
-    raw = getattr(model, "module", model)
-    captured = {}
-    hook = None
-    if return_hidden:
-        hook = raw.get_output_embeddings().register_forward_hook(
-            lambda module, args, output: captured.__setitem__("hidden", args[0]))
     # Logits only where a completion token is predicted: original positions first-1 .. L-2, which sit at rolled
     # positions >= first-1-left >= `start` (a (B, L, V) tensor over the prompt is memory wasted with a 150k vocabulary).
     start = max(0, first - 1 - int(left.max()))
-    try:
+    with lm_head_inputs(model, return_hidden) as captured:
         out = model(input_ids=ids_r, attention_mask=mask_r, position_ids=position_ids_from_mask(mask_r),
                     use_cache=False, logits_to_keep=L - start)
-    finally:
-        if hook is not None:
-            hook.remove()
     # (B, L - first) index into the kept rolled positions; left-pad positions (masked below) may wrap out: clamped
     at = ((torch.arange(first - 1, L - 1, device=input_ids.device)[None] - left[:, None]) % L - start).clamp(0, L - start - 1)
     back = lambda x: x.gather(1, at.view(*at.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))  # noqa: E731
@@ -500,7 +498,7 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         with torch.no_grad():
             entropy = aligned(-(logp_all.exp() * logp_all).sum(-1) * mask)
     if return_hidden:
-        h = back(captured["hidden"])
+        h = back(captured[0])
         hidden = aligned(h * mask.unsqueeze(-1).to(h.dtype))
         tempered = aligned(logits * mask.unsqueeze(-1))
     return TokenLogprobs(aligned(logp), entropy, hidden, tempered)
@@ -589,19 +587,13 @@ def _shared_prompt_packed(model, prompt_ids, prompt_mask, completion_ids, mask, 
     ids_r, mask_r, _ = rolled_to_right_padding(prompt_ids, prompt_mask)
     lens = mask_r.long().sum(1)                                             # (n,) real prompt tokens
     group = torch.arange(n, device=dev).repeat_interleave(group_size)       # (B,)
-    captured = []
-    hook = raw.get_output_embeddings().register_forward_hook(
-        lambda module, args, output: captured.append(args[0])) if return_hidden else None
-    try:
-        cache = DynamicCache(config=raw.config)
-        last = (lens - 1).clamp(min=0)                                      # the prompt's last real position
-        # logits only at the positions that are some prompt's last (the first completion token's prediction)
-        keep, where = torch.unique(last, return_inverse=True)              # (u,) positions, (n,) index into them
+    cache = DynamicCache(config=raw.config)
+    last = (lens - 1).clamp(min=0)                                          # the prompt's last real position
+    # logits only at the positions that are some prompt's last (the first completion token's prediction)
+    keep, where = torch.unique(last, return_inverse=True)                  # (u,) positions, (n,) index into them
+    with lm_head_inputs(raw, return_hidden) as captured:
         out_p = raw(input_ids=ids_r, attention_mask=mask_r, position_ids=position_ids_from_mask(mask_r),
                     past_key_values=cache, use_cache=True, logits_to_keep=keep)
-    finally:
-        if hook is not None:
-            hook.remove()
     pick = lambda x: x[torch.arange(n, device=dev), where].repeat_interleave(group_size, 0)  # noqa: E731
     logits, hidden = [pick(out_p.logits)], [pick(captured[0])] if return_hidden else None  # (B, V), (B, H)
     # every prediction in one flat list (B [+ K]); (at_row, at_col): the completion position it predicts.
