@@ -322,11 +322,13 @@ class PackingUnsupported(RuntimeError):
 class PackedRows(NamedTuple):
     """Where a packed pass's tokens sit in their rows, and what each row attends to before its own tokens.
 
-    A packed pass feeds the N fed cells of a (B, S) grid of right-padded rows as one sequence (1, N): every
-    projection, MLP and norm runs on those tokens only. Attention alone needs rows: packed_attention scatters
-    queries / keys / values into the grid, puts each row's prompt keys / values (if any) in front, and gathers the
-    outputs back."""
-    flat: torch.Tensor | None  # (N,) row * S + column of each fed cell; None: every cell, row after row
+    A packed pass feeds the N distinct prefixes of a (B, S) grid of right-padded rows as one sequence (1, N): every
+    projection, MLP and norm runs on those tokens only, once per prefix however many rows share it. Attention
+    alone needs rows: packed_attention places each cell's query / key / value (its prefix's) in the grid, puts each
+    row's prompt keys / values (if any) in front, and takes each token's output from its first cell."""
+    cell_token: torch.Tensor | None  # (B * S,) the token (0..N-1) at each cell, N where none is fed; None: every
+    # cell fed, none shared (the sequence is the grid, row after row)
+    first_cell: torch.Tensor | None  # (N,) row * S + column of each token's first cell (row-major)
     rows: int                  # B
     columns: int               # S
     prompt: tuple | None       # None: each row starts in the grid (causal attention); else (cache, group, mask):
@@ -339,7 +341,9 @@ def packed_attention(module, query, key, value, attention_mask, packed_rows: Pac
     """Attention of a packed pass (query (1, heads, N, d), key / value (1, kv_heads, N, d), rotary applied at the
     tokens' own positions) for the rows described by `packed_rows`; returns (1, N, heads, d) as transformers'
     attention functions do. The attention itself is transformers' SDPA function on the (B, S) grid (its scaling,
-    GQA and kernel choice), so each token sees exactly what it sees in the per-row forward."""
+    GQA and kernel choice), so each token sees exactly what it sees in the per-row forward. A token shared by
+    several rows (a common prefix) has the same keys before it in each of them, hence the same output: it is read
+    from its first cell; its key / value's gradient sums over the rows that attend to it."""
     if packed_rows is None:
         raise RuntimeError(f"attention implementation {PACKED_ATTENTION!r} is only for policy.packed_forward")
     pr = packed_rows
@@ -347,10 +351,10 @@ def packed_attention(module, query, key, value, attention_mask, packed_rows: Pac
 
     def grid(x):  # (1, h, N, d) -> (B, h, S, d), zeros where no token is fed
         h, d = x.shape[1], x.shape[-1]
-        if pr.flat is None:  # every cell fed, row after row
+        if pr.cell_token is None:  # every cell fed, row after row
             return x[0].view(h, pr.rows, pr.columns, d).transpose(0, 1)
-        z = x.new_zeros(pr.rows * pr.columns, h, d).index_copy(0, pr.flat, x[0].transpose(0, 1))
-        return z.view(pr.rows, pr.columns, h, d).transpose(1, 2)
+        tokens = torch.cat([x[0].transpose(0, 1), x.new_zeros(1, h, d)])  # (N + 1, h, d): row N is "no token"
+        return tokens.index_select(0, pr.cell_token).view(pr.rows, pr.columns, h, d).transpose(1, 2)
 
     if pr.prompt is None:  # causal within each row: SDPA's causal kernel, no mask tensor
         out, _ = sdpa_attention_forward(module, grid(query), grid(key), grid(value), None, **kwargs)
@@ -361,7 +365,7 @@ def packed_attention(module, query, key, value, attention_mask, packed_rows: Pac
         v = torch.cat([layer.values.index_select(0, group), grid(value)], 2)
         out, _ = sdpa_attention_forward(module, grid(query), k, v, mask, **kwargs)  # (B, S, heads, d)
     out = out.reshape(pr.rows * pr.columns, *out.shape[2:])
-    return (out if pr.flat is None else out.index_select(0, pr.flat))[None], None
+    return (out if pr.cell_token is None else out.index_select(0, pr.first_cell))[None], None
 
 
 AttentionInterface.register(PACKED_ATTENTION, packed_attention)
@@ -393,43 +397,80 @@ def lm_head_inputs(model, on: bool = True):
             hook.remove()
 
 
-def packed_forward(model, ids: torch.Tensor, fed: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor,
-                   prompt: tuple | None = None, return_hidden: bool = False):
-    """`model` on the fed cells of a (B, S) grid of right-padded rows, packed into one sequence (1, N).
+def shared_prefixes(ids: torch.Tensor, fed: torch.Tensor, roots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct prefixes of a (B, S) grid of right-padded rows. Rows with the same root (the same context
+    before column 0: the same prompt) and the same first s + 1 tokens share a prefix at column s.
 
-    ids / positions (B, S): each cell's token and position id; fed (B, S) bool, a prefix of each row: the cells
-    that run; keep (B, S) bool, within fed: the cells whose logits (and lm-head inputs) come back, as (K, V) /
-    (K, H) in row-major order. prompt: PackedRows.prompt without its mask, i.e. (cache, group, prompt mask
-    (n, P) bool), or None. With less than PACK_MIN_PADDING of the grid unfed, every cell runs (no scatter); with
-    none fed, one cell runs and is never read (ranks run the same forwards, parallel.FSDP_MIN_COLUMNS). `model`
-    may be DDP-wrapped: the pass goes through the wrapper. Raises PackingUnsupported when the model's attention
-    layers did not all take the packed path.
+    ids (B, S) long, fed (B, S) bool (a prefix of each row), roots (B,) long >= 0. Returns node (B, S) long, the
+    index of each fed cell's prefix (-1 where not fed), and first (N,) long, the first cell (row * S + column) of
+    each of the N prefixes; indices follow the first cells in row-major order, so with nothing shared they number
+    the fed cells row after row."""
+    B, S = ids.shape
+    width = int(ids.max()) + 1 if ids.numel() else 1
+    node = torch.full((B, S), -1, dtype=torch.long, device=ids.device)
+    parent, count = roots.long(), 0
+    for s in range(S):  # one column at a time: a prefix is (its parent prefix, its token)
+        rows = fed[:, s].nonzero().squeeze(1)
+        if len(rows) == 0:
+            break
+        _, local = torch.unique(parent[rows] * width + ids[rows, s], return_inverse=True)
+        node[rows, s] = count + local
+        parent = torch.zeros_like(parent).index_copy(0, rows, local)
+        count += int(local.max()) + 1
+    if count == 0:
+        return node, torch.zeros(0, dtype=torch.long, device=ids.device)
+    flat = node.flatten()
+    cells = (flat >= 0).nonzero().squeeze(1)
+    first = torch.full((count,), B * S, dtype=torch.long, device=ids.device).scatter_reduce(
+        0, flat[cells], cells, "amin")
+    first, order = first.sort()                                             # renumbered by first cell
+    rank = torch.empty_like(order).index_copy_(0, order, torch.arange(count, device=ids.device))
+    return torch.where(node >= 0, rank[node.clamp(min=0)], node), first
+
+
+def packed_forward(model, ids: torch.Tensor, fed: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor,
+                   prompt: tuple | None = None, return_hidden: bool = False, roots: torch.Tensor | None = None):
+    """`model` on the fed cells of a (B, S) grid of right-padded rows, packed into one sequence (1, N) with one
+    token per distinct prefix (shared_prefixes): a prefix common to several rows runs once.
+
+    ids / positions (B, S): each cell's token and position id (cells of one prefix have one position); fed (B, S)
+    bool, a prefix of each row: the cells that run; keep (B, S) bool, within fed: the cells whose predictions are
+    asked for. roots (B,) long: each row's context before column 0 (prefixes are shared within a root only; None:
+    every row its own). prompt: PackedRows.prompt without its mask, i.e. (cache, group, prompt mask (n, P) bool),
+    or None; rows of one root must have one prompt. With nothing shared and less than PACK_MIN_PADDING of the grid
+    unfed, every cell runs (no scatter); with none fed, one cell runs and is never read (ranks run the same
+    forwards, parallel.FSDP_MIN_COLUMNS). `model` may be DDP-wrapped: the pass goes through the wrapper. Returns
+    the logits (K', V) and lm-head inputs (K', H) of the K' distinct prefixes among the kept cells, and index
+    (K,) long: the row in them of each kept cell (row-major). Raises PackingUnsupported when the model's
+    attention layers did not all take the packed path.
     """
     raw = getattr(model, "module", model)
     B, S = ids.shape
     dev = ids.device
-    every = float(fed.float().mean()) > 1 - PACK_MIN_PADDING
-    cells = torch.ones_like(fed) if every else fed
-    row, col = cells.nonzero(as_tuple=True)                                 # (N,) each, row-major
-    if len(row) == 0:
-        row = col = torch.zeros(1, dtype=torch.long, device=dev)
-    at = cells.flatten().long().cumsum(0).view(B, S) - 1                    # each cell's index in the sequence
-    kr, kc = keep.nonzero(as_tuple=True)
-    mask = None
+    node, first = shared_prefixes(ids, fed, torch.arange(B, device=dev) if roots is None else roots)
+    N = len(first)
+    if N == int(fed.sum()) and N > (1 - PACK_MIN_PADDING) * B * S:  # nothing shared, little padding: every cell
+        node, first = torch.arange(B * S, device=dev).view(B, S), torch.arange(B * S, device=dev)
+        rows = PackedRows(None, None, B, S, None, [])
+    else:
+        if N == 0:  # nothing fed: one dummy token read from cell 0, whose output nothing reads
+            first = torch.zeros(1, dtype=torch.long, device=dev)
+        flat = node.flatten()
+        rows = PackedRows(torch.where(flat >= 0, flat, len(first)), first, B, S, None, [])
+    kept, index = torch.unique(node[keep], return_inverse=True)             # (K',) tokens, (K,) row of each kept cell
     if prompt is not None:
         cache, group, prompt_mask = prompt
         causal = torch.ones(S, S, dtype=torch.bool, device=dev).tril()
         P = prompt_mask.shape[1]
         mask = torch.cat([prompt_mask.bool()[group, None].expand(B, S, P), causal.expand(B, S, S)], 2)[:, None]
-        prompt = (cache, group, mask)
-    rows = PackedRows(None if every else row * S + col, B, S, prompt, [])
+        rows = rows._replace(prompt=(cache, group, mask))
     with lm_head_inputs(model, return_hidden) as captured, attention_implementation(raw.config, PACKED_ATTENTION):
-        out = model(input_ids=ids[row, col][None], position_ids=positions[row, col][None], use_cache=False,
-                    logits_to_keep=at[kr, kc], packed_rows=rows)
+        out = model(input_ids=ids.flatten()[first][None], position_ids=positions.flatten()[first][None],
+                    use_cache=False, logits_to_keep=kept, packed_rows=rows)
     if len(rows.calls) != raw.config.num_hidden_layers:
         raise PackingUnsupported(f"{type(raw).__name__}'s attention took the packed path in {len(rows.calls)} of "
                                  f"{raw.config.num_hidden_layers} layers")
-    return out.logits[0], captured[0][0] if return_hidden else None
+    return out.logits[0], captured[0][0] if return_hidden else None, index
 
 
 def packing_off(model, err: PackingUnsupported) -> None:
@@ -449,8 +490,9 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     """log pi_theta(o_t | prefix) at temperature T for every completion position (DESIGN.md section 6).
 
     Differentiable; `model` may be DDP-wrapped (the forward goes through the wrapper). The forward runs on rows
-    rolled to right padding (see below), packed (packed_forward: no work on padding outside attention; `packed`
-    False, or a model whose attention ignores packing, runs the padded rows), with logits only where a completion
+    rolled to right padding (see below), packed (packed_forward: no work on padding outside attention, and a
+    prefix that several rows start with runs once; `packed` False, or a model whose attention ignores packing,
+    runs the padded rows), with logits only where a completion
     token is predicted; log-softmax in float32 even under bf16. return_hidden also returns the tempered logits: the
     closed form of d_t in Eq. 3 needs h_t and p_t = softmax(logits_t). `targets` (B, L): score these tokens instead
     of input_ids (CoT random masking feeds masked inputs but scores the original tokens, DESIGN section 9).
@@ -504,23 +546,25 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return TokenLogprobs(aligned(logp), entropy, hidden, tempered)
 
 
-def predictions_on_grid(B: int, T: int, at_row: torch.Tensor, at_col: torch.Tensor, logits: torch.Tensor,
-                        hidden: torch.Tensor | None, targets: torch.Tensor, mask: torch.Tensor, temperature: float,
-                        return_entropy: bool) -> TokenLogprobs:
-    """TokenLogprobs (B, T) from K predictions: logits (K, V) / hidden (K, H) of the tokens at (at_row, at_col)
-    (K,) of the (B, T) grid, whose targets (B, T) and mask (B, T) bool say what is scored; zeros elsewhere."""
-    logits = logits.float() / temperature                                   # (K, V)
+def predictions_on_grid(B: int, T: int, at_row: torch.Tensor, at_col: torch.Tensor, index: torch.Tensor,
+                        logits: torch.Tensor, hidden: torch.Tensor | None, targets: torch.Tensor, mask: torch.Tensor,
+                        temperature: float, return_entropy: bool) -> TokenLogprobs:
+    """TokenLogprobs (B, T) from K predictions of the tokens at (at_row, at_col) (K,) of the (B, T) grid, whose
+    targets (B, T) and mask (B, T) bool say what is scored (zeros elsewhere). Prediction k's logits / lm-head input
+    are row index[k] of logits (K', V) / hidden (K', H): a context shared by several rows is one row there (the
+    log-softmax runs once per distinct context; its gradient sums over the rows that read it)."""
+    logits = logits.float() / temperature                                   # (K', V)
     logp_all = F.log_softmax(logits, dim=-1)
     grid = lambda x: x.new_zeros((B, T) + x.shape[1:]).index_put((at_row, at_col), x)  # noqa: E731
-    logp = grid(logp_all.gather(-1, targets[at_row, at_col, None]).squeeze(-1)) * mask
+    logp = grid(logp_all[index, targets[at_row, at_col]]) * mask
     entropy = None
     if return_entropy:  # a logged diagnostic: no gradient
         with torch.no_grad():
-            entropy = grid(-(logp_all.exp() * logp_all).sum(-1)) * mask
+            entropy = grid(-(logp_all.exp() * logp_all).sum(-1)[index]) * mask
     h = tempered = None
     if hidden is not None:
-        h = grid(hidden) * mask.unsqueeze(-1).to(hidden.dtype)
-        tempered = grid(logits) * mask.unsqueeze(-1)
+        h = grid(hidden[index]) * mask.unsqueeze(-1).to(hidden.dtype)
+        tempered = grid(logits[index]) * mask.unsqueeze(-1)
     return TokenLogprobs(logp, entropy, h, tempered)
 
 
@@ -533,11 +577,13 @@ def _token_logprobs_packed(model, ids_r, mask_r, left, completion_mask, targets,
     comp_r = completion_mask.gather(1, roll)
     keep = torch.zeros_like(mask_r[:, :S])
     keep[:, :-1] = comp_r[:, 1:S]                                           # cell u predicts the token at u + 1
-    logits, hidden = packed_forward(model, ids_r[:, :S], mask_r[:, :S],
-                                    torch.arange(S, device=ids_r.device).expand(B, S), keep, None, return_hidden)
+    # rows that start alike (after rolling, every row starts at position 0) share their common prefix's forward
+    logits, hidden, index = packed_forward(model, ids_r[:, :S], mask_r[:, :S],
+                                           torch.arange(S, device=ids_r.device).expand(B, S), keep, None,
+                                           return_hidden, roots=torch.zeros_like(left))
     kr, kc = keep.nonzero(as_tuple=True)
-    return predictions_on_grid(B, L, kr, roll[kr, kc + 1], logits, hidden, targets, completion_mask, temperature,
-                               return_entropy)
+    return predictions_on_grid(B, L, kr, roll[kr, kc + 1], index, logits, hidden, targets, completion_mask,
+                               temperature, return_entropy)
 
 
 def completion_logprobs_shared_prompt(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
@@ -551,7 +597,9 @@ def completion_logprobs_shared_prompt(model, prompt_ids: torch.Tensor, prompt_ma
     passes: the prompts once, keeping their keys / values (differentiable: the prompt's gradient is the sum
     over its G completions, as in the per-row forward); then the completions packed (packed_forward): a
     right-padded completion's padding costs nothing in the projections, the MLPs and the log-softmax, only in
-    attention's (B, S) grid. Same numbers as token_logprobs on the concatenated rows. Outputs are (B, T) /
+    attention's (B, S) grid, and a prefix that several of a group's completions share runs once (at the
+    testbed's SFT start a group's 8 completions hold 34-46% as many distinct prefixes as tokens). Same numbers as
+    token_logprobs on the concatenated rows (up to summation order). Outputs are (B, T) /
     (B, T, ...) over the completion columns only. `model` may be DDP-wrapped: the completion pass goes through the
     wrapper, the prompt pass through the module (its gradient reaches the same parameters in the same backward).
     A model whose attention ignores packing runs token_logprobs on the concatenated, padded rows.
@@ -594,23 +642,26 @@ def _shared_prompt_packed(model, prompt_ids, prompt_mask, completion_ids, mask, 
     with lm_head_inputs(raw, return_hidden) as captured:
         out_p = raw(input_ids=ids_r, attention_mask=mask_r, position_ids=position_ids_from_mask(mask_r),
                     past_key_values=cache, use_cache=True, logits_to_keep=keep)
-    pick = lambda x: x[torch.arange(n, device=dev), where].repeat_interleave(group_size, 0)  # noqa: E731
-    logits, hidden = [pick(out_p.logits)], [pick(captured[0])] if return_hidden else None  # (B, V), (B, H)
-    # every prediction in one flat list (B [+ K]); (at_row, at_col): the completion position it predicts.
-    # Token 0 is predicted at the prompt's last position (the prompt pass); token t >= 1 at completion column t - 1.
-    at_row, at_col = torch.arange(B, device=dev), torch.zeros(B, dtype=torch.long, device=dev)
+    pick = lambda x: x[torch.arange(n, device=dev), where]  # noqa: E731
+    logits, hidden = [pick(out_p.logits)], [pick(captured[0])] if return_hidden else None  # (n, V), (n, H)
+    # every prediction in one flat list (B [+ K]); (at_row, at_col): the completion position it predicts; index:
+    # its row in the logits. Token 0 is predicted at the prompt's last position (the prompt pass, one row per
+    # prompt); token t >= 1 at completion column t - 1 (the packed pass, one row per distinct completion prefix:
+    # a group's completions often start alike).
+    at_row, at_col, index = torch.arange(B, device=dev), torch.zeros(B, dtype=torch.long, device=dev), group
     if T > 1:
         S = T - 1
         fed = mask[:, 1:]                                                   # column t - 1 runs iff token t is real
-        lc, hc = packed_forward(model, completion_ids[:, :S], fed, lens[group, None] + torch.arange(S, device=dev),
-                                fed, (cache, group, mask_r), return_hidden)
+        lc, hc, ic = packed_forward(model, completion_ids[:, :S], fed, lens[group, None] + torch.arange(S, device=dev),
+                                    fed, (cache, group, mask_r), return_hidden, roots=group)
         kr, kc = fed.nonzero(as_tuple=True)
-        at_row, at_col = torch.cat([at_row, kr]), torch.cat([at_col, kc + 1])
+        at_row, at_col, index = torch.cat([at_row, kr]), torch.cat([at_col, kc + 1]), torch.cat([index, n + ic])
         logits.append(lc)
         if return_hidden:
             hidden.append(hc)
-    return predictions_on_grid(B, T, at_row, at_col, torch.cat(logits), torch.cat(hidden) if return_hidden else None,
-                               completion_ids, mask, temperature, return_entropy)
+    return predictions_on_grid(B, T, at_row, at_col, index, torch.cat(logits),
+                               torch.cat(hidden) if return_hidden else None, completion_ids, mask, temperature,
+                               return_entropy)
 
 
 # -----------------------------------------------------------------------------
@@ -694,8 +745,9 @@ def sample(model, prompts: list[list[int]], num_samples: int, max_new_tokens: in
     eos leave the batch. Call on the raw model (model.module under DDP); dropout is off while
     sampling. Row r equals sample_reference's row r (same seed) up to floating-point ties.
     engine: 'decoder' runs decoder.Decoder (a hand-written Qwen2 / Llama forward with a preallocated key/value
-    buffer, 1.3-1.4x faster at the testbed's sizes, benchmarks/README.md), 'hf' the model's own forward with a
-    DynamicCache (any causal LM), 'auto' the decoder where decoder.supports(model), else 'hf'.
+    buffer and one forward row per distinct row, faster at the testbed's sizes, benchmarks/README.md), 'hf' the
+    model's own forward with a DynamicCache (any causal LM), 'auto' the decoder where decoder.supports(model),
+    else 'hf'.
     """
     _check_sampling_args(num_samples, max_new_tokens, temperature, greedy)
     if engine not in SAMPLING_ENGINES:

@@ -69,7 +69,7 @@ def main():
 
     ro = a[1]
     if args.against:
-        return against(args, lambda: update(*a, **k), a[0], ro)
+        return against(args, lambda: update(*a, **k), a[0], ro, distinct_prefixes(ro, s.cfg.rl.num_generations))
     once()
     times = []
     for _ in range(args.repeats):
@@ -77,11 +77,20 @@ def main():
         once()
         times.append(time.process_time() - t)
     print(f"# {args.config} {' '.join(overrides)}: rows x columns {tuple(ro.input_ids.shape)}, "
-          f"{int(ro.completion_mask.sum())} completion tokens; update CPU s median {statistics.median(times):.3f} "
+          f"{int(ro.completion_mask.sum())} completion tokens ({distinct_prefixes(ro, s.cfg.rl.num_generations)} "
+          f"distinct prefixes); update CPU s median {statistics.median(times):.3f} "
           f"(of {args.repeats}: {', '.join(f'{x:.3f}' for x in times)})")
     with torch.profiler.profile() as tp:
         once()
     print(tp.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
+
+
+def distinct_prefixes(ro, G: int) -> int:
+    """How many tokens the packed update pass feeds for the completions: one per distinct (prompt, completion
+    prefix) (policy.shared_prefixes; groups are G consecutive rows)."""
+    import policy
+    mask = ro.completion_mask.bool()
+    return len(policy.shared_prefixes(ro.completion_ids, mask, torch.arange(len(mask)) // G)[1])
 
 
 def full_rows(ro, T: int):
@@ -95,7 +104,7 @@ def full_rows(ro, T: int):
                                adv=cut(ro.adv), old_logp=cut(ro.old_logp), ref_logp=cut(ro.ref_logp))
 
 
-def against(args, run_update, model, ro):
+def against(args, run_update, model, ro, distinct: int):
     """Today's policy.<function> vs the one at git revision args.against, on the same update, alternated."""
     import policy
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,9 +116,15 @@ def against(args, run_update, model, ro):
         then_module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(then_module)
     now, then = getattr(policy, args.function), getattr(then_module, args.function)
+    attention = {now: policy, then: then_module}  # each side's packed attention (registered under one name)
+
+    def use(fn):
+        setattr(policy, args.function, fn)
+        if hasattr(attention[fn], "packed_attention"):
+            policy.AttentionInterface.register(policy.PACKED_ATTENTION, attention[fn].packed_attention)
 
     def grads(fn):
-        setattr(policy, args.function, fn)
+        use(fn)
         run_update()
         g = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
         model.zero_grad(set_to_none=True)
@@ -121,14 +136,15 @@ def against(args, run_update, model, ro):
     times = {then: [], now: []}
     for _ in range(args.repeats):
         for fn in (then, now):
-            setattr(policy, args.function, fn)
+            use(fn)
             t = time.process_time()
             run_update()
             times[fn].append(time.process_time() - t)
             model.zero_grad(set_to_none=True)
-    setattr(policy, args.function, now)
+    use(now)
     t_then, t_now = statistics.median(times[then]), statistics.median(times[now])
-    print(f"# rows x columns {tuple(ro.input_ids.shape)}, {int(ro.completion_mask.sum())} completion tokens; "
+    print(f"# rows x columns {tuple(ro.input_ids.shape)}, {int(ro.completion_mask.sum())} completion tokens ({distinct} "
+          f"distinct prefixes); "
           f"policy.{args.function} at {args.against} vs today: largest gradient difference {diff}; update CPU s median {t_then:.3f} -> {t_now:.3f} ({t_then / t_now:.2f}x, "
           f"{args.repeats} alternated repetitions)")
 

@@ -179,7 +179,25 @@ TOKEN_CASES = [
     ([[5, 6, 7, 8, 9], [10], [11, 12, 13]], [[14, 15, 3], [16, 17, 18, 5, 6], [7]]),
     ([[5, 6, 7], [8, 9, 10]], [[11], [12, 13, 14]]),  # no left pad: logits are kept from column 2 on only
     ([[5, 6, 7], [8, 9, 10]], [[11, 12], [13, 14]]),  # no padding at all: the packed pass feeds every cell
+    # rows 0 and 2 start alike (5 6 7 11): their common prefix runs once; row 1 shares 5 6 with both
+    ([[5, 6, 7], [5, 6, 8], [5, 6, 7]], [[11, 12], [13], [11, 14, 9]]),
 ]
+
+
+def test_shared_prefixes_by_hand():
+    """Rows 0, 1, 3 start 1 2 (row 3 under another root; row 1 has 2 fed cells), row 2 is 1 5 3: prefixes a = (r0, 1),
+    b = (r0, 1 2), c = (r0, 1 2 3), e = (r0, 1 5), f = (r0, 1 5 3) (not c: its second token differs), g h i = row
+    3's, numbered by first cell."""
+    ids = torch.tensor([[1, 2, 3], [1, 2, 4], [1, 5, 3], [1, 2, 3]])
+    fed = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1], [1, 1, 1]], dtype=torch.bool)
+    node, first = P.shared_prefixes(ids, fed, torch.tensor([0, 0, 0, 1]))
+    assert node.tolist() == [[0, 1, 2], [0, 1, -1], [0, 3, 4], [5, 6, 7]]
+    assert first.tolist() == [0, 1, 2, 7, 8, 9, 10, 11]
+    node, first = P.shared_prefixes(ids, fed, torch.arange(4))  # every row its own root: nothing shared
+    assert node.tolist() == [[0, 1, 2], [3, 4, -1], [5, 6, 7], [8, 9, 10]]
+    assert first.tolist() == [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11]
+    node, first = P.shared_prefixes(ids, torch.zeros_like(fed), torch.zeros(4, dtype=torch.long))
+    assert bool((node == -1).all()) and first.tolist() == []
 
 
 @pytest.mark.parametrize("packed", [True, False])
@@ -213,24 +231,34 @@ def test_token_logprobs_with_padding_equals_naive_per_row_forward(arch, prompts,
 
 
 RAGGED = [[14, 15, 3], [16, 17, 18, 5, 6], [7], [8, 9], [10, 11, 12], [13]]  # 13 of 24 fed cells: packed
+SHARED = [[14, 15, 3, 4], [14, 15, 5], [14, 15, 3, 4], [14, 15, 3, 4], [14, 15, 3, 4], [16, 15, 3]]  # a group's
+# rows share prefixes (rows 2, 3 are equal); row 4 equals rows 0, 2, 3 under another prompt, and row 5 ends as
+# row 4 after another first token: neither shared
 NEARLY_FULL = [[14, 15, 3, 4, 5], [16, 17, 18, 5, 6], [7, 8, 9, 10, 11], [8, 9, 10, 11], [10, 11, 12, 13, 14],
                [13, 12, 11, 10, 9]]  # 23 of 24 fed cells (under PACK_MIN_PADDING): every cell fed
 
 
 @pytest.mark.parametrize("arch,comps", [("qwen2", RAGGED), ("llama", RAGGED), ("gpt2", RAGGED),
-                                        ("qwen2", NEARLY_FULL), ("gpt2", NEARLY_FULL)])
+                                        ("qwen2", NEARLY_FULL), ("gpt2", NEARLY_FULL),
+                                        ("qwen2", SHARED), ("llama", SHARED), ("gpt2", SHARED)])
 def test_shared_prompt_forward_equals_per_row_forward(arch, comps):
-    """Each prompt run once for its G completions, the completions' real tokens packed into one sequence (or,
-    with little padding, every cell): the same log-probs, entropies, lm-head inputs, logits and parameter
-    gradients as token_logprobs on the concatenated, padded rows."""
+    """Each prompt run once for its G completions, the completions' distinct prefixes packed into one sequence
+    (or, with little padding and nothing shared, every cell): the same log-probs, entropies, lm-head inputs,
+    logits and parameter gradients as token_logprobs on the concatenated, padded rows."""
     model, tok = policy_model(arch, seed=3)
     prompts, G = [[5, 6, 7, 8, 9], [10], [11, 12, 13]], 2
     ids, attn, comp = P.build_sequences([p for p in prompts for _ in range(G)], comps, tok.pad_token_id)
     L = ids.shape[1]
     Pl = L - max(len(c) for c in comps)
     ref = P.token_logprobs(model, ids, attn, comp, 0.7, return_entropy=True, return_hidden=True, packed=False)
+    fed = []  # the length of each forward's input
+    hook = model.register_forward_hook(lambda m, a, k, o: fed.append(k["input_ids"].shape[1]), with_kwargs=True)
     out = P.completion_logprobs_shared_prompt(model, ids[::G, :Pl], attn[::G, :Pl], ids[:, Pl:], comp[:, Pl:], G, 0.7,
                                               return_entropy=True, return_hidden=True)
+    hook.remove()
+    # the packed pass: one token per distinct (prompt, completion prefix) that predicts a real token
+    distinct = {(i // G, tuple(c[:t + 1])) for i, c in enumerate(comps) for t in range(len(c) - 1)}
+    assert fed[1] == (len(distinct) if comps is not NEARLY_FULL else 6 * (max(map(len, comps)) - 1))
     for got, want in zip(out, ref):
         torch.testing.assert_close(got, want[:, Pl:], rtol=1e-5, atol=2e-6)
     params = list(model.parameters())
@@ -454,13 +482,36 @@ def test_decoder_logits_equal_the_model_forward_under_left_padding_and_row_dropp
             perm = dec.drop(alive)
             assert sorted(perm.tolist()) == alive.nonzero().squeeze(1).tolist()  # the live rows, reordered
             rows = rows[perm]
-        tokens = torch.tensor([8 + (r + step) % 5 for r in rows.tolist()])
+        # steps 0 and 1: a group's rows append the same token (twins: one forward for both); step 2: they part
+        tokens = torch.tensor([8 + (r // G if step < 2 else r + step) % 5 for r in rows.tolist()])
         for r, t in zip(rows.tolist(), tokens.tolist()):
             seqs[r].append(t)
+        fed = dec.fed
         logits = dec.step(tokens)
         torch.testing.assert_close(logits, reference(), rtol=1e-5, atol=1e-5)
+        assert dec.fed - fed == len({tuple(seqs[r]) for r in rows.tolist()})  # one forward row per distinct row
     with pytest.raises(ValueError, match="positions are full"):
         dec.step(tokens[:len(rows)])
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_decoder_twins_sample_as_the_reference_and_run_once(arch, monkeypatch):
+    """A peaked policy at a low temperature: a group's samples agree for a while (twins), then part. The decoder
+    runs one forward row per distinct (prompt, tokens so far) at each step and samples exactly what
+    sample_reference does (each row its own draw from the shared logits)."""
+    model, tok = policy_model(arch, seed=6)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(6)
+    prompts, G, max_new, T = [[5, 6, 7, 8], [9], [10, 11]], 6, 10, 0.7
+    fed = []
+    forward = decoder.Decoder._forward
+    monkeypatch.setattr(decoder.Decoder, "_forward", lambda self, ids, *a: fed.append(ids.shape[0]) or forward(self, ids, *a))
+    got = P.sample(model, prompts, G, max_new, T, tok.eos_token_id, tok.pad_token_id, seed=7, engine="decoder")
+    assert got == P.sample_reference(model, prompts, G, max_new, T, tok.eos_token_id, tok.pad_token_id, seed=7)
+    distinct = [len({(i // G, tuple(c[:s])) for i, c in enumerate(got) if len(c) > s}) for s in range(1, max_new)]
+    alive = [sum(1 for c in got if len(c) > s) for s in range(1, max_new)]
+    assert fed[1:] == [d for d in distinct if d > 0]
+    assert any(d < a for d, a in zip(distinct, alive)) and distinct[-1] > len(prompts), (distinct, alive)
 
 
 def test_sample_row_does_not_depend_on_batch():
