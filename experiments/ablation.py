@@ -193,6 +193,13 @@ def pair_claims(pairs: tuple[tuple[str, str], ...]) -> tuple:
                  for split in ("test_longtail", "test_id"))
 
 
+def interaction_claims(quads: tuple[tuple[str, str, str, str], ...]) -> tuple:
+    """Paired claims on a difference of differences, (a - b) against (c - d) per seed (does a's lead over b exceed
+    c's over d?), on both test splits: the report's claim format with (c, d) as a sixth entry."""
+    return tuple((a, b, split, "macro_f1", f"({a} - {b}) vs ({c} - {d}), {split} macro-F1", (c, d))
+                 for a, b, c, d in quads for split in ("test_longtail", "test_id"))
+
+
 # The verifier shield (issue 14, 2026-11-30): does keeping a verified step out of its children's blame lower the
 # misassignment that graph credit shared with GRPO (0.22 vs 0.21 of correct steps given A < 0), and does it help?
 # The default row is configs/base.yaml's Graph-GRPO at the time, written out; the rule is in the README.
@@ -352,6 +359,21 @@ DRIFT_ROWS = MOVES_ROWS[:3] + tuple(replace(r, title="Graph-GRPO default, alignm
                                                     "from alpha 2") for r in MOVES_ROWS if r.name == "others_seq_a2")
 DRIFT_CLAIMS = pair_claims((("others_seq_a2", "grpo"), ("others_seq_a2", "graph_others"), ("graph_others", "grpo")))
 
+# Larger groups (issue 14; 2026-12-01 11:00). Eq. 1a's group evidence for a step comes from the other rollouts that
+# share its parents' content, and at G = 8 most nodes have none (the ablation's zero-evidence rate): does graph credit
+# gain more over GRPO when a step's 128 rollouts are 8 prompts x 16 instead of 16 x 8? GRPO and the default at both
+# shapes, seeds 0-7, 200 steps; the rule is in the README. The G = 8 rows are the supplement study's, rerun at
+# today's code (runs before 5238540 are not bit-reproducible).
+G16 = ("--rl.num_generations=16", "--rl.prompts_per_step=8")
+WIDE_ROWS = SUPPLEMENT_ROWS[:3] + (
+    Row("grpo_g16", "GRPO, 8 prompts x 16 rollouts", "rl", "sft_masked", GRPO + G16, ref="grpo_g16"),
+    Row("others_g16", "Graph-GRPO default, 8 prompts x 16 rollouts", "rl", "sft_masked", DEFAULT_OTHERS + G16,
+        ref="grpo_g16"),
+)
+WIDE_CLAIMS = pair_claims((("others_g16", "grpo_g16"), ("graph_others", "grpo"), ("grpo_g16", "grpo"),
+                           ("others_g16", "graph_others"))) + interaction_claims(
+    (("others_g16", "grpo_g16", "graph_others", "grpo"),))
+
 # The paper's recipe on its own 7-node graph at the current code, 3 seeds (issue 14 item 5; 2026-11-30 22:15): the
 # claims table's "its 7-node graph" row had one seed of the 200-step ablation. configs/paper.yaml as it is now
 # (base.yaml plus the paper's stated choices: its graph, per-node scale, loss masking, Eq. 3), GRPO on the same graph
@@ -406,6 +428,8 @@ STUDIES = {s.name: s for s in (
           what="GRPO, the default and alpha 0 at twice the budget (400 RL steps)"),
     Study("drift", DRIFT_ROWS, seeds="8-15", rl_steps=200, eval_every=25, eval_items=0, score_last=3,
           claims=DRIFT_CLAIMS, what="the sequential-gate controller from alpha 2 against GRPO and the default on seeds 8-15"),
+    Study("wide", WIDE_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=WIDE_CLAIMS,
+          what="GRPO and the default with 16 prompts x 8 rollouts a step against 8 x 16"),
     Study("paper", PAPER_ROWS, seeds="0-2", rl_steps=200, eval_every=25, eval_items=0, score_last=3,
           claims=PAPER_CLAIMS, what="the paper's recipe on its 7-node graph at the current code, 3 seeds"),
     Study("baselines", BASELINE_ROWS, seeds="0-2", rl_steps=200, eval_every=25, eval_items=0, score_last=3,
@@ -704,12 +728,17 @@ def report(found: dict, ref_row: str = "grpo", rows=ROWS, claims=None) -> str:
               f"{'lt' if sp == 'test_longtail' else 'id'} macro-F1")
              for r in rows if r.kind == "rl" and r.name != r.ref and claims is not None
              for sp in ("test_longtail", "test_id")]
-    for a, b, split, key, what in (CLAIMS if claims is None else tuple(claims) + tuple(every)):
-        seeds = sorted(set(found.get(a, {})) & set(found.get(b, {})))
+    for claim in (CLAIMS if claims is None else tuple(claims) + tuple(every)):
+        a, b, split, key, what = claim[:5]
+        c, d = claim[5] if len(claim) > 5 else (None, None)  # an interaction claim: (a - b) against (c - d)
+        seeds = sorted(set.intersection(*(set(found.get(r, {})) for r in (a, b, c, d) if r is not None)))
         if not seeds:
             continue
-        pt = paired_test([found[a][s]["final"][split][key] for s in seeds],
-                         [found[b][s]["final"][split][key] for s in seeds])
+        val = lambda r, s: found[r][s]["final"][split][key]  # noqa: E731
+        if c is None:
+            pt = paired_test([val(a, s) for s in seeds], [val(b, s) for s in seeds])
+        else:
+            pt = paired_test([val(a, s) - val(b, s) for s in seeds], [val(c, s) - val(d, s) for s in seeds])
         out.append(f"| {what} | {pt['n']} | {pt['mean_diff']:+.4f} | {pt['std_diff']:.4f} | {pt['wins']} / {pt['ties']} / {pt['losses']} | "
                    f"{pt['t']:.2f} | {pt['p']:.3f} |")
     return "\n".join(out) + "\n"

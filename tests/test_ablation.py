@@ -80,6 +80,10 @@ def test_report_on_fake_runs(tmp_path):
     assert "| 1.20 |" in credit_line and credit_line.endswith("| nan | 1.20 |")  # controller gate (not logged), per seed
     claim = next(line for line in md.splitlines() if line.startswith("| graph-meta vs GRPO"))
     assert "| 2 | +0.0700 |" in claim and "| 2 / 0 / 0 |" in claim
+    # an interaction claim: (graph_meta - grpo) - (grpo - graph_meta) per seed = 2 x (0.10, 0.04) -> mean +0.14
+    md = ablation.report(found, claims=ablation.interaction_claims((("graph_meta", "grpo", "grpo", "graph_meta"),)))
+    claim = next(line for line in md.splitlines() if line.startswith("| (graph_meta - grpo) vs (grpo - graph_meta), test_longtail"))
+    assert "| 2 | +0.1400 | 0.0849 | 2 / 0 / 0 |" in claim
 
 
 def _fake_run_dir(d, id_acc, student=None):
