@@ -592,7 +592,7 @@ def run_distill(cfg, show_progress: bool = True, print_table: bool = True) -> di
                for ex in train]
     targets = {h: train_sig["probs"][h] for h in classes}
     gold = torch.tensor([ex.label for ex in train])
-    opt = torch.optim.AdamW(model.parameters(), lr=dc.lr)
+    opt = policy.adamw(model.parameters(), dc.lr)
     gen = torch.Generator().manual_seed(cfg.run.seed)
     log = open(os.path.join(out_dir, "metrics.jsonl"), "w")
     bar = tqdm(range(dc.steps), desc=f"distill ({dc.heads})", disable=not show_progress)

@@ -822,7 +822,7 @@ def train(cfg) -> str:
     stage_of = curriculum_stage_of(task.splits["rl"], task.splits["sft"], rl.curriculum_stages) \
         if cr.diversified and rl.curriculum_stages > 1 else None
     s = RL(cfg, task, cr, model, ddp_model, ref_model, tokenizer, data.TagVocab.from_tokenizer(tokenizer, task.schema),
-           torch.optim.AdamW(model.parameters(), lr=rl.lr, weight_decay=rl.weight_decay),
+           policy.adamw(model.parameters(), rl.lr, rl.weight_decay),
            Controller(cfg, cr, len(task.schema.edge_kinds), world), rank, world, device, stage_of)
     start, bad_in_row = 0, 0
     if state is not None:

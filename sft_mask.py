@@ -133,7 +133,7 @@ def train_sft(cfg, out_dir: str, show_progress: bool = True) -> str:
                                           tiny_kwargs=policy.tiny_kwargs(cfg.model, seed=cfg.run.seed),
                                           key="model.name_or_path")
     items = encode_sft_examples(task.splits["sft"], tokenizer, schema, task.strict)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft.lr, weight_decay=cfg.sft.weight_decay)
+    opt = policy.adamw(model.parameters(), cfg.sft.lr, cfg.sft.weight_decay)
     gen = torch.Generator().manual_seed(cfg.run.seed)
     os.makedirs(out_dir, exist_ok=True)
     log = open(os.path.join(out_dir, "metrics.jsonl"), "w")  # SFT always starts at step 0

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
                           PreTrainedTokenizerFast)
@@ -154,6 +155,26 @@ def test_load_policy_pretrained_other_architecture_gets_tags_as_single_tokens(tm
     assert model(input_ids=torch.tensor([ids])).logits.shape == (1, 7, len(tok))
 
 
+def test_adamw_is_fused_on_plain_parameters_and_steps_as_the_default():
+    """policy.adamw: fused on CPU parameters, the same three steps as torch's default AdamW to float rounding, and a
+    state dict that loads into the default implementation (checkpoints of either resume the other)."""
+    model_a, tok = tiny(seed=8)
+    model_b, _ = tiny(seed=8)
+    opt_a = P.adamw(model_a.parameters(), 1e-2, 0.1)
+    opt_b = torch.optim.AdamW(model_b.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+    assert opt_a.defaults["fused"] and not opt_b.defaults["fused"]
+    for step in range(3):
+        for m, opt in ((model_a, opt_a), (model_b, opt_b)):
+            torch.manual_seed(step)
+            m(input_ids=torch.randint(0, len(tok), (2, 5))).logits.square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    for a, b in zip(model_a.parameters(), model_b.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    opt_b.load_state_dict(opt_a.state_dict())
+    opt_a.load_state_dict(opt_b.state_dict())
+
+
 def test_resolve_dtype():
     assert P.resolve_dtype("auto", "cpu") == torch.float32
     assert P.resolve_dtype("auto", "cuda") == torch.float32   # fp32 master weights; bf16 via autocast
@@ -228,6 +249,32 @@ def test_token_logprobs_with_padding_equals_naive_per_row_forward(arch, prompts,
     assert torch.allclose(out.hidden[sel] @ lm.T / T, out.logits[sel], atol=1e-5)
     assert torch.allclose(torch.log_softmax(out.logits[sel], -1).gather(-1, ids[sel][:, None]).squeeze(-1),
                           out.logprobs[sel], atol=1e-6)
+
+
+@pytest.mark.parametrize("with_entropy", [True, False])
+def test_target_logprobs_equal_log_softmax_and_gather(with_entropy):
+    """policy.TargetLogprobs against log_softmax + gather: the selected log-probs, each row's entropy and the
+    gradient, with rows read by several predictions (shared contexts) and one read by none; gradcheck in float64."""
+    torch.manual_seed(0)
+    logits = torch.randn(5, 40, dtype=torch.float64) * 3
+    index, target = torch.tensor([0, 2, 2, 4, 0, 2]), torch.tensor([3, 7, 7, 39, 0, 1])
+    g = torch.randn(6, dtype=torch.float64)
+    x, y = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    logp = F.log_softmax(x, -1)
+    want, want_entropy = logp[index, target], -(logp.exp() * logp).sum(-1)
+    got, entropy = P.TargetLogprobs.apply(y, index, target, with_entropy)
+    (want * g).sum().backward()
+    (got * g).sum().backward()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(y.grad, x.grad, rtol=0, atol=1e-12)
+    assert not entropy.requires_grad
+    if with_entropy:
+        torch.testing.assert_close(entropy, want_entropy.detach(), rtol=0, atol=1e-12)
+    else:
+        assert entropy.numel() == 0
+    assert bool((y.grad[1] == 0).all()) and torch.allclose(y.grad.sum(-1), torch.zeros(5, dtype=torch.float64))
+    assert torch.autograd.gradcheck(lambda z: P.TargetLogprobs.apply(z, index, target, with_entropy)[0],
+                                    (logits.clone().requires_grad_(),))
 
 
 RAGGED = [[14, 15, 3], [16, 17, 18, 5, 6], [7], [8, 9], [10, 11, 12], [13]]  # 13 of 24 fed cells: packed
