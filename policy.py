@@ -558,13 +558,14 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 
 class TargetLogprobs(torch.autograd.Function):
-    """log softmax(logits)[index[k], target[k]] for k < K, from logits (K', V), index / target (K,) long, with one
-    (K', V) tensor instead of three: the log-softmax becomes the softmax p in place once the targets are read, and
-    backward writes d/dlogits[j] = sum over k with index[k] = j of g_k (onehot(target[k]) - p[j]) without the
-    (K', V) zeros that the gather's backward would fill. Also returns each row's entropy -sum p log p (K',), without a
-    gradient (with_entropy, at the cost of one more (K', V) tensor for the while; else an empty tensor). The same
-    numbers as log_softmax + gather (tests/test_policy.py); 2.3x faster forward + backward at SmolLM2's 49k
-    vocabulary (benchmarks/README.md)."""
+    """log softmax(logits)[index[k], target[k]] for k < K (DESIGN.md section 6's log pi_theta of each sampled
+    token), from logits (K', V) and index / target (K,) long, with one (K', V) tensor instead of three: the
+    log-softmax becomes the softmax p in place once the targets are read, and backward writes
+    d/dlogits[j] = sum over k with index[k] = j of g_k (onehot(target[k]) - p[j]) without the (K', V) zeros that
+    the gather's backward would fill. Also returns each row's entropy -sum p log p (K',), without a gradient
+    (with_entropy, at the cost of one more (K', V) tensor for the while; else an empty tensor). The same numbers as
+    log_softmax + gather (tests/test_policy.py); 2.3x faster forward + backward at SmolLM2's 49k vocabulary
+    (benchmarks/README.md)."""
 
     @staticmethod
     def forward(ctx, logits, index, target, with_entropy: bool):
