@@ -564,7 +564,7 @@ class TargetLogprobs(torch.autograd.Function):
     d/dlogits[j] = sum over k with index[k] = j of g_k (onehot(target[k]) - p[j]) without the (K', V) zeros that
     the gather's backward would fill. Also returns each row's entropy -sum p log p (K',), without a gradient
     (with_entropy, at the cost of one more (K', V) tensor for the while; else an empty tensor). The same numbers as
-    log_softmax + gather (tests/test_policy.py); 2.3x faster forward + backward at SmolLM2's 49k vocabulary
+    log_softmax + gather (tests/test_policy.py); 1.8x faster forward + backward at SmolLM2's 49k vocabulary
     (benchmarks/README.md)."""
 
     @staticmethod
