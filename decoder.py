@@ -13,8 +13,9 @@ the same arithmetic in fewer operators (the weights are the modules' own tensors
     the projections, MLPs and output layer run once per distinct row, attention per row on each row's own
     buffer (twins hold equal keys / values), and every twin gets the same logits, from which it draws its own
     token.
-Measured: 1.38-1.39x faster sampling than the model's own forward at hidden 128 and 256 (benchmarks/sampling.py,
-benchmarks/README.md). Same numbers as the model's own forward up to float rounding (tests/test_policy.py
+Measured: 1.38-1.39x faster sampling than the model's own forward at hidden 128 and 256 before twins shared a
+forward, 1.53x at hidden 256 with them; 1.01x on SmolLM2 on a host where its decode is bound by reading the weights
+(benchmarks/sampling.py, benchmarks/README.md). Same numbers as the model's own forward up to float rounding (tests/test_policy.py
 compares logits and samples). Inference only (no autograd; the update pass keeps the Hugging Face forward, whose modules DDP
 and FSDP wrap). `supports(model)` says which models qualify; the others keep the Hugging Face path.
 """
