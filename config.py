@@ -255,6 +255,8 @@ class RewardConfig:
     """a label counts only when it follows from the rollout's own facet verdicts under the rule"""
     local_scores: Literal["verifier", "gold", "none"] = "verifier"
     """node scores s_{i,v}: heuristic verifiers; gold (node right vs the gold annotation, verifier where none)"""
+    comparator_unknown: Literal["mismatch", "abstain"] = "mismatch"
+    """comparator verifier on a value form it does not know: mismatch (guess by string equality) | abstain (no score)"""
     shaping_weights: list[float] = field(default_factory=lambda: [0.5, 0.5])
     """credit.mode rule_shaped (TaoSR-AGRL): weights of rule adherence and mean grounding added to R"""
 

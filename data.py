@@ -541,7 +541,7 @@ def node_is_correct(name: str, parsed: ParsedCoT, ex: "Example", schema: GraphSc
 SCORE_KINDS = ("grounding", "comparator")
 
 
-def verifier_scores(parsed: ParsedCoT, query: str, product: str, comparator: Callable[[str, str, str], str],
+def verifier_scores(parsed: ParsedCoT, query: str, product: str, comparator: Callable[[str, str, str], str | None],
                     schema: GraphSchema) -> dict[str, tuple[float, float]]:
     """Per well-formed node: (grounding, comparator) in [0, 1], NaN where a kind does not apply.
 
@@ -549,7 +549,9 @@ def verifier_scores(parsed: ParsedCoT, query: str, product: str, comparator: Cal
                pair equals the rollout's own evidence values for that facet.
     comparator verdict: the verdict equals the verifier's comparator on the copied values (pooled the same way);
                label: rule adherence (the label follows from the rollout's own verdicts). The comparator knows
-               head surface forms only, so it is wrong on forms it has not been told about, like a real heuristic.
+               head surface forms only, so it is wrong on forms it has not been told about, like a real heuristic;
+               where it abstains (returns None: reward.comparator_unknown = abstain) on any compared pair, the
+               verdict node's comparator score is NaN, no evidence.
     """
     nan = float("nan")
     text = {"query": set(query.split()), "product": set(product.split())}
@@ -570,8 +572,9 @@ def verifier_scores(parsed: ParsedCoT, query: str, product: str, comparator: Cal
         elif role == "verdict":
             parts = dict(span.content.parts)
             grounded = all(own["query"].get(f) == vq and own["product"].get(f) == vp for f, (vq, vp, _) in parts.items())
-            judged = schema.pool(name, {f: comparator(f, vq, vp) for f, (vq, vp, _) in parts.items()})
-            out[name] = (float(grounded), float(judged == span.content.verdict))
+            calls = {f: comparator(f, vq, vp) for f, (vq, vp, _) in parts.items()}
+            judged = None if None in calls.values() else schema.pool(name, calls)
+            out[name] = (float(grounded), nan if judged is None else float(judged == span.content.verdict))
         else:
             out[name] = (nan, float(parsed.label == schema.label_from_verdicts(parsed.node_verdicts, by_slot=True)))
     return out

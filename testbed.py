@@ -12,6 +12,7 @@ Read in this order:
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import math
@@ -126,9 +127,12 @@ class Catalogue:
     def is_rare(kind: str) -> bool:
         return not kind.endswith("_unseen") and kind != "brand_alias"
 
-    def compare(self, facet: str, vq: str, vp: str, known: Callable[[str], bool] | None = None) -> str:
+    def compare(self, facet: str, vq: str, vp: str, known: Callable[[str], bool] | None = None,
+                unknown: str = "mismatch") -> str | None:
         """Verdict of a query value against a product value. With `known`, forms it rejects are unknown and
-        compare by string only (the head-only verifier). `facet` is a role or a facet name."""
+        compare by string only (the head-only verifier). `facet` is a role or a facet name. Where that fallback
+        applies and the strings differ, unknown='mismatch' guesses a mismatch (wrong on every long-tail form of an
+        equal value) and unknown='abstain' returns None: no verdict (reward.comparator_unknown)."""
         facet = self.role.get(facet, facet)
 
         def canon(v):
@@ -138,7 +142,9 @@ class Catalogue:
             return f[1]
         cq, cp = canon(vq), canon(vp)
         if cq is None or cp is None:
-            return "match" if vq == vp else "mismatch"
+            if vq == vp:
+                return "match"
+            return None if unknown == "abstain" else "mismatch"
         if facet == "category":
             if cq == cp or self.leaf_group.get(cp) == cq:
                 return "match"
@@ -154,8 +160,9 @@ class Catalogue:
             return "mismatch"
         return "match" if iq == ip else "partial" if abs(iq - ip) == 1 else "mismatch"
 
-    def head_compare(self, facet: str, vq: str, vp: str) -> str:
-        return self.compare(facet, vq, vp, known=lambda v: not self.form[v][2])
+    def head_compare(self, facet: str, vq: str, vp: str, unknown: str = "mismatch") -> str | None:
+        """The local verifier's comparator: head forms only (DESIGN §3); `unknown` as in `compare`."""
+        return self.compare(facet, vq, vp, known=lambda v: not self.form[v][2], unknown=unknown)
 
 
 MENTION_P = {"category": 0.9, "brand": 0.55, "color": 0.6, "size": 0.45}
@@ -619,19 +626,21 @@ def vocabulary(schema: GraphSchema, examples: Iterable[Example] = ()) -> list[st
 class Task:
     """What a run reads, made once from the config: the graph schema, the splits ('sft', 'rl', then the test
     splits), the catalogue whose head-form comparator the verifiers use, and `strict`: every word of the data is
-    in the tokenizer (the synthetic testbed; an unknown word is then a bug, while real text has unknown words)."""
+    in the tokenizer (the synthetic testbed; an unknown word is then a bug, while real text has unknown words).
+    `comparator_unknown`: what that comparator says on forms it does not know (reward.comparator_unknown)."""
     schema: GraphSchema
     splits: dict[str, list[Example]]
     catalogue: Catalogue
     strict: bool
+    comparator_unknown: str = "mismatch"
 
     @property
     def tests(self) -> dict[str, list[Example]]:
         return {k: v for k, v in self.splits.items() if k not in ("sft", "rl")}
 
     @property
-    def comparator(self) -> Callable[[str, str, str], str]:
-        return self.catalogue.head_compare
+    def comparator(self) -> Callable[[str, str, str], str | None]:
+        return functools.partial(self.catalogue.head_compare, unknown=self.comparator_unknown)
 
     def vocabulary(self) -> list[str]:
         return vocabulary(self.schema, (ex for exs in self.splits.values() for ex in exs))
@@ -653,7 +662,8 @@ def load_task(cfg) -> Task:
         for f in cfg.data.test_files:
             paths[os.path.splitext(os.path.basename(f))[0]] = os.path.join(cfg.data.dir, f)
     n = len(schema.label_names)
-    return Task(schema, {s: load_jsonl(p, n, schema) for s, p in paths.items()}, cat, cfg.data.source == "synthetic")
+    return Task(schema, {s: load_jsonl(p, n, schema) for s, p in paths.items()}, cat, cfg.data.source == "synthetic",
+                cfg.reward.comparator_unknown)
 
 
 def split_stats(splits: dict[str, list[Example]], schema: GraphSchema, cat: Catalogue | None = None) -> dict:

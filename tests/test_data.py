@@ -1,5 +1,6 @@
 """data.py: the testbed generator, business rule, CoT serialiser/parser, verifiers and JSONL validation."""
 import json
+import math
 import random
 
 import pytest
@@ -165,6 +166,32 @@ def test_verifiers_are_imperfect_only_where_real_ones_are(tok):
     # grounding catches a value that is not in the query
     s2 = data.verifier_scores(parsed, "red sneakers", "nike sneakers color red size us_9", cat.head_compare, SCHEMA)
     assert s2["q"][0] == 0.5
+
+
+def test_an_abstaining_comparator_gives_no_score_where_it_would_guess(tok):
+    """reward.comparator_unknown = abstain: on a pair with a form the head-only comparator does not know and unequal
+    strings it returns None and the verdict node gets no comparator score (NaN); head forms and equal strings are
+    judged as before; grounding and the label's rule adherence do not change."""
+    cat = testbed.Catalogue()
+    assert cat.head_compare("color", "crimson", "red") == "mismatch"                 # the guess: wrong
+    assert cat.head_compare("color", "crimson", "red", unknown="abstain") is None
+    assert cat.head_compare("color", "crimson", "crimson", unknown="abstain") == "match"
+    assert cat.head_compare("color", "red", "blue", unknown="abstain") == cat.head_compare("color", "red", "blue")
+    assert cat.compare("color", "crimson", "red", unknown="abstain") == "match"      # the gold comparator knows it
+    vocab = data.TagVocab.from_tokenizer(tok, SCHEMA)
+    text = ("<q> category sneakers color crimson </q> <p> category sneakers color red </p> "
+            "<f:category> sneakers sneakers match </f:category> <f:color> crimson red match </f:color> <y> excellent </y>")
+    parsed = data.parse_completion(encode(tok, text), vocab, SCHEMA)
+    args = (parsed, "crimson sneakers", "nike sneakers color red size us_9")
+    guess = data.verifier_scores(*args, cat.head_compare, SCHEMA)
+    task = testbed.Task(SCHEMA, {}, cat, True, "abstain")
+    abst = data.verifier_scores(*args, task.comparator, SCHEMA)
+    assert guess["f:color"][1] == 0.0 and math.isnan(abst["f:color"][1])
+    assert guess["f:color"][0] == abst["f:color"][0] == 1.0
+    assert guess["f:category"] == abst["f:category"] == (1.0, 1.0)
+    assert guess["y"][1] == abst["y"][1] == 1.0
+    assert math.isnan(abst["q"][1]) and abst["q"][0] == guess["q"][0]
+    assert testbed.Task(SCHEMA, {}, cat, True).comparator("color", "crimson", "red") == "mismatch"  # the default
 
 
 @pytest.mark.parametrize("line,msg", [
