@@ -194,6 +194,13 @@ def pair_claims(pairs: tuple[tuple[str, str], ...]) -> tuple:
                  for split in ("test_longtail", "test_id"))
 
 
+def half_budget_claims(pairs: tuple[tuple[str, str], ...]) -> tuple:
+    """Paired claims on the goal's alternative (issue 14): row a scored at half the RL steps (the mean of its last
+    evaluations up to there, `collect`'s 'half') against row b at all of them, on both test splits."""
+    return tuple((f"{a}@half", b, split, "macro_f1", f"{a} at half the steps vs {b} at all, {split} macro-F1")
+                 for a, b in pairs for split in ("test_longtail", "test_id"))
+
+
 def interaction_claims(quads: tuple[tuple[str, str, str, str], ...]) -> tuple:
     """Paired claims on a difference of differences, (a - b) against (c - d) per seed (does a's lead over b exceed
     c's over d?), on both test splits: the report's claim format with (c, d) as a sixth entry."""
@@ -392,7 +399,8 @@ ABSTAIN_ROWS = SUPPLEMENT_ROWS[:3] + (
 )
 ABSTAIN_CLAIMS = pair_claims((("others_abstain", "grpo"), ("others_abstain", "graph_others"),
                               ("abstain_heavy", "grpo"), ("abstain_heavy", "graph_others"),
-                              ("abstain_heavy", "others_abstain"), ("graph_others", "grpo")))
+                              ("abstain_heavy", "others_abstain"), ("graph_others", "grpo"))) + half_budget_claims(
+    (("others_abstain", "grpo"), ("abstain_heavy", "grpo"), ("graph_others", "grpo")))
 
 # The paper's recipe on its own 7-node graph at the current code, 3 seeds (issue 14 item 5; 2026-11-30 22:15): the
 # claims table's "its 7-node graph" row had one seed of the 200-step ablation. configs/paper.yaml as it is now
@@ -633,7 +641,8 @@ def mean_std(vals: list[float], digits: int = 3) -> str:
 def collect(out: str, seeds: list[int], rows=ROWS, score_last: int = 0) -> dict:
     """{row name: {seed: {'final': {split: metrics}, 'curves': {...}, 'credit': {...} (rl rows)}}} for the finished
     runs. score_last K > 0: an RL run's accuracy and macro-F1 per split are the mean of its last K evaluations
-    (full splits at rl.eval_every): one checkpoint's long-tail score moves by up to 3 points between evaluations."""
+    (full splits at rl.eval_every): one checkpoint's long-tail score moves by up to 3 points between evaluations;
+    'half' (rl rows) scores it the same way at half its steps (the mean of its last K evaluations up to there)."""
     found = {}
     for row in rows:
         for seed in seeds:
@@ -647,6 +656,10 @@ def collect(out: str, seeds: list[int], rows=ROWS, score_last: int = 0) -> dict:
                 rec["curves"], rec["credit"] = run_curves(recs), credit_summary(recs)
                 rec["reward_area"] = float(np.mean([r["reward"] for r in recs])) if recs else float("nan")
                 if score_last:
+                    xs = rec["curves"]["test_longtail/macro_f1"][0]
+                    half = cut_curves(rec["curves"], xs[-1] // 2) if xs else {}
+                    if half and len(half["test_longtail/macro_f1"][0]) > score_last:  # else no half-budget score
+                        rec["half"] = scored(rec["final"], half, score_last)
                     rec["final"] = scored(rec["final"], rec["curves"], score_last)
             found.setdefault(row.name, {})[seed] = rec
     return found
@@ -662,6 +675,12 @@ def scored(final: dict, curves: dict, k: int) -> dict:
             if len(ys) > k:
                 out[split][key] = float(np.mean(ys[-k:]))
     return out
+
+
+def cut_curves(curves: dict, upto: int) -> dict:
+    """The curves up to `upto` updates (x <= upto): what a run had reached by then."""
+    return {name: ([x for x in xs if x <= upto], [y for x, y in zip(xs, ys) if x <= upto])
+            for name, (xs, ys) in curves.items()}
 
 
 T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}
@@ -753,10 +772,12 @@ def report(found: dict, ref_row: str = "grpo", rows=ROWS, claims=None) -> str:
     for claim in (CLAIMS if claims is None else tuple(claims) + tuple(every)):
         a, b, split, key, what = claim[:5]
         c, d = claim[5] if len(claim) > 5 else (None, None)  # an interaction claim: (a - b) against (c - d)
-        seeds = sorted(set.intersection(*(set(found.get(r, {})) for r in (a, b, c, d) if r is not None)))
+        # 'row@half': the row scored at half its steps (half_budget_claims)
+        seeds = sorted(set.intersection(*({s for s, rec in found.get(r.split("@")[0], {}).items()
+                                           if "@" not in r or "half" in rec} for r in (a, b, c, d) if r is not None)))
         if not seeds:
             continue
-        val = lambda r, s: found[r][s]["final"][split][key]  # noqa: E731
+        val = lambda r, s: found[r.split("@")[0]][s]["half" if r.endswith("@half") else "final"][split][key]  # noqa: E731
         if c is None:
             pt = paired_test([val(a, s) for s in seeds], [val(b, s) for s in seeds])
         else:

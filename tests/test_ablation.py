@@ -152,6 +152,19 @@ def test_scoring_by_the_last_evaluations_and_confidence_intervals(tmp_path):
     assert final["test_longtail"]["macro_f1"] == pytest.approx(0.65)   # mean of 0.6 and 0.7, not eval.json's 0.60
     assert final["test_id"]["accuracy"] == pytest.approx(0.825)
     assert ablation.collect(out, [0])["grpo"][0]["final"]["test_longtail"]["macro_f1"] == 0.60
+    # at half its steps (10 of 20) the run has one evaluation after its start: too few for the last 2, no score
+    assert "half" not in found["grpo"][0]
+    # 40 steps, evaluations at 0, 10, ..., 40: at half (20) the last 2 are steps 10 and 20
+    _fake_rl_run(f"{out}/grpo_s1", [0.9] * 5, [0.5, 0.6, 0.6, 0.7, 0.8], 0.80)
+    _fake_rl_run(f"{out}/graph_meta_s1", [0.9] * 5, [0.5, 0.7, 0.8, 0.8, 0.9], 0.90)
+    found = ablation.collect(out, [0, 1], score_last=2)
+    assert found["grpo"][1]["half"]["test_longtail"]["macro_f1"] == pytest.approx(0.6)
+    assert found["grpo"][1]["final"]["test_longtail"]["macro_f1"] == pytest.approx(0.75)
+    md = ablation.report(found, claims=ablation.half_budget_claims((("graph_meta", "grpo"),)))
+    claim = next(line for line in md.splitlines() if line.startswith("| graph_meta at half the steps vs grpo at all, test_longtail"))
+    assert "| 1 | +0.0000 |" in claim        # seed 1 only; graph_meta at 20: (0.7 + 0.8) / 2 = grpo's final 0.75
+    md = ablation.report(found, claims=ablation.pair_claims((("graph_meta", "grpo"),)))
+    assert "| graph_meta vs grpo, test_longtail macro-F1 | 1 | +0.1000 |" in md   # at all steps: 0.85 - 0.75
     assert ablation.mean_ci([1.0, 2.0, 3.0]) == "2.00 ± 2.48"          # 4.30 * 1 / sqrt(3)
     assert ablation.mean_ci([0.5]) == "0.50" and ablation.mean_ci([]) == "-"
 
