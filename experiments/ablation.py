@@ -16,6 +16,7 @@ report with paired tests in results/<study>.md (+ .png).
     python experiments/ablation.py --study drift           # seeds 8-15: the sequential gate from 2, the default, GRPO
     python experiments/ablation.py --study paper           # the paper's recipe on its 7-node graph, 3 seeds
     python experiments/ablation.py --study abstain         # seeds 0-15: the comparator abstains where it would guess
+    python experiments/ablation.py --study fresh           # GRPO and the default on data of another generator seed
     python experiments/ablation.py --report-only           # only rebuild results/ from the run directories
     nohup python experiments/ablation.py > runs/ablation.log 2>&1 &     # the background-friendly way
 
@@ -402,6 +403,14 @@ ABSTAIN_CLAIMS = pair_claims((("others_abstain", "grpo"), ("others_abstain", "gr
                               ("abstain_heavy", "others_abstain"), ("graph_others", "grpo"))) + half_budget_claims(
     (("others_abstain", "grpo"), ("abstain_heavy", "grpo"), ("graph_others", "grpo")))
 
+# Testbed data the project has not used (issue 14: "your results are checked again on testbed data the project has
+# not seen"; 2026-12-01 14:05). Every study so far ran on the generator's data.seed 1234. The masked SFT start, GRPO
+# and the default on data.seed 2718 (a new draw of every split's examples from the same catalogue), seeds
+# 0-7, the ablation's settings. The rule is in the README.
+FRESH_DATA = ("--data.seed=2718",)
+FRESH_CLAIMS = pair_claims((("graph_others", "grpo"), ("grpo", "sft_masked"), ("graph_others", "sft_masked"))) + \
+    half_budget_claims((("graph_others", "grpo"),))
+
 # The paper's recipe on its own 7-node graph at the current code, 3 seeds (issue 14 item 5; 2026-11-30 22:15): the
 # claims table's "its 7-node graph" row had one seed of the 200-step ablation. configs/paper.yaml as it is now
 # (base.yaml plus the paper's stated choices: its graph, per-node scale, loss masking, Eq. 3), GRPO on the same graph
@@ -435,6 +444,8 @@ class Study:
     """paired claims (None: the 60-step study's list, CLAIMS); a study with claims also tests every RL row vs its GRPO"""
     distill_steps: int = 2000
     distill_train: int = 5000
+    extra: tuple[str, ...] = ()
+    """overrides of every run of the study and of its data (before --extra): e.g. another testbed data seed"""
 
 
 STUDIES = {s.name: s for s in (
@@ -460,6 +471,8 @@ STUDIES = {s.name: s for s in (
           what="GRPO and the default with 16 prompts x 8 rollouts a step against 8 x 16"),
     Study("abstain", ABSTAIN_ROWS, seeds="0-15", rl_steps=200, eval_every=25, eval_items=0, score_last=3,
           claims=ABSTAIN_CLAIMS, what="the default with a comparator that abstains on forms it does not know, 16 seeds"),
+    Study("fresh", SUPPLEMENT_ROWS[:3], rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=FRESH_CLAIMS,
+          extra=FRESH_DATA, what="the SFT start, GRPO and the default on testbed data of another generator seed"),
     Study("paper", PAPER_ROWS, seeds="0-2", rl_steps=200, eval_every=25, eval_items=0, score_last=3,
           claims=PAPER_CLAIMS, what="the paper's recipe on its 7-node graph at the current code, 3 seeds"),
     Study("baselines", BASELINE_ROWS, seeds="0-2", rl_steps=200, eval_every=25, eval_items=0, score_last=3,
@@ -506,7 +519,7 @@ def eval_json_of(out: str, row: Row, seed: int) -> str:
 def make_jobs(args) -> list[Job]:
     """Every (row, seed) run, seed-major, with its command line and the runs it waits for."""
     common = ["--run.device=cpu", "--run.num_threads=1", f"--data.dir={os.path.join(args.out, 'data')}",
-              "--run.save_every=20", "--run.keep_last=1", *args.extra]
+              "--run.save_every=20", "--run.keep_last=1", *STUDIES[args.study].extra, *args.extra]
     rl = [f"--rl.steps={args.rl_steps}", f"--rl.eval_every={args.eval_every}", f"--rl.eval_items={args.eval_items}"]
     by_name = rows_of(args.study)
     rows = [by_name[n] for n in args.rows] if args.rows else list(by_name.values())
@@ -879,7 +892,7 @@ def main(argv=None):
     if not args.report_only:
         jobs = make_jobs(args)
         subprocess.run([sys.executable, "testbed.py", args.config, f"--data.dir={os.path.join(args.out, 'data')}",
-                        *args.extra], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)  # once, before the runs
+                        *study.extra, *args.extra], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)  # once, before the runs
         print(f"{len(jobs)} runs, {sum(os.path.exists(j.eval_json) for j in jobs)} already finished", flush=True)
         counts = run_jobs(jobs, args.jobs)
         print(f"runs: {counts} in {(time.time() - t0) / 60:.1f} min", flush=True)
