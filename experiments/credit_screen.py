@@ -77,27 +77,67 @@ def sample_groups(cfg, model, tok, task, vocab, n_prompts: int, seed: int) -> li
     return out
 
 
-def screen_form(cfg, groups, s, seed: int) -> dict:
-    """credit_accuracy_metrics of one form summed over every chunk of groups."""
+def form_advantages(cfg, s, group, j: int, seed: int) -> tuple[torch.Tensor, credit.CreditBatch, torch.Tensor]:
+    """(token advantages (B, T), the credit batch, the rewards) of one form on one chunk of groups, through the
+    trainer's path; alpha is the form's credit.alpha_init, the verifier weights its credit.verifier_weights."""
+    ro, prompts, scores, _ = group
     cr, G, schema = gg.Credit.from_config(cfg), cfg.rl.num_generations, s.task.schema
     alpha = torch.full((len(schema.edge_kinds),), float(cr.alpha_init), dtype=torch.float64)
     weights = torch.tensor(cfg.credit.verifier_weights, dtype=torch.float64)
+    T = ro.completion_mask.shape[1]
+    rewards = gg.shaped_rewards(ro.rewards, ro.parses, scores[cr.scores], cfg.reward.shaping_weights) \
+        if cr.shaped else ro.rewards
+    cb = gg.credit_batch(ro.parses, rewards, G, schema, T, scores[cr.scores] if cr.scores else None)
+    if cr.monte_carlo:
+        with torch.no_grad():
+            cb.values, _ = gg.monte_carlo_values(s, ro, prompts, cb, seed + gg.MC_SEED + j)
+    adv, _ = credit.compute_advantages(cb, num_tokens=T, alpha=alpha, verifier_weights=weights, **cr.kwargs)
+    return adv.detach(), cb, rewards
+
+
+def screen_form(cfg, groups, s, seed: int) -> dict:
+    """credit_accuracy_metrics of one form summed over every chunk of groups."""
+    G, schema = cfg.rl.num_generations, s.task.schema
     sums = {k: torch.zeros(len(schema.slots), dtype=torch.float64) for k in credit.CREDIT_ACCURACY}
-    for j, (ro, prompts, scores, correct) in enumerate(groups):
-        T = ro.completion_mask.shape[1]
-        rewards = gg.shaped_rewards(ro.rewards, ro.parses, scores[cr.scores], cfg.reward.shaping_weights) \
-            if cr.shaped else ro.rewards
-        cb = gg.credit_batch(ro.parses, rewards, G, schema, T, scores[cr.scores] if cr.scores else None)
-        if cr.monte_carlo:
-            with torch.no_grad():
-                cb.values, _ = gg.monte_carlo_values(s, ro, prompts, cb, seed + gg.MC_SEED + j)
-        adv, _ = credit.compute_advantages(cb, num_tokens=T, alpha=alpha, verifier_weights=weights, **cr.kwargs)
+    for j, group in enumerate(groups):
+        adv, cb, rewards = form_advantages(cfg, s, group, j, seed)
         outcome = credit.outcome_advantages(rewards, G, "group", cfg.credit.eps)
-        acc = credit.credit_accuracy_sums(credit.node_applied_advantages(adv.detach().double(), cb.spans, cb.present),
-                                          correct, outcome.double())
+        acc = credit.credit_accuracy_sums(credit.node_applied_advantages(adv.double(), cb.spans, cb.present),
+                                          group[3], outcome.double())
         for k in sums:
             sums[k] += acc[k]
     return gg.credit_accuracy_metrics(sums, schema, by="role")  # by role, whatever the node types are called
+
+
+def step_gradient(model, ro, adv: torch.Tensor, rl) -> torch.Tensor:
+    """The flattened policy gradient of one RL step's loss (DESIGN 6) on these rollouts at ratio 1 (the step's first
+    update, where the clip is inactive and the term's gradient is -A_t grad log pi_t), with the trainer's
+    aggregation over this chunk's tokens and sequences; no KL term."""
+    out = gg.logprobs_of(model, ro, rl.temperature)
+    mask = ro.completion_mask.float()
+    w = gg.aggregation_weights(mask, rl.aggregation, float(mask.sum()), float(mask.shape[0]), rl.max_new_tokens)
+    loss = -(w * adv.to(out.logprobs.dtype) * out.logprobs).sum()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
+
+
+def gradient_similarity(forms: list[tuple[str, object]], groups, regroups, s, seed: int) -> list[tuple[str, dict]]:
+    """Per form, per chunk (one RL step's prompts): the cosine of its step gradient with GRPO's (the first form) on
+    the same rollouts, and with its own gradient on an independent second sample of rollouts of the same prompts
+    (what sampling alone changes); the means over chunks, and the form's gradient norm relative to GRPO's."""
+    out = {label: {"cos_grpo": [], "cos_resample": [], "norm_ratio": []} for label, _ in forms}
+    for j, (group, regroup) in enumerate(zip(groups, regroups)):
+        grads = {}
+        for label, cfg in forms:
+            g = step_gradient(s.model, group[0], form_advantages(cfg, s, group, j, seed)[0], cfg.rl)
+            g2 = step_gradient(s.model, regroup[0], form_advantages(cfg, s, regroup, j, seed + 1)[0], cfg.rl)
+            grads[label] = g
+            out[label]["cos_resample"].append(float(torch.nn.functional.cosine_similarity(g, g2, dim=0)))
+        ref = grads[forms[0][0]]
+        for label, _ in forms:
+            out[label]["cos_grpo"].append(float(torch.nn.functional.cosine_similarity(grads[label], ref, dim=0)))
+            out[label]["norm_ratio"].append(float(grads[label].norm() / ref.norm()))
+    return [(label, {k: sum(v) / len(v) for k, v in m.items()}) for label, m in out.items()]
 
 
 def report(rows: list[tuple[str, dict]], header: str) -> str:
@@ -105,6 +145,16 @@ def report(rows: list[tuple[str, dict]], header: str) -> str:
              "|---|" + "---:|" * len(COLUMNS)]
     for label, m in rows:
         lines.append(f"| {label} | " + " | ".join(f"{m[k]:.3f}" if k in m else "-" for k, _ in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def gradient_report(rows: list[tuple[str, dict]], chunks: int) -> str:
+    lines = ["", f"Step gradients (`--gradients`; means over {chunks} chunks of one RL step's prompts each; ratio 1, "
+             "no KL): cosine with GRPO's gradient on the same rollouts, cosine with the form's own gradient on a "
+             "second sample of rollouts of the same prompts, and the gradient norm relative to GRPO's.", "",
+             "| credit form | cos with GRPO, same rollouts | cos with itself, resampled rollouts | norm / GRPO's |",
+             "|---|---:|---:|---:|"]
+    lines += [f"| {label} | {m['cos_grpo']:.3f} | {m['cos_resample']:.3f} | {m['norm_ratio']:.2f} |" for label, m in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -116,6 +166,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rollout-samples", type=int, default=4, help="K of the Monte-Carlo rows (Eq. 1c)")
     ap.add_argument("--out", default="", help="append the table to this markdown file")
+    ap.add_argument("--gradients", action="store_true", help="also compare each form's step gradient with GRPO's "
+                    "and with its own on a second sample of rollouts (the forms without Monte-Carlo values)")
     args, extra = ap.parse_known_args(argv)
     if args.prompts < 1 or args.rollout_samples < 1:
         raise config.ConfigError("--prompts and --rollout-samples must be at least 1")
@@ -145,6 +197,12 @@ def main(argv=None) -> None:
                         f"{args.prompts} --seed {args.seed} --rollout-samples {args.rollout_samples}`: "
                         f"{len(groups) * base.rl.prompts_per_step} prompts x {G} rollouts, rows with a nonzero "
                         f"outcome advantage")
+    if args.gradients:
+        regroups = sample_groups(base, model, tok, task, vocab, args.prompts, args.seed + 1)
+        forms = [(label, config.load_config(path, [*common, *overrides])) for label, overrides in FORMS
+                 if "--credit.evidence=rollout" not in overrides]
+        s = types.SimpleNamespace(cfg=base, model=model, tokenizer=tok, task=task, vocab=vocab)
+        text += gradient_report(gradient_similarity(forms, groups, regroups, s, args.seed), len(groups))
     print(text)
     if args.out:
         with open(args.out, "a") as f:

@@ -645,3 +645,33 @@ def test_credit_screen_reads_every_form_on_the_same_rollouts(tmp_path, sft_ckpt)
     r = _run([sys.executable, os.path.join("experiments", "credit_screen.py"), str(run), ckpt,
               f"--data.dir={tmp_path / 'no_data'}"])  # refused, not generated anew
     assert r.returncode == 2 and "no_data (from " in r.stderr and "does not exist" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_credit_screen_step_gradient_is_the_trainers_gradient(tmp_path, sft_ckpt):
+    """credit_screen --gradients: a form's step gradient is the gradient the trainer's backward accumulates on the
+    same rollouts with the same advantages at ratio 1 (accumulate_policy_gradient, micro-batched, packed); a form
+    compared with itself has cosine 1 and norm ratio 1, and a second sample of rollouts gives another gradient."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import credit_screen
+    ckpt, data_dir = sft_ckpt
+    cfg = load_config("configs/tiny.yaml", [f"--data.dir={data_dir}", "--credit.mode=graph", "--credit.evidence=both",
+                                            "--credit.value=others", "--rl.micro_batch_size=8"])
+    task = testbed.load_task(cfg)
+    model, tok = policy.load_policy(ckpt, task.schema.words())
+    vocab = data.TagVocab.from_tokenizer(tok, task.schema)
+    groups = credit_screen.sample_groups(cfg, model, tok, task, vocab, cfg.rl.prompts_per_step, 0)
+    regroups = credit_screen.sample_groups(cfg, model, tok, task, vocab, cfg.rl.prompts_per_step, 1)
+    s = types.SimpleNamespace(cfg=cfg, model=model, tokenizer=tok, task=task, vocab=vocab)
+    ro = groups[0][0]
+    adv = credit_screen.form_advantages(cfg, s, groups[0], 0, 0)[0]
+    assert adv.abs().sum() > 0
+    got = credit_screen.step_gradient(model, ro, adv, cfg.rl)
+    model.zero_grad()
+    ro.adv = adv.float()
+    mask = ro.completion_mask.float()
+    gg.accumulate_policy_gradient(model, ro, mask, cfg.rl, float(mask.sum()), float(mask.shape[0]), 1)
+    want = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+    rows = dict(credit_screen.gradient_similarity([("a", cfg), ("b", cfg)], groups, regroups, s, 0))
+    assert rows["b"]["cos_grpo"] == pytest.approx(1.0, abs=1e-5) and rows["b"]["norm_ratio"] == pytest.approx(1.0)
+    assert -1.0 <= rows["a"]["cos_resample"] < 0.999
