@@ -121,23 +121,44 @@ def step_gradient(model, ro, adv: torch.Tensor, rl) -> torch.Tensor:
     return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
 
 
+def expected_gradient_cosine(a1: torch.Tensor, a2: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor) -> float:
+    """The cosine between two forms' EXPECTED gradients, from two independent samples of each (a1, a2 of form a;
+    b1, b2 of form b; b1 on a1's rollouts, b2 on a2's): for independent samples E[<a1, b2>] = <E a, E b>, so
+    (<a1, b2> + <a2, b1>) / 2 / sqrt(<a1, a2> <b1, b2>) estimates it without the sampling noise, which pulls the
+    cosine of two forms on the same rollouts up (they share it) and that of independent samples towards 0 (NaN
+    where a form's cross-sample dot is not positive: noise only)."""
+    ab = (torch.dot(a1, b2) + torch.dot(a2, b1)) / 2
+    aa, bb = torch.dot(a1, a2), torch.dot(b1, b2)
+    return float(ab / torch.sqrt(aa * bb)) if aa > 0 and bb > 0 else float("nan")
+
+
 def gradient_similarity(forms: list[tuple[str, object]], groups, regroups, s, seed: int) -> list[tuple[str, dict]]:
     """Per form, per chunk (one RL step's prompts): the cosine of its step gradient with GRPO's (the first form) on
     the same rollouts, and with its own gradient on an independent second sample of rollouts of the same prompts
-    (what sampling alone changes); the means over chunks, and the form's gradient norm relative to GRPO's."""
+    (what sampling alone changes); the means over chunks, and the form's gradient norm relative to GRPO's. Over all
+    chunks together (the gradient of every prompt): the cosine of the form's expected gradient with GRPO's
+    (expected_gradient_cosine), whether the credit form changes where the updates go on average."""
     out = {label: {"cos_grpo": [], "cos_resample": [], "norm_ratio": []} for label, _ in forms}
+    total = {label: [0.0, 0.0] for label, _ in forms}  # the summed gradients of the two samples
     for j, (group, regroup) in enumerate(zip(groups, regroups)):
         grads = {}
         for label, cfg in forms:
             g = step_gradient(s.model, group[0], form_advantages(cfg, s, group, j, seed)[0], cfg.rl)
             g2 = step_gradient(s.model, regroup[0], form_advantages(cfg, s, regroup, j, seed + 1)[0], cfg.rl)
             grads[label] = g
+            total[label] = [total[label][0] + g, total[label][1] + g2]
             out[label]["cos_resample"].append(float(torch.nn.functional.cosine_similarity(g, g2, dim=0)))
         ref = grads[forms[0][0]]
         for label, _ in forms:
             out[label]["cos_grpo"].append(float(torch.nn.functional.cosine_similarity(grads[label], ref, dim=0)))
             out[label]["norm_ratio"].append(float(grads[label].norm() / ref.norm()))
-    return [(label, {k: sum(v) / len(v) for k, v in m.items()}) for label, m in out.items()]
+    ref = total[forms[0][0]]
+    rows = []
+    for label, m in out.items():
+        row = {k: sum(v) / len(v) for k, v in m.items()}
+        row["cos_expected"] = expected_gradient_cosine(*total[label], *ref)
+        rows.append((label, row))
+    return rows
 
 
 def report(rows: list[tuple[str, dict]], header: str) -> str:
@@ -151,10 +172,13 @@ def report(rows: list[tuple[str, dict]], header: str) -> str:
 def gradient_report(rows: list[tuple[str, dict]], chunks: int) -> str:
     lines = ["", f"Step gradients (`--gradients`; means over {chunks} chunks of one RL step's prompts each; ratio 1, "
              "no KL): cosine with GRPO's gradient on the same rollouts, cosine with the form's own gradient on a "
-             "second sample of rollouts of the same prompts, and the gradient norm relative to GRPO's.", "",
-             "| credit form | cos with GRPO, same rollouts | cos with itself, resampled rollouts | norm / GRPO's |",
-             "|---|---:|---:|---:|"]
-    lines += [f"| {label} | {m['cos_grpo']:.3f} | {m['cos_resample']:.3f} | {m['norm_ratio']:.2f} |" for label, m in rows]
+             "second sample of rollouts of the same prompts, the gradient norm relative to GRPO's; and over every "
+             "prompt, the cosine of the form's expected gradient with GRPO's (two-sample estimate, "
+             "`expected_gradient_cosine`).", "",
+             "| credit form | cos with GRPO, same rollouts | cos with itself, resampled rollouts | norm / GRPO's | "
+             "cos of expected gradients with GRPO's |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {label} | {m['cos_grpo']:.3f} | {m['cos_resample']:.3f} | {m['norm_ratio']:.2f} | "
+              f"{m['cos_expected']:.3f} |" for label, m in rows]
     return "\n".join(lines) + "\n"
 
 

@@ -675,3 +675,19 @@ def test_credit_screen_step_gradient_is_the_trainers_gradient(tmp_path, sft_ckpt
     rows = dict(credit_screen.gradient_similarity([("a", cfg), ("b", cfg)], groups, regroups, s, 0))
     assert rows["b"]["cos_grpo"] == pytest.approx(1.0, abs=1e-5) and rows["b"]["norm_ratio"] == pytest.approx(1.0)
     assert -1.0 <= rows["a"]["cos_resample"] < 0.999
+    c = rows["b"]["cos_expected"]  # a form against itself: 1, or NaN where one chunk of a tiny policy is noise only
+    assert math.isnan(c) or c == pytest.approx(1.0, abs=1e-5)
+
+
+def test_expected_gradient_cosine_removes_the_sampling_noise_by_hand():
+    """Means E a = (1, 0), E b = (1, 1) (cosine 0.7071) plus each sample's noise (e2 in sample 1, e3 in sample 2),
+    shared by both forms as two forms on the same rollouts share it: the same-rollout cosine of a1 and b1 is
+    2 / (sqrt 2 sqrt 3) = 0.816 (the shared noise pulls it up), the two-sample estimate 1 / sqrt(1 * 2)."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import credit_screen
+    e = torch.eye(4, dtype=torch.float64)
+    a1, a2 = e[0] + e[2], e[0] + e[3]
+    b1, b2 = e[0] + e[1] + e[2], e[0] + e[1] + e[3]
+    assert float(torch.nn.functional.cosine_similarity(a1, b1, dim=0)) == pytest.approx(0.8165, abs=1e-4)
+    assert credit_screen.expected_gradient_cosine(a1, a2, b1, b2) == pytest.approx(2 ** -0.5)
+    assert math.isnan(credit_screen.expected_gradient_cosine(e[2], e[3], b1, b2))  # a is noise only: <a1, a2> = 0
