@@ -408,8 +408,12 @@ ABSTAIN_CLAIMS = pair_claims((("others_abstain", "grpo"), ("others_abstain", "gr
 # and the default on data.seed 2718 (a new draw of every split's examples from the same catalogue), seeds
 # 0-7, the ablation's settings. The rule is in the README.
 FRESH_DATA = ("--data.seed=2718",)
-FRESH_CLAIMS = pair_claims((("graph_others", "grpo"), ("grpo", "sft_masked"), ("graph_others", "sft_masked"))) + \
-    half_budget_claims((("graph_others", "grpo"),))
+FRESH_ROWS = SUPPLEMENT_ROWS[:3] + (
+    # added at 14:16, when the abstain study had made it the default, before any run of it on this data
+    replace(ABSTAIN_ROWS[3], title="Graph-GRPO default since the abstain study (comparator abstains)"),)
+FRESH_CLAIMS = pair_claims((("graph_others", "grpo"), ("grpo", "sft_masked"), ("graph_others", "sft_masked"),
+                            ("others_abstain", "grpo"), ("others_abstain", "graph_others"))) + \
+    half_budget_claims((("graph_others", "grpo"), ("others_abstain", "grpo")))
 
 # The paper's recipe on its own 7-node graph at the current code, 3 seeds (issue 14 item 5; 2026-11-30 22:15): the
 # claims table's "its 7-node graph" row had one seed of the 200-step ablation. configs/paper.yaml as it is now
@@ -471,7 +475,7 @@ STUDIES = {s.name: s for s in (
           what="GRPO and the default with 16 prompts x 8 rollouts a step against 8 x 16"),
     Study("abstain", ABSTAIN_ROWS, seeds="0-15", rl_steps=200, eval_every=25, eval_items=0, score_last=3,
           claims=ABSTAIN_CLAIMS, what="the default with a comparator that abstains on forms it does not know, 16 seeds"),
-    Study("fresh", SUPPLEMENT_ROWS[:3], rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=FRESH_CLAIMS,
+    Study("fresh", FRESH_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=FRESH_CLAIMS,
           extra=FRESH_DATA, what="the SFT start, GRPO and the default on testbed data of another generator seed"),
     Study("paper", PAPER_ROWS, seeds="0-2", rl_steps=200, eval_every=25, eval_items=0, score_last=3,
           claims=PAPER_CLAIMS, what="the paper's recipe on its 7-node graph at the current code, 3 seeds"),
@@ -516,10 +520,16 @@ def eval_json_of(out: str, row: Row, seed: int) -> str:
     return os.path.join(d, {"sft": "sft", "rl": "", "distill": "student"}[row.kind], "eval.json")
 
 
+# Every study before 2026-12-01's 'abstain' study ran with the comparator guessing on forms it does not know; since
+# then configs/base.yaml has it abstain. Pinned for every run, so that a study re-run from scratch makes the rows it
+# made; a row that tests abstaining sets it itself (ABSTAIN, after this).
+PINNED = ("--reward.comparator_unknown=mismatch",)
+
+
 def make_jobs(args) -> list[Job]:
     """Every (row, seed) run, seed-major, with its command line and the runs it waits for."""
     common = ["--run.device=cpu", "--run.num_threads=1", f"--data.dir={os.path.join(args.out, 'data')}",
-              "--run.save_every=20", "--run.keep_last=1", *STUDIES[args.study].extra, *args.extra]
+              "--run.save_every=20", "--run.keep_last=1", *PINNED, *STUDIES[args.study].extra, *args.extra]
     rl = [f"--rl.steps={args.rl_steps}", f"--rl.eval_every={args.eval_every}", f"--rl.eval_items={args.eval_items}"]
     by_name = rows_of(args.study)
     rows = [by_name[n] for n in args.rows] if args.rows else list(by_name.values())

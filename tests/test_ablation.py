@@ -187,6 +187,9 @@ def test_every_row_of_every_study_makes_a_valid_config(study, tmp_path, monkeypa
     for job in jobs:
         cfg = parse_args(job.args[2:])[0]  # [python, script, config, overrides...]; exit 2 (SystemExit) on a bad row
         assert cfg.data.seed == (2718 if study == "fresh" else 1234)  # a study's own overrides reach every run
+        # every study ran with the guessing comparator but the rows that test abstaining (PINNED)
+        assert cfg.reward.comparator_unknown == ("abstain" if job.row.name in ("others_abstain", "abstain_heavy")
+                                                 else "mismatch"), job.row.name
 
 
 def test_gate_replay_moves_down_on_a_positive_trace_and_names_a_run_without_gradients(tmp_path):
