@@ -2,7 +2,7 @@
 DESIGN 4.2; README, "Credit accuracy without training").
 
     python experiments/credit_screen.py RUN_DIR CHECKPOINT [--prompts 256] [--seed 0] [--rollout-samples 4]
-                                        [--out results/credit_screen.md] [--data.dir=DIR ...]
+                                        [--gradients] [--out results/credit_screen.md] [--data.dir=DIR ...]
 
 RUN_DIR holds the config.yaml of a run (its data, graph and credit settings); CHECKPOINT is the policy to sample
 from (an SFT start, or an RL checkpoint). The first --prompts items of the RL pool are sampled once, G rollouts
@@ -17,6 +17,9 @@ from another directory: a synthetic data.dir that does not exist is refused rath
 It answers what the training studies cannot afford to: how often each form gives a correct step a negative
 advantage in the same groups, including the forms that use gold step labels, which bound what non-gold credit
 can reach under this sign-based measure. It trains nothing and says nothing about which form learns better.
+With --gradients it also compares the forms' step gradients (gradient_similarity): how far a credit form turns one
+step's update, and the expected update, away from GRPO's, against how far a second sample of rollouts turns it
+(README, "How far a credit form moves the update from GRPO's"; results/credit_gradients.md).
 """
 from __future__ import annotations
 
