@@ -417,7 +417,7 @@ BATCH_ROWS = ABSTAIN_ROWS[:4] + (
 )
 BATCH_CLAIMS = pair_claims((("abstain_b32", "grpo_b32"), ("others_abstain", "grpo"), ("grpo_b32", "grpo"),
                             ("abstain_b32", "others_abstain"))) + interaction_claims(
-    (("abstain_b32", "grpo_b32", "others_abstain", "grpo"),))
+    (("abstain_b32", "grpo_b32", "others_abstain", "grpo"),)) + half_budget_claims((("abstain_b32", "grpo_b32"),))
 
 # Testbed data the project has not used (issue 14: "your results are checked again on testbed data the project has
 # not seen"; 2026-12-01 14:05). Every study so far ran on the generator's data.seed 1234. The masked SFT start, GRPO
