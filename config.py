@@ -269,8 +269,8 @@ class CreditConfig:
     """outcome: GRPO; process: verifier evidence, alpha 0; stepwise: TaoSR-SHE; rule_shaped: TaoSR-AGRL; graph: Graph-GRPO"""
     scale: Literal["group", "batch", "node", "none"] = "group"
     """advantage scale (Eq. 2): group: std_j R_j + eps per group; batch: batch std (outcome only); node: per-node z-score over the group, (c - mean) / std (graph only); none: 1"""
-    evidence: Literal["baseline", "group", "verifier", "both", "rollout"] = "group"
-    """own evidence a_{i,v}: baseline R - V; group Eq. 1a; verifier s - mean s; both: group + verifier; rollout: Monte-Carlo node values, Eq. 1c"""
+    evidence: Literal["baseline", "group", "verifier", "both", "rollout", "outcome"] = "group"
+    """own evidence a_{i,v}: baseline R - V; group Eq. 1a; verifier s - mean s; both: group + verifier; rollout: Monte-Carlo node values, Eq. 1c; outcome: R - mean R at the label only (step evidence from probe_weight alone)"""
     rollout_samples: int = 2
     """evidence rollout: continuations K sampled from each distinct prefix at a node boundary (Eq. 1c)"""
     value: Literal["include_self", "leave_one_out", "others"] = "include_self"
@@ -291,6 +291,8 @@ class CreditConfig:
     """trust weights beta of the grounding and comparator verifier scores (evidence verifier | both)"""
     verifier_weight_max: float = 2.0
     """the learned trust weights are kept in [0, verifier_weight_max]"""
+    probe_weight: float = 0.0
+    """weight of the label-probe evidence (ours, issue 14): on each verdict step, P(gold label | the rollout's CoT) - P(gold label | the same CoT with that step's content masked), read from the policy at the label's open tag (graph_grpo.step_probes), added to the own evidence before Eq. 1b; 0: off. Graph mode, any evidence but baseline"""
 
 
 @dataclass
@@ -640,7 +642,7 @@ POSITIVE = ("run.log_every run.save_every run.keep_last data.n_sft data.n_rl mod
             "distill.tau distill.hidden_size distill.num_layers distill.num_heads distill.max_length").split()
 NON_NEGATIVE = ("run.num_threads data.n_test_id data.n_test_longtail sft.warmup sft.weight_decay sft.grad_clip "
                 "rl.weight_decay rl.grad_clip rl.warmup rl.beta rl.eps_high rl.eval_every rl.eval_items "
-                "rl.n_samples_logged credit.alpha_min controller.snr_z eval.max_items distill.warmup distill.max_train "
+                "rl.n_samples_logged credit.alpha_min credit.probe_weight controller.snr_z eval.max_items distill.warmup distill.max_train "
                 "distill.label_ce_weight").split()
 UNIT = "data.longtail_in_sft data.longtail_in_rl mask.p_node mask.p_tok".split()  # probabilities in [0, 1]
 BELOW_ONE = "rl.eps_low distill.dropout".split()                                  # in [0, 1)

@@ -41,7 +41,7 @@ ZERO_EVIDENCE_TOL = 1e-9
 
 OUTCOME_SCALES = ("group", "batch", "none")
 NODE_SCALES = ("group_outcome", "none", "node")
-EVIDENCE_FORMS = ("group", "baseline", "verifier", "both", "rollout")
+EVIDENCE_FORMS = ("group", "baseline", "verifier", "both", "rollout", "outcome")
 GATE_FORMS = ("rule", "none")
 VALUE_FORMS = ("include_self", "leave_one_out", "others")
 SHIELD_FORMS = ("none", "verifier")
@@ -74,6 +74,7 @@ class CreditBatch:
     parsed: Tensor               # (B,) bool: format valid; False rows get the outcome advantage on every token
     scores: Tensor | None = None  # (B, N, S) float in [0, 1] local verifier scores per kind; NaN where a kind does not apply
     values: Tensor | None = None  # (B, N, 2) Monte-Carlo values of the prefix before / after slot v (Eq. 1c)
+    probes: Tensor | None = None  # (B, N) label-probe evidence of slot v (graph_grpo.step_probes); NaN where none
 
     @property
     def num_slots(self) -> int:
@@ -89,6 +90,8 @@ class CreditBatch:
         for name, shape in expect.items():
             if tuple(getattr(self, name).shape) != shape:
                 raise ValueError(f"CreditBatch.{name} has shape {tuple(getattr(self, name).shape)}, expected {shape}")
+        if self.probes is not None and tuple(self.probes.shape) != (B, N):
+            raise ValueError(f"CreditBatch.probes has shape {tuple(self.probes.shape)}, expected ({B}, {N})")
         if self.scores is not None and tuple(self.scores.shape[:2]) != (B, N):
             raise ValueError(f"CreditBatch.scores has shape {tuple(self.scores.shape)}, expected ({B}, {N}, S)")
         check_schema(self.parents, self.edge_types, self.num_edge_types, N)
@@ -435,18 +438,21 @@ def token_advantages(node_adv: Tensor, spans: Tensor, parsed: Tensor, outcome_ad
 def graph_node_advantages(batch: CreditBatch, *, evidence: str = "group", gate: str = "rule",
                           scale: str = "group_outcome", eps: float = DEFAULT_EPS, alpha: Tensor | None = None,
                           verifier_weights: Tensor | None = None, value: str = "include_self",
-                          shield: str = "none") -> tuple[Tensor, Tensor]:
+                          shield: str = "none", probe_weight: float = 0.0) -> tuple[Tensor, Tensor]:
     """(node advantages A (B, N), own evidence a (B, N)) of Graph-GRPO (Eqs. 1a, 1b, 2).
 
     evidence: 'group' Eq. 1a; 'baseline' c = R - V with no propagation (alpha unused); 'verifier'
     beta * (s - mean s) on every scored node plus the outcome R_i - mean_j R_j at the sinks (the
     outcome must enter somewhere, and where else than at the label: this is the independent
     process-reward baseline when alpha = 0); 'both' Eq. 1a plus the verifier term; 'rollout' Eq. 1c (Monte-Carlo
-    node values in batch.values).
+    node values in batch.values); 'outcome' the outcome at the sinks only (the verifier form without its scores:
+    the step evidence is then probe_weight's alone).
     gate: 'rule' uses batch.gate; 'none' sets every gate to 1. value: 'include_self' (DESIGN's V),
     'leave_one_out', or 'others' (leave_one_out for Q too; see group_values). shield: 'verifier' filters what
     each step receives from its children by the verifiers' local verdict (verified_steps, shielded; needs
-    batch.scores), 'none' is Eq. 1b as written.
+    batch.scores), 'none' is Eq. 1b as written. probe_weight > 0 adds probe_weight * p to the own
+    evidence of every step with a label-probe score p (batch.probes, graph_grpo.step_probes; ours, issue 14), before
+    propagation.
     """
     if shield not in SHIELD_FORMS:
         raise ValueError(f"shield={shield!r}, expected one of {SHIELD_FORMS}")
@@ -479,6 +485,11 @@ def graph_node_advantages(batch: CreditBatch, *, evidence: str = "group", gate: 
         if b.scores is None or verifier_weights is None:
             raise ValueError(f"evidence={evidence!r} needs batch.scores and verifier_weights")
         a = a + verifier_evidence(b.scores, b.present, G, verifier_weights)
+    if probe_weight:
+        if b.probes is None:
+            raise ValueError("probe_weight > 0 needs batch.probes (the label-probe evidence)")
+        p = b.probes.to(a.dtype)  # a difference of two beliefs already: not centred (README, the probe study)
+        a = a + probe_weight * torch.where(b.present & ~torch.isnan(p), p, torch.zeros_like(p))
     if alpha is None:
         raise ValueError(f"evidence={evidence!r} propagates credit (Eq. 1b) and needs alpha ({b.num_edge_types},)")
     if alpha.shape != (b.num_edge_types,):
@@ -558,7 +569,8 @@ def compute_advantages(batch: CreditBatch, *, num_tokens: int, mode: str = "grap
                        gate: str = "rule", scale: str = "group_outcome", outcome_scale: str = "group",
                        eps: float = DEFAULT_EPS, alpha: Tensor | None = None,
                        verifier_weights: Tensor | None = None, value: str = "include_self",
-                       batch_std: float | None = None, shield: str = "none") -> tuple[Tensor, dict]:
+                       batch_std: float | None = None, shield: str = "none",
+                       probe_weight: float = 0.0) -> tuple[Tensor, dict]:
     """(B, T) token advantages and a stats dict: the one call the trainer makes (DESIGN sections 4, 6).
 
     mode 'outcome': plain GRPO, outcome_advantages(scale=outcome_scale) on every token.
@@ -577,7 +589,8 @@ def compute_advantages(batch: CreditBatch, *, num_tokens: int, mode: str = "grap
         token_adv = outcome[:, None].expand(-1, num_tokens).clone()
         return token_adv, {"credit/outcome_abs_adv": float(outcome.abs().mean())}
     node_adv, own = graph_node_advantages(b, evidence=evidence, gate=gate, scale=scale, eps=eps, alpha=alpha,
-                                          verifier_weights=verifier_weights, value=value, shield=shield)
+                                          verifier_weights=verifier_weights, value=value, shield=shield,
+                                          probe_weight=probe_weight)
     token_adv = token_advantages(node_adv, b.spans, b.parsed, outcome, num_tokens)
     stats = credit_stats(b, node_adv, own if evidence != "baseline" else None)
     stats["credit/outcome_abs_adv"] = float(outcome.abs().mean())

@@ -50,6 +50,8 @@ FORMS = (
     ("the run's credit + verifier shield", ("--credit.shield=verifier",)),
     ("Monte-Carlo node values, alpha 0", ("--credit.mode=graph", "--credit.evidence=rollout", "--credit.alpha_init=0")),
     ("Monte-Carlo node values, alpha 1", ("--credit.mode=graph", "--credit.evidence=rollout", "--credit.alpha_init=1")),
+    ("the run's credit + label-probe evidence, weight 0.5", ("--credit.probe_weight=0.5",)),
+    ("the run's credit + label-probe evidence, weight 1", ("--credit.probe_weight=1",)),
     ("process (verifier evidence, alpha 0)", ("--credit.mode=process",)),
     ("TaoSR-SHE stepwise (gold step labels)", ("--credit.mode=stepwise",)),
     ("gold step labels as verifier scores, group + verifier evidence, alpha 1",
@@ -94,6 +96,8 @@ def form_advantages(cfg, s, group, j: int, seed: int) -> tuple[torch.Tensor, cre
     if cr.monte_carlo:
         with torch.no_grad():
             cb.values, _ = gg.monte_carlo_values(s, ro, prompts, cb, seed + gg.MC_SEED + j)
+    if cr.probes:
+        cb.probes, _ = gg.step_probes(s, ro, prompts, cb)
     adv, _ = credit.compute_advantages(cb, num_tokens=T, alpha=alpha, verifier_weights=weights, **cr.kwargs)
     return adv.detach(), cb, rewards
 
