@@ -372,6 +372,28 @@ def test_verifier_alpha_zero_is_independent_process_baseline():
     close(A1[:, 0], A[:, 0] + A[:, 1])
 
 
+def test_label_probe_evidence_by_hand():
+    """credit.probe_weight on the chain X -> Y, G = 4: evidence 'outcome' gives the outcome R - mean R at the sink
+    only, the probe adds probe_weight * p where a step has a probe score (NaN: nothing), before propagation; added to
+    group evidence it adds the same, uncentred."""
+    nan = float("nan")
+    b = make_batch([1., 0., 0., 1.], [[0, 0]] * 4, [[], [0]], [[], [0]], 4)
+    b.probes = t([[.25, nan], [-.5, nan], [nan, nan], [0., nan]])
+    A, a = graph_node_advantages(b, evidence="outcome", scale="none", alpha=t([0.]), probe_weight=2.)
+    close(a[:, 0], [.5, -1., 0., 0.])                  # 2 * p, 0 where NaN
+    close(A[:, 1], [.5, -.5, -.5, .5])                 # Y: R - mean R
+    A1, _ = graph_node_advantages(b, evidence="outcome", scale="none", alpha=t([1.]), probe_weight=2.)
+    close(A1[:, 0], [1., -1.5, -.5, .5])               # X also receives Y's credit
+    off, a0 = graph_node_advantages(b, evidence="outcome", scale="none", alpha=t([0.]))
+    close(a0[:, 0], [0., 0., 0., 0.])                  # without the probe the outcome form has no step evidence
+    g, ag = graph_node_advantages(b, evidence="group", scale="none", alpha=t([0.]))
+    gp, agp = graph_node_advantages(b, evidence="group", scale="none", alpha=t([0.]), probe_weight=2.)
+    close(agp - ag, torch.stack([t([.5, -1., 0., 0.]), t([0., 0., 0., 0.])], 1))
+    with pytest.raises(ValueError, match="needs batch.probes"):
+        graph_node_advantages(make_batch([1., 0., 0., 1.], [[0, 0]] * 4, [[], [0]], [[], [0]], 4), evidence="outcome",
+                              alpha=t([0.]), probe_weight=1.)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_identical_key_in_group_has_zero_own_evidence(seed):
     b, _ = random_dag_batch(seed, p_present=1.0, n_keys=3)

@@ -582,6 +582,72 @@ def test_monte_carlo_node_values_telescope_are_reproducible_and_shared():
     assert torch.equal(values[4:], ro.rewards[4:, None, None].double().expand(4, len(schema.slots), 2))
 
 
+def test_step_masked_hides_one_steps_content_and_keeps_tags():
+    """graph_grpo.step_masked by hand: tags 100-105; the step spans positions 3..7 (its tags 3 and 7 kept, its
+    content 4-6 masked as 9), the input stops at position 10 (the label's open tag, 10 exclusive)."""
+    comp = [100, 1, 101, 102, 2, 3, 4, 103, 104, 5, 105, 6]
+    assert gg.step_masked(comp, (3, 8), 10, {100, 101, 102, 103, 104, 105}, 9) == [100, 1, 101, 102, 9, 9, 9, 103, 104, 5]
+    assert gg.step_masked(comp, (0, 0), 12, {100}, 9) == comp   # an empty span masks nothing
+
+
+def test_step_probes_equal_a_direct_forward_per_input_and_do_not_depend_on_chunking():
+    """credit.probe_weight's evidence (graph_grpo.step_probes): on a verdict step, E[r] of the label belief after the
+    CoT minus the same with the step masked, each read by a plain one-row forward here; NaN on understanding steps,
+    the label and unparsed rollouts; identical inputs of a group run once; one input per chunk gives the same."""
+    schema = data.GraphSchema()
+    cfg = load_config("configs/tiny.yaml", ["--credit.mode=graph", "--credit.evidence=outcome", "--credit.probe_weight=1",
+                                            "--reward.kind=graded"])
+    splits = testbed.generate_splits(schema, 5, 8, 0, 0, 0, 0.0, 0.5)
+    tok = policy.build_word_tokenizer(testbed.vocabulary(schema, splits["sft"]))
+    torch.manual_seed(0)
+    model = policy.build_tiny_model(len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, hidden_size=32,
+                                    num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
+    vocab = data.TagVocab.from_tokenizer(tok, schema)
+    s = types.SimpleNamespace(cfg=cfg, model=model, tokenizer=tok, vocab=vocab,
+                              task=types.SimpleNamespace(schema=schema, strict=True))
+    exs, G = splits["sft"][:2], 4
+    prompts = [policy.encode(tok, data.format_prompt(e.query, e.product), True) for e in exs]
+    gold = [policy.encode(tok, data.serialize_cot(e.cot, schema), True) + [tok.eos_token_id] for e in exs]
+    comps = [gold[0], gold[0], gold[0][:5], gold[0]] + [gold[1]] * 3 + [[tok.eos_token_id]]
+    ro = gg.Rollouts(*gg.pack(prompts, comps, tok.pad_token_id, "cpu"), group_size=G, examples=exs, completions=comps)
+    gg.score_rollouts(ro, vocab, schema, cfg.reward)
+    cb = gg.credit_batch(ro.parses, ro.rewards, G, schema, ro.completion_mask.shape[1], None)
+    assert cfg.rl.temperature == 0.7   # the belief is read at the sampling temperature
+    probes, cost = gg.step_probes(s, ro, prompts, cb)
+    labels = gg.label_token_ids(tok, schema, True)
+    assert labels == [tok.convert_tokens_to_ids(n) for n in schema.label_names]
+    tags, mask_id = set(vocab.id_to_tag), tok.convert_tokens_to_ids(policy.SPECIAL_TOKENS["mask_token"])
+    y = schema.slots.index("y")
+    L = len(schema.label_names)
+
+    def expected_reward(i, ids):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompts[i // G] + ids])).logits[0, -1]
+        belief = torch.softmax(logits[labels].double() / 0.7, -1)   # tiny.yaml's rl.temperature
+        return float(sum(belief[l] * (1 - abs(l - exs[i // G].label) / (L - 1)) for l in range(L)))
+
+    checked = 0
+    for i in range(len(comps)):
+        for v, name in enumerate(schema.slots):
+            verdict = schema.slot_info[name].type.role == "verdict"
+            if not (verdict and cb.parsed[i] and cb.present[i, v] and cb.present[i, y]):
+                assert math.isnan(probes[i, v]), (i, name)
+                continue
+            stop = int(cb.spans[i, y, 0]) + 1
+            full = expected_reward(i, comps[i][:stop])
+            a, b = int(cb.spans[i, v, 0]), int(cb.spans[i, v, 1])
+            masked = [mask_id if a <= k < b and t not in tags else t for k, t in enumerate(comps[i][:stop])]
+            assert masked != comps[i][:stop]
+            assert probes[i, v].item() == pytest.approx(full - expected_reward(i, masked), abs=1e-5)
+            checked += 1
+    n0, n1 = int(cb.present[0].sum()) - 3, int(cb.present[4].sum()) - 3   # verdict steps of each gold CoT
+    assert checked == 3 * n0 + 3 * n1 and not cb.parsed[7]
+    assert cost["probe/inputs"] == (1 + n0) + (1 + n1)   # the repeated rollouts share their inputs
+    s.cfg.eval.batch_size = 1
+    again, _ = gg.step_probes(s, ro, prompts, cb)
+    torch.testing.assert_close(again, probes, atol=1e-6, rtol=0, equal_nan=True)
+
+
 def test_alignment_dots_from_the_update_pass_equal_a_direct_computation():
     """controller.objective alignment: the update pass collects the output layer's inputs and the graph loss's
     output-layer gradient (micro-batched, trimmed, shared-prompt forward); the d~_t it gives equal
