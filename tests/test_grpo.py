@@ -303,11 +303,12 @@ def test_single_process_run_writes_metrics_samples_and_eval(tmp_path, sft_ckpt):
 
 def test_torchrun_two_ranks_on_gloo(tmp_path, sft_ckpt):
     """2 ranks train one model: at every checkpoint the ranks' parameters, optimizer moments and alpha are the
-    same (ddp/replica_max_diff, from all-gathered digests), on a run that learns and moves alpha."""
+    same (ddp/replica_max_diff, from all-gathered digests), on a run that learns and moves alpha (with the label
+    probe on: each rank probes its own rollouts)."""
     out = tmp_path / "ddp"
     r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
               *_rl_args(out, sft_ckpt, "--credit.mode=graph", "--controller.mode=meta", "--controller.accumulate=2",
-                        "--controller.snr_z=0.5", "--rl.steps=6", "--run.save_every=3")])
+                        "--controller.snr_z=0.5", "--rl.steps=6", "--run.save_every=3", "--credit.probe_weight=1")])
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "checkpoint" / "config.json").exists()
     lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
@@ -315,6 +316,7 @@ def test_torchrun_two_ranks_on_gloo(tmp_path, sft_ckpt):
     digests = [rec["ddp/replica_max_diff"] for rec in lines if "ddp/replica_max_diff" in rec]
     assert len(digests) == 2 and digests == [0.0, 0.0]
     assert any(a != 1.0 for rec in lines for k, a in rec.items() if k.startswith("alpha/"))
+    assert all(rec["probe/inputs"] > 0 for rec in lines if "step" in rec and "reward" in rec)
 
 
 def assert_learning_signal(lines):
