@@ -355,7 +355,9 @@ def step_probes(s: "RL", ro: Rollouts, prompts: list[list[int]], cb: credit.Cred
     step_masked), and needs only the gold label the outcome reward already uses. Measured on SFT rollouts (README):
     it tells wrong verdicts from right ones (AUC 0.82-0.83, 0.87 where the comparator abstains; the comparator 0.74),
     understanding steps not (0.45-0.50): only verdict steps get a score. NaN elsewhere, and in rollouts that do not
-    parse or have no label node. Identical inputs within a group run once; forwards in chunks of eval.batch_size."""
+    parse or have no label node. Identical inputs within a group run once; forwards in chunks of eval.batch_size.
+    In training it did not help (the probe study, README: alone it learns worse than GRPO, on top of the default
+    nothing), which is why credit.probe_weight is 0 by default."""
     t0, G, schema, T = time.time(), ro.group_size, s.task.schema, s.cfg.rl.temperature
     B, N = cb.present.shape
     y = schema.slots.index(schema.label_slot)
