@@ -292,7 +292,7 @@ class CreditConfig:
     verifier_weight_max: float = 2.0
     """the learned trust weights are kept in [0, verifier_weight_max]"""
     probe_weight: float = 0.0
-    """weight of the label-probe evidence (ours, issue 14): on each verdict step, P(gold label | the rollout's CoT) - P(gold label | the same CoT with that step's content masked), read from the policy at the label's open tag (graph_grpo.step_probes), added to the own evidence before Eq. 1b; 0: off. Graph mode, any evidence but baseline"""
+    """weight of the label-probe evidence (ours, issue 14): on each verdict step, the expected outcome reward of the policy's label belief after the rollout's CoT minus the same with that step's content masked (P(gold label) under reward.kind exact), read at the label's open tag (graph_grpo.step_probes), added to the own evidence before Eq. 1b; 0: off. Graph mode, any evidence but baseline"""
 
 
 @dataclass
@@ -642,8 +642,8 @@ POSITIVE = ("run.log_every run.save_every run.keep_last data.n_sft data.n_rl mod
             "distill.tau distill.hidden_size distill.num_layers distill.num_heads distill.max_length").split()
 NON_NEGATIVE = ("run.num_threads data.n_test_id data.n_test_longtail sft.warmup sft.weight_decay sft.grad_clip "
                 "rl.weight_decay rl.grad_clip rl.warmup rl.beta rl.eps_high rl.eval_every rl.eval_items "
-                "rl.n_samples_logged credit.alpha_min credit.probe_weight controller.snr_z eval.max_items distill.warmup distill.max_train "
-                "distill.label_ce_weight").split()
+                "rl.n_samples_logged credit.alpha_min credit.probe_weight controller.snr_z eval.max_items distill.warmup "
+                "distill.max_train distill.label_ce_weight").split()
 UNIT = "data.longtail_in_sft data.longtail_in_rl mask.p_node mask.p_tok".split()  # probabilities in [0, 1]
 BELOW_ONE = "rl.eps_low distill.dropout".split()                                  # in [0, 1)
 

@@ -149,7 +149,7 @@ def outcome_reward(parsed: data.ParsedCoT, gold: int, num_labels: int, kind: str
 
 
 def label_reward(label: int, gold: int, num_labels: int, kind: str) -> float:
-    """The outcome reward of the label `label` where `gold` is right: 1 or 0 ('graded': 1 - |label - gold| / (L - 1))."""
+    """The outcome reward of writing `label` where `gold` is right: 1 or 0 ('graded': 1 - |label - gold| / (L - 1))."""
     if kind == "graded":
         return 1.0 - abs(label - gold) / (num_labels - 1)
     return float(label == gold)

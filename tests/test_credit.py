@@ -384,10 +384,10 @@ def test_label_probe_evidence_by_hand():
     close(A[:, 1], [.5, -.5, -.5, .5])                 # Y: R - mean R
     A1, _ = graph_node_advantages(b, evidence="outcome", scale="none", alpha=t([1.]), probe_weight=2.)
     close(A1[:, 0], [1., -1.5, -.5, .5])               # X also receives Y's credit
-    off, a0 = graph_node_advantages(b, evidence="outcome", scale="none", alpha=t([0.]))
+    _, a0 = graph_node_advantages(b, evidence="outcome", scale="none", alpha=t([0.]))
     close(a0[:, 0], [0., 0., 0., 0.])                  # without the probe the outcome form has no step evidence
-    g, ag = graph_node_advantages(b, evidence="group", scale="none", alpha=t([0.]))
-    gp, agp = graph_node_advantages(b, evidence="group", scale="none", alpha=t([0.]), probe_weight=2.)
+    _, ag = graph_node_advantages(b, evidence="group", scale="none", alpha=t([0.]))
+    _, agp = graph_node_advantages(b, evidence="group", scale="none", alpha=t([0.]), probe_weight=2.)
     close(agp - ag, torch.stack([t([.5, -1., 0., 0.]), t([0., 0., 0., 0.])], 1))
     with pytest.raises(ValueError, match="needs batch.probes"):
         graph_node_advantages(make_batch([1., 0., 0., 1.], [[0, 0]] * 4, [[], [0]], [[], [0]], 4), evidence="outcome",

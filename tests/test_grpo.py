@@ -588,7 +588,8 @@ def test_step_masked_hides_one_steps_content_and_keeps_tags():
     """graph_grpo.step_masked by hand: tags 100-105; the step spans positions 3..7 (its tags 3 and 7 kept, its
     content 4-6 masked as 9), the input stops at position 10 (the label's open tag, 10 exclusive)."""
     comp = [100, 1, 101, 102, 2, 3, 4, 103, 104, 5, 105, 6]
-    assert gg.step_masked(comp, (3, 8), 10, {100, 101, 102, 103, 104, 105}, 9) == [100, 1, 101, 102, 9, 9, 9, 103, 104, 5]
+    tags = {100, 101, 102, 103, 104, 105}
+    assert gg.step_masked(comp, (3, 8), 10, tags, 9) == [100, 1, 101, 102, 9, 9, 9, 103, 104, 5]
     assert gg.step_masked(comp, (0, 0), 12, {100}, 9) == comp   # an empty span masks nothing
 
 
@@ -597,8 +598,8 @@ def test_step_probes_equal_a_direct_forward_per_input_and_do_not_depend_on_chunk
     CoT minus the same with the step masked, each read by a plain one-row forward here; NaN on understanding steps,
     the label and unparsed rollouts; identical inputs of a group run once; one input per chunk gives the same."""
     schema = data.GraphSchema()
-    cfg = load_config("configs/tiny.yaml", ["--credit.mode=graph", "--credit.evidence=outcome", "--credit.probe_weight=1",
-                                            "--reward.kind=graded"])
+    cfg = load_config("configs/tiny.yaml", ["--credit.mode=graph", "--credit.evidence=outcome",
+                                            "--credit.probe_weight=1", "--reward.kind=graded"])
     splits = testbed.generate_splits(schema, 5, 8, 0, 0, 0, 0.0, 0.5)
     tok = policy.build_word_tokenizer(testbed.vocabulary(schema, splits["sft"]))
     torch.manual_seed(0)
