@@ -69,6 +69,25 @@ COLUMNS = (("credit/misassigned_correct", "P(A<0 \\| correct)"),
            ("credit/wrong_mass_share", "\\|A\\| share on wrong steps of failed rollouts"))
 
 
+def load_run(run_dir: str, checkpoint: str, overrides: list[str], seed: int) -> tuple:
+    """(RUN_DIR's config path, its config with `overrides`, the task, the policy at CHECKPOINT on the CPU, its tokenizer
+    and tag vocabulary), torch seeded; PathError naming the file where RUN_DIR has no config.yaml or its synthetic
+    data.dir does not exist from here."""
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        raise PathError(f"{path}: no such file (RUN_DIR must be a run directory with its config.yaml)")
+    cfg = config.load_config(path, overrides)
+    if cfg.data.source == "synthetic" and not os.path.isdir(cfg.data.dir):
+        raise PathError(f"data.dir = {cfg.data.dir} (from {path}) does not exist here: run from the directory the run "
+                        f"was started in, or pass --data.dir=")
+    torch.manual_seed(seed)
+    torch.set_num_threads(cfg.run.num_threads or 1)
+    task = testbed.load_task(cfg)
+    model, tok = policy.load_policy(checkpoint, task.schema.words(), dtype=torch.float32, device="cpu",
+                                    key="CHECKPOINT")
+    return path, cfg, task, model, tok, data.TagVocab.from_tokenizer(tok, task.schema)
+
+
 def sample_groups(cfg, model, tok, task, vocab, n_prompts: int, seed: int) -> list[tuple]:
     """[(rollouts, prompt ids, per-source local scores, gold correctness)] in chunks of rl.prompts_per_step."""
     pool, G, chunk, out = task.splits["rl"], cfg.rl.num_generations, cfg.rl.prompts_per_step, []
@@ -205,20 +224,8 @@ def main(argv=None) -> None:
     args, extra = ap.parse_known_args(argv)
     if args.prompts < 1 or args.rollout_samples < 1:
         raise config.ConfigError("--prompts and --rollout-samples must be at least 1")
-    path = os.path.join(args.run_dir, "config.yaml")
-    if not os.path.isfile(path):
-        raise PathError(f"{path}: no such file (RUN_DIR must be a run directory with its config.yaml)")
     common = [f"--credit.rollout_samples={args.rollout_samples}", *extra]
-    base = config.load_config(path, common)
-    if base.data.source == "synthetic" and not os.path.isdir(base.data.dir):
-        raise PathError(f"data.dir = {base.data.dir} (from {path}) does not exist here: run from the directory the run "
-                        f"was started in, or pass --data.dir=")
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(base.run.num_threads or 1)
-    task = testbed.load_task(base)
-    model, tok = policy.load_policy(args.checkpoint, task.schema.words(), dtype=torch.float32, device="cpu",
-                                    key="CHECKPOINT")
-    vocab = data.TagVocab.from_tokenizer(tok, task.schema)
+    path, base, task, model, tok, vocab = load_run(args.run_dir, args.checkpoint, common, args.seed)
     groups = sample_groups(base, model, tok, task, vocab, args.prompts, args.seed)
     rows = []
     for label, overrides in FORMS:

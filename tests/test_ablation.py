@@ -242,3 +242,46 @@ def test_sample_rewards_splits_logged_rewards_by_long_tail_kind_with_hand_number
     assert "| r | 0.750 (2) | 0.500 (1) | 0.500 (2) |" in r.stdout, r.stdout
     r = subprocess.run(cmd[:3] + ["missing"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "missing_s0/samples.jsonl" in r.stderr and r.stderr.count("\n") == 1 and not r.stdout
+
+
+def test_pool_screen_table_keys_and_auc_by_hand(tmp_path):
+    """experiments/pool_screen.py (the screen of credit pooled across prompts by content): the table's sums and counts,
+    Qhat - Vhat shrunk by the prior (0 for a key never seen and for inputs always judged one way, NaN unkeyed), the AUC
+    with ties at half, the key of a parsed verdict step; a missing run is one line naming its file, exit 2."""
+    import data
+    import policy
+    import testbed
+    import torch
+    from experiments import pool_screen as ps
+    scarlet, navy = ("F_color", (("color", "scarlet", "red"),)), ("F_color", (("color", "navy", "blue"),))
+    match, mis, other = (scarlet, ("match", ("match",))), (scarlet, ("mismatch", ("mismatch",))), \
+        (navy, ("mismatch", ("mismatch",)))
+    sums = {}
+    ps.add_to_table(sums, [[match, None], [mis, None], [match, other]], torch.tensor([[.5, 9.], [-.5, 9.], [.25, 1.]]))
+    assert sums == {match: [.75, 2.], (scarlet,): [.25, 3.], mis: [-.5, 1.], other: [1., 1.], (navy,): [1., 1.]}
+    unseen = (("F_brand", (("brand", "rbk", "reebok"),)), ("match", ("match",)))
+    ev = ps.pooled_evidence(sums, [[match, None], [mis, other], [unseen, None]], 1.)
+    want = torch.tensor([[.75 / 3 - .25 / 4, float("nan")], [-.5 / 2 - .25 / 4, 0.], [0., float("nan")]], dtype=torch.float64)
+    torch.testing.assert_close(ev, want, atol=1e-12, rtol=0, equal_nan=True)
+    assert ps.auc(torch.tensor([.9, .1, .5, .5]), torch.tensor([1., 0., 1., 0.])) == pytest.approx(.875)  # (1+1+1+.5)/4
+    schema = data.GraphSchema()
+    exs = testbed.generate_splits(schema, 0, 32, 0, 0, 0, 0.0, 0.5)["sft"]
+    tok = policy.build_word_tokenizer(testbed.vocabulary(schema, exs))
+    vocab = data.TagVocab.from_tokenizer(tok, schema)
+    parses = [data.parse_completion(policy.encode(tok, data.serialize_cot(e.cot, schema), True) + [tok.eos_token_id],
+                                    vocab, schema) for e in exs]
+    parsed = next(p for p in parses if any(isinstance(s.content, data.Verdict) and any(q != v for _, (q, v, _) in
+                                                                                        s.content.parts)
+                                           for s in p.nodes.values()))   # a verdict on two different values
+    assert parsed.valid
+    keys = ps.content_keys([parsed], schema)[0]
+    for name, k in zip(schema.slots, keys):
+        c = parsed.nodes[name].content if name in parsed.nodes else None
+        if isinstance(c, data.Verdict):
+            assert k == ((name, tuple((f, q, p) for f, (q, p, _) in c.parts)), (c.verdict, tuple(v for _, (_, _, v) in c.parts)))
+        else:
+            assert k is None
+    assert any(k is not None for k in keys)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "pool_screen.py"), str(tmp_path / "nope"), "x"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "nope/config.yaml" in r.stderr and r.stderr.count("\n") == 1 and not r.stdout
