@@ -189,7 +189,8 @@ def test_every_row_of_every_study_makes_a_valid_config(study, tmp_path, monkeypa
         assert cfg.data.seed == (2718 if study == "fresh" else 1234)  # a study's own overrides reach every run
         # every study ran with the guessing comparator but the rows that test abstaining (PINNED)
         assert cfg.reward.comparator_unknown == ("abstain" if job.row.name in ("others_abstain", "abstain_heavy",
-                                                                             "abstain_b32", "default_probe")
+                                                                             "abstain_b32", "default_probe",
+                                                                             "abstain_lr2", "abstain_lr4")
                                                  else "mismatch"), job.row.name
 
 
