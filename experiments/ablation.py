@@ -20,6 +20,7 @@ report with paired tests in results/<study>.md (+ .png).
     python experiments/ablation.py --study batch           # GRPO and the default at 32 prompts a step against 16
     python experiments/ablation.py --study probe           # the policy's label belief as step evidence
     python experiments/ablation.py --study lr              # GRPO and the default at RL learning rates 1.5e-4 to 4e-4
+    python experiments/ablation.py --study shape           # GRPO and the default at 32 prompts x 4 rollouts
     python experiments/ablation.py --report-only           # only rebuild results/ from the run directories
     nohup python experiments/ablation.py > runs/ablation.log 2>&1 &     # the background-friendly way
 
@@ -468,6 +469,22 @@ LR_CLAIMS = pair_claims(tuple((d, g) for d in LR_DEFAULTS for g in LR_GRPOS) + (
     tuple((d, g) for d in LR_DEFAULTS for g in LR_GRPOS) + (("grpo_lr2", "grpo"), ("grpo_lr4", "grpo"),
                                                               ("grpo_lr15", "grpo")))
 
+# The shape of a step at the same 128 rollouts (issue 14; 2026-12-01 19:20). Distinct prompts per step pay (8 x 16
+# is below 16 x 8 for GRPO, the wide study; 32 x 8 above, the batch study, at twice the rollouts). At 32 prompts x 4
+# rollouts GRPO sees twice the prompts for the same sampling cost, but its group baseline rests on 4 rollouts; the
+# default's verifier evidence is per instance and does not. GRPO and the default at 32 x 4, seeds 0-7, the abstain
+# study's settings; the 16 x 8 rows are the abstain study's runs. The rule is in the README.
+G4 = ("--rl.num_generations=4", "--rl.prompts_per_step=32")
+SHAPE_ROWS = ABSTAIN_ROWS[:2] + (replace(ABSTAIN_ROWS[3], title="Graph-GRPO default (comparator abstains)"),
+                                 Row("grpo_g4", "GRPO, 32 prompts x 4 rollouts", "rl", "sft_masked", GRPO + G4,
+                                     ref="grpo_g4"),
+                                 Row("abstain_g4", "Graph-GRPO default (comparator abstains), 32 prompts x 4 rollouts",
+                                     "rl", "sft_masked", ABSTAIN_ROWS[3].overrides + G4, ref="grpo_g4"))
+SHAPE_PAIRS = tuple((d, g) for d in ("others_abstain", "abstain_g4") for g in ("grpo", "grpo_g4"))
+SHAPE_CLAIMS = pair_claims(SHAPE_PAIRS + (("grpo_g4", "grpo"), ("abstain_g4", "others_abstain"))) + \
+    interaction_claims((("abstain_g4", "grpo_g4", "others_abstain", "grpo"),)) + \
+    half_budget_claims(SHAPE_PAIRS + (("grpo_g4", "grpo"),))
+
 # Testbed data the project has not used (issue 14: "your results are checked again on testbed data the project has
 # not seen"; 2026-12-01 14:05). Every study so far ran on the generator's data.seed 1234. The masked SFT start, GRPO
 # and the default on data.seed 2718 (a new draw of every split's examples from the same catalogue), seeds
@@ -546,6 +563,8 @@ STUDIES = {s.name: s for s in (
           what="the policy's own label belief as step evidence (credit.probe_weight) against GRPO and the default"),
     Study("lr", LR_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=LR_CLAIMS,
           what="GRPO and the default at RL learning rates 1e-4 (the abstain study's runs), 1.5e-4, 2e-4 and 4e-4"),
+    Study("shape", SHAPE_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=SHAPE_CLAIMS,
+          what="GRPO and the default at 32 prompts x 4 rollouts against 16 x 8 (the same 128 rollouts a step)"),
     Study("fresh", FRESH_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=FRESH_CLAIMS,
           extra=FRESH_DATA, what="the SFT start, GRPO and the default on testbed data of another generator seed"),
     Study("paper", PAPER_ROWS, seeds="0-2", rl_steps=200, eval_every=25, eval_items=0, score_last=3,
