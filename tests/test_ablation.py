@@ -191,7 +191,8 @@ def test_every_row_of_every_study_makes_a_valid_config(study, tmp_path, monkeypa
         assert cfg.reward.comparator_unknown == ("abstain" if job.row.name in ("others_abstain", "abstain_heavy",
                                                                              "abstain_b32", "default_probe",
                                                                              "abstain_lr2", "abstain_lr4",
-                                                                             "abstain_lr15", "abstain_g4")
+                                                                             "abstain_lr15", "abstain_g4",
+                                                                             "abstain_lr05")
                                                  else "mismatch"), job.row.name
 
 
