@@ -447,13 +447,13 @@ PROBE_CLAIMS = pair_claims(tuple((r, ref) for r in ("probe_a0", "probe_a1", "def
                                  for ref in ("grpo", "others_abstain")) + (("others_abstain", "grpo"),)) + \
     half_budget_claims((("probe_a0", "grpo"), ("probe_a1", "grpo"), ("default_probe", "grpo")))
 
-# The RL learning rate (issue 14; 2026-12-01 18:40). Every RL study since 'reach' ran at rl.lr 1e-4, never varied:
+# The RL learning rate (issue 14; 2026-12-01 18:24). Every RL study since 'reach' ran at rl.lr 1e-4, never varied:
 # GRPO's baseline may be under-tuned, and a credit form with less noisy steps may take larger ones. GRPO and the
 # default (comparator abstaining) at 2e-4 and 4e-4, seeds 0-7, 200 steps, the abstain study's settings; the SFT
 # starts and both rows at 1e-4 are the abstain study's runs. Each new graph row's own GRPO is the one at its lr. The
-# rule is in the README. Then (19:10, after those results, its own rule in the README) both at 1.5e-4: between
+# rule is in the README. Then (19:02, after those results, its own rule in the README) both at 1.5e-4: between
 # the best rate and the first ruinous one, where the default's tolerance of larger steps could turn into speed.
-# Then (19:25, after the 1.5e-4 results) both at 5e-5: 1.5e-4 already cost both methods, so GRPO's best rate may be
+# Then (19:23, after the 1.5e-4 results) both at 5e-5: 1.5e-4 already cost both methods, so GRPO's best rate may be
 # below 1e-4.
 LR_ROWS = ABSTAIN_ROWS[:2] + (replace(ABSTAIN_ROWS[3], title="Graph-GRPO default (comparator abstains)"),) + tuple(
     row for tag, lr in (("2", "2e-4"), ("4", "4e-4"), ("15", "1.5e-4"), ("05", "5e-5")) for row in (
@@ -472,7 +472,7 @@ LR_CLAIMS = pair_claims(tuple((d, g) for d in LR_DEFAULTS for g in LR_GRPOS) + (
     half_budget_claims(tuple((d, g) for d in LR_DEFAULTS for g in LR_GRPOS) + (
         ("grpo_lr2", "grpo"), ("grpo_lr4", "grpo"), ("grpo_lr15", "grpo"), ("grpo_lr05", "grpo")))
 
-# The shape of a step at the same 128 rollouts (issue 14; 2026-12-01 19:20). Distinct prompts per step pay (8 x 16
+# The shape of a step at the same 128 rollouts (issue 14; 2026-12-01 19:03). Distinct prompts per step pay (8 x 16
 # is below 16 x 8 for GRPO, the wide study; 32 x 8 above, the batch study, at twice the rollouts). At 32 prompts x 4
 # rollouts GRPO sees twice the prompts for the same sampling cost, but its group baseline rests on 4 rollouts; the
 # default's verifier evidence is per instance and does not. GRPO and the default at 32 x 4, seeds 0-7, the abstain
