@@ -19,7 +19,7 @@ report with paired tests in results/<study>.md (+ .png).
     python experiments/ablation.py --study fresh           # GRPO and the default on data of another generator seed
     python experiments/ablation.py --study batch           # GRPO and the default at 32 prompts a step against 16
     python experiments/ablation.py --study probe           # the policy's label belief as step evidence
-    python experiments/ablation.py --study lr              # GRPO and the default at RL learning rates 5e-5 to 4e-4
+    python experiments/ablation.py --study lr              # GRPO and the default at RL learning rates 2.5e-5 to 4e-4
     python experiments/ablation.py --study shape           # GRPO and the default at 32 prompts x 4 rollouts
     python experiments/ablation.py --report-only           # only rebuild results/ from the run directories
     nohup python experiments/ablation.py > runs/ablation.log 2>&1 &     # the background-friendly way
@@ -454,23 +454,27 @@ PROBE_CLAIMS = pair_claims(tuple((r, ref) for r in ("probe_a0", "probe_a1", "def
 # rule is in the README. Then (19:02, after those results, its own rule in the README) both at 1.5e-4: between
 # the best rate and the first ruinous one, where the default's tolerance of larger steps could turn into speed.
 # Then (19:23, after the 1.5e-4 results) both at 5e-5: 1.5e-4 already cost both methods, so GRPO's best rate may be
-# below 1e-4.
+# below 1e-4. Then (20:10, after the 5e-5 results: GRPO better there than at 1e-4) both at 2.5e-5.
 LR_ROWS = ABSTAIN_ROWS[:2] + (replace(ABSTAIN_ROWS[3], title="Graph-GRPO default (comparator abstains)"),) + tuple(
-    row for tag, lr in (("2", "2e-4"), ("4", "4e-4"), ("15", "1.5e-4"), ("05", "5e-5")) for row in (
+    row for tag, lr in (("2", "2e-4"), ("4", "4e-4"), ("15", "1.5e-4"), ("05", "5e-5"), ("025", "2.5e-5")) for row in (
         Row(f"grpo_lr{tag}", f"GRPO, lr {lr}", "rl", "sft_masked", GRPO + (f"--rl.lr={lr}",), ref=f"grpo_lr{tag}"),
         Row(f"abstain_lr{tag}", f"Graph-GRPO default (comparator abstains), lr {lr}", "rl", "sft_masked",
             ABSTAIN_ROWS[3].overrides + (f"--rl.lr={lr}",), ref=f"grpo_lr{tag}")))
-LR_DEFAULTS = ("others_abstain", "abstain_lr05", "abstain_lr15", "abstain_lr2", "abstain_lr4")
-LR_GRPOS = ("grpo", "grpo_lr05", "grpo_lr15", "grpo_lr2", "grpo_lr4")
+LR_DEFAULTS = ("others_abstain", "abstain_lr025", "abstain_lr05", "abstain_lr15", "abstain_lr2", "abstain_lr4")
+LR_GRPOS = ("grpo", "grpo_lr025", "grpo_lr05", "grpo_lr15", "grpo_lr2", "grpo_lr4")
 LR_CLAIMS = pair_claims(tuple((d, g) for d in LR_DEFAULTS for g in LR_GRPOS) + (
     ("grpo_lr2", "grpo"), ("grpo_lr4", "grpo"), ("grpo_lr4", "grpo_lr2"), ("abstain_lr2", "others_abstain"),
     ("abstain_lr4", "others_abstain"), ("abstain_lr4", "abstain_lr2"), ("grpo_lr15", "grpo"),
-    ("abstain_lr15", "others_abstain"), ("grpo_lr05", "grpo"), ("abstain_lr05", "others_abstain"))) + interaction_claims(
+    ("abstain_lr15", "others_abstain"), ("grpo_lr05", "grpo"), ("abstain_lr05", "others_abstain"),
+    ("grpo_lr025", "grpo_lr05"), ("abstain_lr025", "abstain_lr05"), ("abstain_lr025", "others_abstain"))) + \
+    interaction_claims(
     (("abstain_lr2", "grpo_lr2", "others_abstain", "grpo"), ("abstain_lr4", "grpo_lr4", "others_abstain", "grpo"),
      ("abstain_lr15", "grpo_lr15", "others_abstain", "grpo"),
-     ("abstain_lr05", "grpo_lr05", "others_abstain", "grpo"))) + \
+     ("abstain_lr05", "grpo_lr05", "others_abstain", "grpo"),
+     ("abstain_lr025", "grpo_lr025", "others_abstain", "grpo"))) + \
     half_budget_claims(tuple((d, g) for d in LR_DEFAULTS for g in LR_GRPOS) + (
-        ("grpo_lr2", "grpo"), ("grpo_lr4", "grpo"), ("grpo_lr15", "grpo"), ("grpo_lr05", "grpo")))
+        ("grpo_lr2", "grpo"), ("grpo_lr4", "grpo"), ("grpo_lr15", "grpo"), ("grpo_lr05", "grpo"),
+        ("grpo_lr025", "grpo")))
 
 # The shape of a step at the same 128 rollouts (issue 14; 2026-12-01 19:03). Distinct prompts per step pay (8 x 16
 # is below 16 x 8 for GRPO, the wide study; 32 x 8 above, the batch study, at twice the rollouts). At 32 prompts x 4
@@ -565,7 +569,7 @@ STUDIES = {s.name: s for s in (
     Study("probe", PROBE_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=PROBE_CLAIMS,
           what="the policy's own label belief as step evidence (credit.probe_weight) against GRPO and the default"),
     Study("lr", LR_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=LR_CLAIMS,
-          what="GRPO and the default at RL learning rates 5e-5, 1e-4 (the abstain study's runs), 1.5e-4, 2e-4 and 4e-4"),
+          what="GRPO and the default at RL learning rates 2.5e-5 to 4e-4 (1e-4: the abstain study's runs)"),
     Study("shape", SHAPE_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=SHAPE_CLAIMS,
           what="GRPO and the default at 32 prompts x 4 rollouts against 16 x 8 (the same 128 rollouts a step)"),
     Study("fresh", FRESH_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=FRESH_CLAIMS,

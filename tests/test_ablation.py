@@ -192,7 +192,7 @@ def test_every_row_of_every_study_makes_a_valid_config(study, tmp_path, monkeypa
                                                                              "abstain_b32", "default_probe",
                                                                              "abstain_lr2", "abstain_lr4",
                                                                              "abstain_lr15", "abstain_g4",
-                                                                             "abstain_lr05")
+                                                                             "abstain_lr05", "abstain_lr025")
                                                  else "mismatch"), job.row.name
 
 
