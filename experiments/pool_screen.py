@@ -94,7 +94,8 @@ def screen(cfg, groups, schema, prior: float) -> dict[str, tuple[torch.Tensor, t
     for j, (ro, _, scores, gold) in enumerate(groups):
         keys = content_keys(ro.parses, schema)
         cb = gg.credit_batch(ro.parses, ro.rewards, G, schema, ro.completion_mask.shape[1], scores["verifier"])
-        a = credit.group_own_evidence(cb.rewards.double(), cb.keys, cb.present, cb.parents, G, True, True)  # (B, N)
+        a = credit.group_own_evidence(cb.rewards.double(), cb.keys, cb.present, cb.parents, G,
+                                      leave_one_out=True, q_others=True)  # (B, N): credit.value 'others'
         r = ro.rewards.double().view(-1, G)
         centred = (r - r.mean(1, keepdim=True)).reshape(-1, 1).expand_as(a)                            # (B, N)
         comparator = cb.scores[..., data.SCORE_KINDS.index("comparator")].double()                        # NaN: abstains
