@@ -192,7 +192,9 @@ def test_every_row_of_every_study_makes_a_valid_config(study, tmp_path, monkeypa
                                                                              "abstain_b32", "default_probe",
                                                                              "abstain_lr2", "abstain_lr4",
                                                                              "abstain_lr15", "abstain_g4",
-                                                                             "abstain_lr05", "abstain_lr025")
+                                                                             "abstain_lr05", "abstain_lr025",
+                                                                             "tuned_wrong_edges", "tuned_a0",
+                                                                             "tuned_grounding")
                                                  else "mismatch"), job.row.name
 
 
