@@ -84,8 +84,8 @@ def test_report_on_fake_runs(tmp_path):
     rows = (ablation.Row("grpo_x", "GRPO x", "rl", ref="grpo_x"), ablation.Row("graph_meta", "meta", "rl", ref="grpo_x"))
     md_x = ablation.report({"grpo_x": found["grpo"], "graph_meta": found["graph_meta"]}, rows=rows,
                            claims=ablation.pair_claims((("graph_meta", "grpo_x"),)))
-    assert "| meta | 2 |" in md_x and [ln for ln in md_x.splitlines() if ln.startswith("| meta | 2 |")][0].endswith(
-        "| 10 | 0.500 ± 0.000 |") and "macro-F1 of grpo_x on those items (0.650)" in md_x
+    meta_x = next(ln for ln in md_x.splitlines() if ln.startswith("| meta | 2 |"))
+    assert meta_x.endswith("| 10 | 0.500 ± 0.000 |") and "macro-F1 of grpo_x on those items (0.650)" in md_x
     # an interaction claim: (graph_meta - grpo) - (grpo - graph_meta) per seed = 2 x (0.10, 0.04) -> mean +0.14
     md = ablation.report(found, claims=ablation.interaction_claims((("graph_meta", "grpo", "grpo", "graph_meta"),)))
     claim = next(line for line in md.splitlines() if line.startswith("| (graph_meta - grpo) vs (grpo - graph_meta), test_longtail"))
