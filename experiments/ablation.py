@@ -23,6 +23,7 @@ report with paired tests in results/<study>.md (+ .png).
     python experiments/ablation.py --study shape           # GRPO and the default at 32 prompts x 4 rollouts
     python experiments/ablation.py --study rate            # GRPO and the default at 1e-4 and 5e-5 on unused data
     python experiments/ablation.py --study tuned           # wrong edges, alpha 0, grounding only at lr 5e-5
+    python experiments/ablation.py --study ceiling         # credit with gold step annotations: the room for +3 points
     python experiments/ablation.py --report-only           # only rebuild results/ from the run directories
     nohup python experiments/ablation.py > runs/ablation.log 2>&1 &     # the background-friendly way
 
@@ -542,6 +543,29 @@ TUNED_CLAIMS = pair_claims(tuple((a, "grpo_lr05") for a in ("abstain_lr05",) + T
                            tuple(("abstain_lr05", a) for a in TUNED_ABLATIONS)) + \
     half_budget_claims((("abstain_lr05", "grpo_lr05"),))
 
+# How much room credit has here (issue 14; 2026-12-02). The goal asks +3 long-tail points over GRPO at equal steps.
+# The same question for credit that knows the gold step annotations the product never has for its RL pool: the
+# default with the gold step verdicts as its step scores (reward.local_scores gold), propagated and at alpha 0,
+# TaoSR-SHE (gold step labels) and TaoSR-AGRL (the gold CoT replayed), all at the tuned rate on data.seed 3141, seeds
+# 0-7; the SFT start, GRPO and the default at 5e-5 are the rate study's runs. No row can be a default (gold
+# annotations); the rule is in the README.
+GOLD_STEPS = ("--reward.local_scores=gold",)
+CEILING_ROWS = RATE_ROWS[:1] + LR05_ROWS + (
+    Row("oracle_gold", "Graph-GRPO default at lr 5e-5, gold step verdicts as its step scores", "rl", "sft_masked",
+        ABSTAIN_ROWS[3].overrides + LR05 + GOLD_STEPS, ref="grpo_lr05"),
+    Row("oracle_gold_a0", "the same, alpha fixed at 0 (gold process evidence, no propagation)", "rl", "sft_masked",
+        ABSTAIN_ROWS[3].overrides + LR05 + GOLD_STEPS + ("--controller.mode=fixed", "--credit.alpha_init=0"),
+        ref="grpo_lr05"),
+    Row("she_lr05", "TaoSR-SHE (stepwise; gold step labels), lr 5e-5", "rl", "sft_masked",
+        ("--credit.mode=stepwise", "--controller.mode=fixed") + LR05, ref="grpo_lr05"),
+    Row("agrl_lr05", "TaoSR-AGRL (rule shaping + guided replay; gold CoT), lr 5e-5", "rl", "sft_masked",
+        ("--credit.mode=rule_shaped", "--rl.guided_replay=true", "--controller.mode=fixed") + LR05, ref="grpo_lr05"),
+)
+CEILING_GOLD = ("oracle_gold", "oracle_gold_a0", "she_lr05", "agrl_lr05")
+CEILING_CLAIMS = pair_claims(tuple((a, "grpo_lr05") for a in CEILING_GOLD + ("abstain_lr05",)) +
+                             tuple((a, "abstain_lr05") for a in CEILING_GOLD)) + \
+    half_budget_claims(tuple((a, "grpo_lr05") for a in CEILING_GOLD))
+
 # The paper's recipe on its own 7-node graph at the current code, 3 seeds (issue 14 item 5; 2026-11-30 22:15): the
 # claims table's "its 7-node graph" row had one seed of the 200-step ablation. configs/paper.yaml as it is now
 # (base.yaml plus the paper's stated choices: its graph, per-node scale, loss masking, Eq. 3), GRPO on the same graph
@@ -614,6 +638,8 @@ STUDIES = {s.name: s for s in (
           extra=RATE_DATA, what="GRPO and the default at rl.lr 1e-4 and 5e-5 on testbed data of a third generator seed"),
     Study("tuned", TUNED_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=TUNED_CLAIMS,
           what="wrong edges, alpha 0 and grounding-only evidence for the default at rl.lr 5e-5"),
+    Study("ceiling", CEILING_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=CEILING_CLAIMS,
+          extra=RATE_DATA, what="credit that knows the gold step annotations against GRPO at the tuned rate: the room"),
     Study("fresh", FRESH_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=FRESH_CLAIMS,
           extra=FRESH_DATA, what="the SFT start, GRPO and the default on testbed data of another generator seed"),
     Study("paper", PAPER_ROWS, seeds="0-2", rl_steps=200, eval_every=25, eval_items=0, score_last=3,
