@@ -716,6 +716,46 @@ def test_credit_screen_reads_every_form_on_the_same_rollouts(tmp_path, sft_ckpt)
     assert r.returncode == 2 and "no_data (from " in r.stderr and "does not exist" in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
+def test_reach_shares_by_hand():
+    """experiments/reach_screen.reach_shares: 4 items, 2 samples each; an item is in reach only where a sample earns the
+    full reward (a graded 0.5 is not a hit)."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import numpy as np
+    import reach_screen
+    r = reach_screen.reach_shares(np.array([1.0, 0.0, 0.0, 0.0]),
+                                  np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [0.0, 0.5]]))
+    assert (r["n"], r["solved"], r["in_reach"], r["out_of_reach"]) == (4, 0.25, 0.25, 0.5)
+    assert r["sampled"] == pytest.approx(2.5 / 8) and r["sampled_unsolved"] == pytest.approx(1.5 / 6)
+
+
+def test_reach_screen_greedy_share_is_the_evaluations_accuracy(tmp_path, sft_ckpt):
+    """experiments/reach_screen.py on a checkpoint: per split the three shares add to 1; with the label alone rewarded
+    (reward.require_consistent false) the solved share is eval.py's greedy accuracy on the same items; a path that
+    is not a run is one line, exit code 2."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import reach_screen
+    ckpt, data_dir = sft_ckpt
+    out = tmp_path / "reach.md"
+    reach_screen.main([ckpt, "--items", "12", "--samples", "2", "--out", str(out), f"--data.dir={data_dir}",
+                       "--reward.require_consistent=false"])
+    rows = {line.split(" | ")[1]: line.split(" | ")[2:] for line in out.read_text().splitlines()
+            if line.startswith(f"| {ckpt} |")}
+    assert {"test_longtail: all", "test_id: all"} <= set(rows)
+    for cells in rows.values():
+        assert sum(float(c) for c in cells[1:4]) == pytest.approx(1.0, abs=2e-3)
+    cfg = load_config(os.path.join(os.path.dirname(ckpt), "config.yaml"), [f"--data.dir={data_dir}",
+                                                                          "--eval.max_items=12"])
+    task = testbed.load_task(cfg)
+    model, tok = policy.load_policy(ckpt, task.schema.words())
+    res = evaluation.evaluate_policy(model, tok, task, {k: task.splits[k] for k in ("test_longtail", "test_id")},
+                                     cfg.eval)
+    for split in ("test_longtail", "test_id"):
+        assert rows[f"{split}: all"][0] == "12" and float(rows[f"{split}: all"][1]) == pytest.approx(
+            res[split]["accuracy"], abs=6e-4)
+    r = _run([sys.executable, os.path.join("experiments", "reach_screen.py"), str(tmp_path / "nowhere")])
+    assert r.returncode == 2 and "nowhere" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
 def test_credit_screen_step_gradient_is_the_trainers_gradient(tmp_path, sft_ckpt):
     """credit_screen --gradients: a form's step gradient is the gradient the trainer's backward accumulates on the
     same rollouts with the same advantages at ratio 1 (accumulate_policy_gradient, micro-batched, packed); a form

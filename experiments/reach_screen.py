@@ -1,0 +1,119 @@
+"""Which test errors a policy could learn from its own samples (issue 14; README, "What the policy samples"):
+per test item, the greedy answer's reward and the rewards of G sampled answers, at one checkpoint. Nothing trains.
+
+    python experiments/reach_screen.py RUN [RUN ...] [--samples 8] [--items 0] [--seed 0] [--out FILE] [--key=value]
+
+RUN is a run directory (its final checkpoint) or a checkpoint inside one (e.g. RUN/sft/checkpoint); its config.yaml
+gives the data, the reward and the sampling temperature (rl.temperature). Further `--key=value` arguments override
+that config (e.g. --data.dir=, as for experiments/credit_screen.py). Per split, an item is
+
+  solved       the greedy answer earns the outcome reward (DESIGN 3: the right label, following the rollout's verdicts);
+  in reach     greedy unsolved, at least one of the G samples rewarded: RL can reinforce that answer, and how well
+               it credits the steps decides how fast;
+  out of reach greedy unsolved, no sample rewarded: an outcome-driven update has nothing to push towards on this
+               item (GRPO and every credit form alike); only new tokens (a replayed gold CoT, SFT) or generalisation
+               from other items move it.
+
+The same split by the long-tail kind of the item (pivotal: its long-tail facet decides the label).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import config  # noqa: E402
+import data  # noqa: E402
+import eval as evaluation  # noqa: E402
+import graph_grpo as gg  # noqa: E402
+import policy  # noqa: E402
+from checkpoint import PathError  # noqa: E402
+from experiments.credit_screen import load_run  # noqa: E402
+
+SPLITS = ("test_longtail", "test_id")
+CHUNK = 64  # prompts sampled at once
+
+
+def item_rewards(cfg, model, tok, task, vocab, examples, samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(greedy reward (n,), sampled rewards (n, samples)) of each example under the training reward (DESIGN 3)."""
+    rl = dataclasses.replace(cfg.rl, num_generations=samples)
+    greedy = evaluation.generate_greedy(model, tok, examples, cfg.eval.batch_size, cfg.eval.max_new_tokens, task.strict)
+    g = np.array([gg.outcome_reward(data.parse_completion(c, vocab, task.schema), ex.label,
+                                    len(task.schema.label_names), cfg.reward.kind, cfg.reward.format_penalty,
+                                    cfg.reward.require_consistent) for c, ex in zip(greedy, examples)])
+    s = []
+    for start in range(0, len(examples), CHUNK):
+        exs = examples[start:start + CHUNK]
+        prompts = [policy.encode(tok, data.format_prompt(e.query, e.product), task.strict) for e in exs]
+        with torch.no_grad():
+            ro = gg.sample_rollouts(model, tok, exs, prompts, rl, seed * 100_003 + start)
+        gg.score_rollouts(ro, vocab, task.schema, cfg.reward)
+        s.append(ro.rewards.view(-1, samples).numpy())
+    return g, np.concatenate(s)
+
+
+def reach_shares(greedy: np.ndarray, sampled: np.ndarray) -> dict[str, float]:
+    """Shares of items solved / in reach / out of reach (module docstring), the mean sampled reward, and among the
+    unsolved items the mean sampled reward. greedy (n,), sampled (n, G): rewards in [0, 1]; solved means reward 1."""
+    solved = greedy >= 1
+    hit = (sampled >= 1).any(1)
+    n = max(len(greedy), 1)
+    unsolved = ~solved
+    return {"n": len(greedy), "solved": solved.sum() / n, "in_reach": (unsolved & hit).sum() / n,
+            "out_of_reach": (unsolved & ~hit).sum() / n, "sampled": float(sampled.mean()) if len(sampled) else 0.0,
+            "sampled_unsolved": float(sampled[unsolved].mean()) if unsolved.any() else 0.0}
+
+
+def groups_of(examples) -> dict[str, np.ndarray]:
+    """{group name: boolean mask}: all items, and on the long tail by whether the long-tail facet decides the label."""
+    lt = np.array([bool(e.meta.get("longtail")) for e in examples])
+    piv = np.array([bool(e.meta.get("pivotal")) for e in examples])
+    out = {"all": np.ones(len(examples), bool)}
+    if lt.any():
+        out |= {"long tail, pivotal": lt & piv, "long tail, not pivotal": lt & ~piv}
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("runs", nargs="+", help="run directories or checkpoints inside them")
+    ap.add_argument("--samples", type=int, default=8, help="G sampled answers per item")
+    ap.add_argument("--items", type=int, default=0, help="first N items of each split (0: all)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="", help="append the table to this markdown file")
+    args, extra = ap.parse_known_args(argv)
+    if args.samples < 1 or args.items < 0:
+        raise config.ConfigError("--samples must be at least 1 and --items at least 0")
+    lines = [f"`python experiments/reach_screen.py ... --samples {args.samples} --items {args.items} --seed "
+             f"{args.seed}` (training reward; temperature = the run's rl.temperature)", "",
+             "| checkpoint | split | items | solved | in reach | out of reach | mean sampled reward | same, unsolved |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for run in args.runs:
+        try:
+            path, ckpt = evaluation.find_run(run)
+        except FileNotFoundError as e:
+            raise PathError(str(e)) from None
+        _, cfg, task, model, tok, vocab = load_run(os.path.dirname(path), ckpt, extra, args.seed)
+        model.eval()
+        for split in SPLITS:
+            exs = task.splits[split][:args.items or None]
+            g, s = item_rewards(cfg, model, tok, task, vocab, exs, args.samples, args.seed)
+            for name, m in groups_of(exs).items():
+                r = reach_shares(g[m], s[m])
+                lines.append(f"| {run} | {split}: {name} | {r['n']} | {r['solved']:.3f} | {r['in_reach']:.3f} | "
+                             f"{r['out_of_reach']:.3f} | {r['sampled']:.3f} | {r['sampled_unsolved']:.3f} |")
+                print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    config.cli(main)
