@@ -192,7 +192,8 @@ def test_every_row_of_every_study_makes_a_valid_config(study, tmp_path, monkeypa
     assert jobs
     for job in jobs:
         cfg = parse_args(job.args[2:])[0]  # [python, script, config, overrides...]; exit 2 (SystemExit) on a bad row
-        assert cfg.data.seed == {"fresh": 2718, "rate": 3141, "ceiling": 3141}.get(study, 1234)  # a study's own overrides reach every run
+        # a study's own overrides reach every run
+        assert cfg.data.seed == {"fresh": 2718, "rate": 3141, "ceiling": 3141}.get(study, 1234)
         # every study ran with the guessing comparator but the rows that test abstaining (PINNED)
         assert cfg.reward.comparator_unknown == ("abstain" if job.row.name in ("others_abstain", "abstain_heavy",
                                                                              "abstain_b32", "default_probe",
