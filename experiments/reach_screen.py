@@ -15,6 +15,11 @@ that config (e.g. --data.dir=, as for experiments/credit_screen.py). Per split, 
                from other items move it.
 
 The same split by the long-tail kind of the item (pivotal: its long-tail facet decides the label).
+
+A second table asks what the graph could propose where sampling fails: for every sampled answer that earned no
+reward, the single-verdict repairs, i.e. one facet's verdict changed, the others kept, such that the business rule
+then gives the gold label (the outcome label is all it uses, as GRPO), and how many of them write that facet's gold
+verdict (a repair that writes a wrong verdict teaches a wrong step with a right label).
 """
 from __future__ import annotations
 
@@ -40,14 +45,16 @@ SPLITS = ("test_longtail", "test_id")
 CHUNK = 64  # prompts sampled at once
 
 
-def item_rewards(cfg, model, tok, task, vocab, examples, samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(greedy reward (n,), sampled rewards (n, samples)) of each example under the training reward (DESIGN 3)."""
+def item_rewards(cfg, model, tok, task, vocab, examples, samples: int,
+                 seed: int) -> tuple[np.ndarray, np.ndarray, list[data.ParsedCoT]]:
+    """(greedy reward (n,), sampled rewards (n, samples), the samples' parses (n * samples, item-major)) of each
+    example under the training reward (DESIGN 3)."""
     rl = dataclasses.replace(cfg.rl, num_generations=samples)
     greedy = evaluation.generate_greedy(model, tok, examples, cfg.eval.batch_size, cfg.eval.max_new_tokens, task.strict)
     g = np.array([gg.outcome_reward(data.parse_completion(c, vocab, task.schema), ex.label,
                                     len(task.schema.label_names), cfg.reward.kind, cfg.reward.format_penalty,
                                     cfg.reward.require_consistent) for c, ex in zip(greedy, examples)])
-    s = []
+    s, parses = [], []
     for start in range(0, len(examples), CHUNK):
         exs = examples[start:start + CHUNK]
         prompts = [policy.encode(tok, data.format_prompt(e.query, e.product), task.strict) for e in exs]
@@ -55,7 +62,8 @@ def item_rewards(cfg, model, tok, task, vocab, examples, samples: int, seed: int
             ro = gg.sample_rollouts(model, tok, exs, prompts, rl, seed * 100_003 + start)
         gg.score_rollouts(ro, vocab, task.schema, cfg.reward)
         s.append(ro.rewards.view(-1, samples).numpy())
-    return g, np.concatenate(s)
+        parses += ro.parses
+    return g, np.concatenate(s), parses
 
 
 def reach_shares(greedy: np.ndarray, sampled: np.ndarray) -> dict[str, float]:
@@ -68,6 +76,26 @@ def reach_shares(greedy: np.ndarray, sampled: np.ndarray) -> dict[str, float]:
     return {"n": len(greedy), "solved": solved.sum() / n, "in_reach": (unsolved & hit).sum() / n,
             "out_of_reach": (unsolved & ~hit).sum() / n, "sampled": float(sampled.mean()) if len(sampled) else 0.0,
             "sampled_unsolved": float(sampled[unsolved].mean()) if unsolved.any() else 0.0}
+
+
+def verdict_repairs(parsed: data.ParsedCoT, ex: data.Example, schema: data.GraphSchema) -> tuple[int, int]:
+    """(single-verdict repairs, those that write the gold verdict) of one answer: the (facet, verdict) changes of one
+    of its facet verdicts, the others kept, after which the business rule gives ex.label. (0, 0) where the answer
+    has no facet verdicts; gold verdicts from ex.nodes (none: no repair counts as gold)."""
+    have = parsed.verdicts if parsed.valid else {}
+    fixes = [(f, v) for f, cur in have.items() for v in data.VERDICTS
+             if v != cur and schema.label_from_verdicts({**have, f: v}) == ex.label]
+    return len(fixes), sum(bool(ex.nodes) and ex.nodes.get(f) == v for f, v in fixes)
+
+
+def repair_shares(repairs: list[tuple[int, int]]) -> dict[str, float]:
+    """Over failed answers' (repairs, gold repairs): the share with at least one repair, with exactly one, with one
+    that writes the gold verdict, and the share of all repairs that write it."""
+    n = max(len(repairs), 1)
+    total = sum(r for r, _ in repairs)
+    return {"n": len(repairs), "any": sum(r > 0 for r, _ in repairs) / n, "unique": sum(r == 1 for r, _ in repairs) / n,
+            "gold": sum(gd > 0 for _, gd in repairs) / n,
+            "precision": sum(gd for _, gd in repairs) / total if total else 0.0}
 
 
 def groups_of(examples) -> dict[str, np.ndarray]:
@@ -94,6 +122,9 @@ def main(argv=None) -> None:
              f"{args.seed}` (training reward; temperature = the run's rl.temperature)", "",
              "| checkpoint | split | items | solved | in reach | out of reach | mean sampled reward | same, unsolved |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
+    repair_lines = ["", "Sampled answers with no reward: single-verdict repairs that reach the gold label under the rule",
+                    "", "| checkpoint | split | failed answers | with a repair | exactly one | one writes the gold verdict "
+                    "| repairs that write the gold verdict |", "|---|---|---:|---:|---:|---:|---:|"]
     for run in args.runs:
         try:
             path, ckpt = evaluation.find_run(run)
@@ -103,13 +134,18 @@ def main(argv=None) -> None:
         model.eval()
         for split in SPLITS:
             exs = task.splits[split][:args.items or None]
-            g, s = item_rewards(cfg, model, tok, task, vocab, exs, args.samples, args.seed)
+            g, s, parses = item_rewards(cfg, model, tok, task, vocab, exs, args.samples, args.seed)
             for name, m in groups_of(exs).items():
                 r = reach_shares(g[m], s[m])
                 lines.append(f"| {run} | {split}: {name} | {r['n']} | {r['solved']:.3f} | {r['in_reach']:.3f} | "
                              f"{r['out_of_reach']:.3f} | {r['sampled']:.3f} | {r['sampled_unsolved']:.3f} |")
                 print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
+                failed = [verdict_repairs(parses[i * args.samples + j], exs[i], task.schema)
+                          for i in np.flatnonzero(m) for j in range(args.samples) if s[i, j] < 1]
+                q = repair_shares(failed)
+                repair_lines.append(f"| {run} | {split}: {name} | {q['n']} | {q['any']:.3f} | {q['unique']:.3f} | "
+                                    f"{q['gold']:.3f} | {q['precision']:.3f} |")
+    text = "\n".join(lines + repair_lines) + "\n"
     if args.out:
         with open(args.out, "a") as f:
             f.write(text + "\n")

@@ -728,6 +728,24 @@ def test_reach_shares_by_hand():
     assert r["sampled"] == pytest.approx(2.5 / 8) and r["sampled_unsolved"] == pytest.approx(1.5 / 6)
 
 
+def test_verdict_repairs_by_hand():
+    """experiments/reach_screen.verdict_repairs under the default rule (category [3, 2, 0], brand and size [3, 2, 1],
+    color [3, 2, 2]; the label is the lowest level): an all-match answer to a 'mismatch' (level 1) pair is repaired by
+    brand or size -> mismatch, and the gold says brand; to an 'irrelevant' pair only by category -> mismatch."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import reach_screen
+    s = data.DEFAULT_SCHEMA
+    answer = data.ParsedCoT(valid=True, verdicts={"category": "match", "brand": "match", "size": "match"})
+    gold = {"category": "match", "brand": "mismatch", "size": "match"}
+    assert reach_screen.verdict_repairs(answer, data.Example("q", "p", label=1, nodes=gold), s) == (2, 1)
+    assert reach_screen.verdict_repairs(answer, data.Example("q", "p", label=1), s) == (2, 0)  # no gold verdicts
+    assert reach_screen.verdict_repairs(answer, data.Example("q", "p", label=0, nodes=gold), s) == (1, 0)
+    assert reach_screen.verdict_repairs(data.ParsedCoT(valid=False, verdicts=answer.verdicts),
+                                        data.Example("q", "p", label=1, nodes=gold), s) == (0, 0)
+    r = reach_screen.repair_shares([(2, 1), (1, 1), (0, 0), (3, 0)])
+    assert (r["n"], r["any"], r["unique"], r["gold"]) == (4, 0.75, 0.25, 0.5) and r["precision"] == pytest.approx(2 / 6)
+
+
 def test_reach_screen_greedy_share_is_the_evaluations_accuracy(tmp_path, sft_ckpt):
     """experiments/reach_screen.py on a checkpoint: per split the three shares add to 1; with the label alone rewarded
     (reward.require_consistent false) the solved share is eval.py's greedy accuracy on the same items; a path that
@@ -739,7 +757,7 @@ def test_reach_screen_greedy_share_is_the_evaluations_accuracy(tmp_path, sft_ckp
     reach_screen.main([ckpt, "--items", "12", "--samples", "2", "--out", str(out), f"--data.dir={data_dir}",
                        "--reward.require_consistent=false"])
     rows = {line.split(" | ")[1]: line.split(" | ")[2:] for line in out.read_text().splitlines()
-            if line.startswith(f"| {ckpt} |")}
+            if line.startswith(f"| {ckpt} |") and len(line.split(" | ")) == 8}  # the repair table's lines have 7
     assert {"test_longtail: all", "test_id: all"} <= set(rows)
     for cells in rows.values():
         assert sum(float(c) for c in cells[1:4]) == pytest.approx(1.0, abs=2e-3)
@@ -752,6 +770,9 @@ def test_reach_screen_greedy_share_is_the_evaluations_accuracy(tmp_path, sft_ckp
     for split in ("test_longtail", "test_id"):
         assert rows[f"{split}: all"][0] == "12" and float(rows[f"{split}: all"][1]) == pytest.approx(
             res[split]["accuracy"], abs=6e-4)
+    repairs = [line.split(" | ")[2:] for line in out.read_text().splitlines()
+               if line.startswith(f"| {ckpt} |") and len(line.split(" | ")) == 7]
+    assert len(repairs) == len(rows) and all(0 <= float(c.strip(" |")) <= 1 for cells in repairs for c in cells[1:])
     r = _run([sys.executable, os.path.join("experiments", "reach_screen.py"), str(tmp_path / "nowhere")])
     assert r.returncode == 2 and "nowhere" in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
