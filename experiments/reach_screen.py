@@ -90,12 +90,14 @@ def verdict_repairs(parsed: data.ParsedCoT, ex: data.Example, schema: data.Graph
 
 def repair_shares(repairs: list[tuple[int, int]]) -> dict[str, float]:
     """Over failed answers' (repairs, gold repairs): the share with at least one repair, with exactly one, with one
-    that writes the gold verdict, and the share of all repairs that write it."""
+    that writes the gold verdict, the share of all repairs that write it, and of the answers with exactly one repair
+    the share whose repair writes it."""
     n = max(len(repairs), 1)
-    total = sum(r for r, _ in repairs)
-    return {"n": len(repairs), "any": sum(r > 0 for r, _ in repairs) / n, "unique": sum(r == 1 for r, _ in repairs) / n,
+    total, unique = sum(r for r, _ in repairs), [gd for r, gd in repairs if r == 1]
+    return {"n": len(repairs), "any": sum(r > 0 for r, _ in repairs) / n, "unique": len(unique) / n,
             "gold": sum(gd > 0 for _, gd in repairs) / n,
-            "precision": sum(gd for _, gd in repairs) / total if total else 0.0}
+            "precision": sum(gd for _, gd in repairs) / total if total else 0.0,
+            "unique_precision": sum(unique) / len(unique) if unique else 0.0}
 
 
 def groups_of(examples) -> dict[str, np.ndarray]:
@@ -124,7 +126,7 @@ def main(argv=None) -> None:
              "|---|---|---|---:|---:|---:|---:|---:|"]
     repair_lines = ["", "Sampled answers with no reward: single-verdict repairs that reach the gold label under the rule",
                     "", "| checkpoint | split | failed answers | with a repair | exactly one | one writes the gold verdict "
-                    "| repairs that write the gold verdict |", "|---|---|---:|---:|---:|---:|---:|"]
+                    "| repairs that write the gold verdict | the one repair writes it |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for run in args.runs:
         try:
             path, ckpt = evaluation.find_run(run)
@@ -144,7 +146,7 @@ def main(argv=None) -> None:
                           for i in np.flatnonzero(m) for j in range(args.samples) if s[i, j] < 1]
                 q = repair_shares(failed)
                 repair_lines.append(f"| {run} | {split}: {name} | {q['n']} | {q['any']:.3f} | {q['unique']:.3f} | "
-                                    f"{q['gold']:.3f} | {q['precision']:.3f} |")
+                                    f"{q['gold']:.3f} | {q['precision']:.3f} | {q['unique_precision']:.3f} |")
     text = "\n".join(lines + repair_lines) + "\n"
     if args.out:
         with open(args.out, "a") as f:

@@ -744,6 +744,7 @@ def test_verdict_repairs_by_hand():
                                         data.Example("q", "p", label=1, nodes=gold), s) == (0, 0)
     r = reach_screen.repair_shares([(2, 1), (1, 1), (0, 0), (3, 0)])
     assert (r["n"], r["any"], r["unique"], r["gold"]) == (4, 0.75, 0.25, 0.5) and r["precision"] == pytest.approx(2 / 6)
+    assert r["unique_precision"] == 1.0 and reach_screen.repair_shares([(1, 1), (1, 0), (2, 2)])["unique_precision"] == 0.5
 
 
 def test_reach_screen_greedy_share_is_the_evaluations_accuracy(tmp_path, sft_ckpt):
@@ -756,8 +757,9 @@ def test_reach_screen_greedy_share_is_the_evaluations_accuracy(tmp_path, sft_ckp
     out = tmp_path / "reach.md"
     reach_screen.main([ckpt, "--items", "12", "--samples", "2", "--out", str(out), f"--data.dir={data_dir}",
                        "--reward.require_consistent=false"])
-    rows = {line.split(" | ")[1]: line.split(" | ")[2:] for line in out.read_text().splitlines()
-            if line.startswith(f"| {ckpt} |") and len(line.split(" | ")) == 8}  # the repair table's lines have 7
+    main_table, repair_table = out.read_text().split("Sampled answers with no reward")
+    rows = {line.split(" | ")[1]: line.split(" | ")[2:] for line in main_table.splitlines()
+            if line.startswith(f"| {ckpt} |")}
     assert {"test_longtail: all", "test_id: all"} <= set(rows)
     for cells in rows.values():
         assert sum(float(c) for c in cells[1:4]) == pytest.approx(1.0, abs=2e-3)
@@ -770,8 +772,7 @@ def test_reach_screen_greedy_share_is_the_evaluations_accuracy(tmp_path, sft_ckp
     for split in ("test_longtail", "test_id"):
         assert rows[f"{split}: all"][0] == "12" and float(rows[f"{split}: all"][1]) == pytest.approx(
             res[split]["accuracy"], abs=6e-4)
-    repairs = [line.split(" | ")[2:] for line in out.read_text().splitlines()
-               if line.startswith(f"| {ckpt} |") and len(line.split(" | ")) == 7]
+    repairs = [line.split(" | ")[2:] for line in repair_table.splitlines() if line.startswith(f"| {ckpt} |")]
     assert len(repairs) == len(rows) and all(0 <= float(c.strip(" |")) <= 1 for cells in repairs for c in cells[1:])
     r = _run([sys.executable, os.path.join("experiments", "reach_screen.py"), str(tmp_path / "nowhere")])
     assert r.returncode == 2 and "nowhere" in r.stderr and r.stderr.count("\n") == 1, r.stderr
