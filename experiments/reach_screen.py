@@ -2,6 +2,7 @@
 per test item, the greedy answer's reward and the rewards of G sampled answers, at one checkpoint. Nothing trains.
 
     python experiments/reach_screen.py RUN [RUN ...] [--samples 8] [--items 0] [--seed 0] [--out FILE] [--key=value]
+    python experiments/reach_screen.py --mean FILE [FILE ...] [--seeds 0-7]   # tables written by --out, over seeds
 
 RUN is a run directory (its final checkpoint) or a checkpoint inside one (e.g. RUN/sft/checkpoint); its config.yaml
 gives the data, the reward and the sampling temperature (rl.temperature). Further `--key=value` arguments override
@@ -39,9 +40,14 @@ import eval as evaluation  # noqa: E402
 import graph_grpo as gg  # noqa: E402
 import policy  # noqa: E402
 from checkpoint import PathError  # noqa: E402
+from experiments.ablation import parse_seeds  # noqa: E402
 from experiments.credit_screen import load_run  # noqa: E402
 
 SPLITS = ("test_longtail", "test_id")
+MAIN_HEADER = "| checkpoint | split | items | solved | in reach | out of reach | mean sampled reward | same, unsolved |"
+REPAIR_TITLE = "Sampled answers with no reward: single-verdict repairs that reach the gold label under the rule"
+REPAIR_HEADER = ("| checkpoint | split | failed answers | with a repair | exactly one | one writes the gold verdict "
+                 "| repairs that write the gold verdict | the one repair writes it |")
 CHUNK = 64  # prompts sampled at once
 
 
@@ -110,6 +116,34 @@ def groups_of(examples) -> dict[str, np.ndarray]:
     return out
 
 
+def mean_over_seeds(paths: list[str], seeds: list[int] | None = None) -> str:
+    """Both tables of --out files averaged over seeds: a row's checkpoint names a run directory ROW_s<seed> (its
+    final checkpoint or one inside it), and rows of the same ROW, split and table are averaged column by column
+    (the item and failed-answer counts too). seeds: only these (None: all found); a row missing one of them is left
+    out. Markdown, the two tables' headers as the screen writes them."""
+    import re
+    tables: list[dict[tuple[str, str], dict[int, list[float]]]] = [{}, {}]
+    for path in paths:
+        with open(path) as f:
+            for part, text in enumerate(f.read().split(REPAIR_TITLE)):
+                for line in text.splitlines():
+                    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+                    m = re.search(r"([^/]+)_s(\d+)(/|$)", cells[0]) if line.startswith("| ") else None
+                    if m and cells[2].isdigit():  # a table row, not its header or separator
+                        tables[part].setdefault((m.group(1), cells[1]), {})[int(m.group(2))] = \
+                            [float(c) for c in cells[2:]]
+    out = []
+    for header, rows in zip((MAIN_HEADER, REPAIR_HEADER), tables):
+        out += ["", header, "|---|---|" + "---:|" * (header.count("|") - 3)]
+        for (row, split), by_seed in rows.items():
+            want = sorted(by_seed) if seeds is None else seeds
+            if all(k in by_seed for k in want):
+                mean = np.mean([by_seed[k] for k in want], 0)
+                out.append(f"| {row} ({len(want)} seeds) | {split} | {mean[0]:.0f} | "
+                           + " | ".join(f"{x:.3f}" for x in mean[1:]) + " |")
+    return "\n".join(out) + "\n"
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("runs", nargs="+", help="run directories or checkpoints inside them")
@@ -117,16 +151,19 @@ def main(argv=None) -> None:
     ap.add_argument("--items", type=int, default=0, help="first N items of each split (0: all)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="", help="append the table to this markdown file")
+    ap.add_argument("--mean", action="store_true", help="RUN ... are --out files: print their tables averaged over "
+                    "seeds (mean_over_seeds)")
+    ap.add_argument("--seeds", default="", help="with --mean: only these seeds, e.g. 0-3 (default: all found)")
     args, extra = ap.parse_known_args(argv)
     if args.samples < 1 or args.items < 0:
         raise config.ConfigError("--samples must be at least 1 and --items at least 0")
+    if args.mean:
+        print(mean_over_seeds(args.runs, parse_seeds(args.seeds) if args.seeds else None), end="")
+        return
     lines = [f"`python experiments/reach_screen.py ... --samples {args.samples} --items {args.items} --seed "
-             f"{args.seed}` (training reward; temperature = the run's rl.temperature)", "",
-             "| checkpoint | split | items | solved | in reach | out of reach | mean sampled reward | same, unsolved |",
+             f"{args.seed}` (training reward; temperature = the run's rl.temperature)", "", MAIN_HEADER,
              "|---|---|---|---:|---:|---:|---:|---:|"]
-    repair_lines = ["", "Sampled answers with no reward: single-verdict repairs that reach the gold label under the rule",
-                    "", "| checkpoint | split | failed answers | with a repair | exactly one | one writes the gold verdict "
-                    "| repairs that write the gold verdict | the one repair writes it |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    repair_lines = ["", REPAIR_TITLE, "", REPAIR_HEADER, "|---|---|---:|---:|---:|---:|---:|---:|"]
     for run in args.runs:
         try:
             path, ckpt = evaluation.find_run(run)

@@ -728,6 +728,26 @@ def test_reach_shares_by_hand():
     assert r["sampled"] == pytest.approx(2.5 / 8) and r["sampled_unsolved"] == pytest.approx(1.5 / 6)
 
 
+def test_reach_screen_mean_over_seeds_by_hand(tmp_path):
+    """reach_screen.mean_over_seeds: rows of ROW_s<seed> averaged per ROW, split and table; --seeds keeps only those
+    seeds and drops a row that misses one."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import reach_screen as rs
+    sep = "|---|---|---:|---:|---:|---:|---:|---:|"
+    for seed, solved, failed in ((0, 0.5, 10), (1, 0.7, 30)):
+        (tmp_path / f"t{seed}.md").write_text("\n".join([
+            rs.MAIN_HEADER, sep, f"| runs/x/a_s{seed}/sft/checkpoint | lt: all | 100 | {solved} | 0.2 | 0.1 | 0.4 | 0.1 |",
+            "", rs.REPAIR_TITLE, "", rs.REPAIR_HEADER, sep,
+            f"| runs/x/a_s{seed}/sft/checkpoint | lt: all | {failed} | 0.5 | 0.25 | 0.5 | 0.5 | 1.0 |",
+            f"| runs/x/b_s{seed} | lt: all | {failed} | 0.1 | 0.1 | 0.1 | 0.1 | 0.1 |" if seed else ""]))
+    text = rs.mean_over_seeds([str(tmp_path / "t0.md"), str(tmp_path / "t1.md")])
+    assert "| a (2 seeds) | lt: all | 100 | 0.600 | 0.200 | 0.100 | 0.400 | 0.100 |" in text
+    assert "| a (2 seeds) | lt: all | 20 | 0.500 | 0.250 | 0.500 | 0.500 | 1.000 |" in text
+    assert "| b (1 seeds) | lt: all | 30 |" in text  # all seeds found for b: only seed 1
+    only = rs.mean_over_seeds([str(tmp_path / "t0.md"), str(tmp_path / "t1.md")], [0, 1])
+    assert "| b (" not in only and "| a (2 seeds) | lt: all | 20 |" in only
+
+
 def test_verdict_repairs_by_hand():
     """experiments/reach_screen.verdict_repairs under the default rule (category [3, 2, 0], brand and size [3, 2, 1],
     color [3, 2, 2]; the label is the lowest level): an all-match answer to a 'mismatch' (level 1) pair is repaired by
