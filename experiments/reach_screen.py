@@ -170,7 +170,6 @@ def main(argv=None) -> None:
         except FileNotFoundError as e:
             raise PathError(str(e)) from None
         _, cfg, task, model, tok, vocab = load_run(os.path.dirname(path), ckpt, extra, args.seed)
-        model.eval()
         for split in SPLITS:
             exs = task.splits[split][:args.items or None]
             g, s, parses = item_rewards(cfg, model, tok, task, vocab, exs, args.samples, args.seed)
