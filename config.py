@@ -233,10 +233,12 @@ class RLConfig:
     """items per test split in those evaluations (the first N); 0: eval.max_items"""
     guided_replay: bool = False
     """TaoSR-AGRL adaptive guided replay: in a group at or below replay_threshold accuracy, replace rollouts by the gold CoT"""
+    repair_replay: bool = False
+    """unique-repair replay (ours, issue 14; graph_grpo.repair_replay): in a group at or below replay_threshold, failed rollouts whose answer one facet-verdict change would give the gold label, and only one, are replaced by that repaired answer (outcome label only, no gold CoT); not with guided_replay"""
     replay_threshold: float = 0.0
-    """group mean reward at or below which guided replay applies"""
+    """group mean reward at or below which guided (or repair) replay applies"""
     replay_k: int = 1
-    """rollouts of such a group replaced by the gold CoT"""
+    """rollouts of such a group replaced by the gold CoT (guided) or at most this many repaired (repair)"""
     curriculum_stages: int = 3
     """credit.mode stepwise (TaoSR-SHE): stages over the RL pool from easy to hard (rare-word count vs the SFT split)"""
     n_samples_logged: int = 4
@@ -699,6 +701,8 @@ def check_combinations(cfg: Config, origin: dict[str, str], fail) -> None:
         raise ConfigError(f"{origin.get('credit.scale', 'default')}: credit.scale = {scale} needs credit.mode "
                           f"{'graph, process or stepwise' if scale == 'node' else 'outcome or rule_shaped'}, "
                           f"not {cfg.credit.mode!r}")
+    if cfg.rl.repair_replay and cfg.rl.guided_replay:
+        fail("rl.repair_replay", "replays the rule's repair where rl.guided_replay replays the gold CoT: set one of them")
     if cfg.data.source == "synthetic" and sorted(cfg.graph.facets) != sorted(data.FACETS):
         fail("graph.facets", f"must be the synthetic catalogue's facets {sorted(data.FACETS)}")
     if cfg.data.source == "wands" and len(cfg.data.wands_grades) != len(cfg.data.label_names):

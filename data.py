@@ -493,6 +493,37 @@ def parse_completion(ids: Sequence[int], vocab: TagVocab, schema: GraphSchema) -
     return out
 
 
+def single_verdict_repairs(parsed: ParsedCoT, label: int, schema: GraphSchema) -> list[tuple[str, str]]:
+    """The single-verdict repairs of an answer: every (facet, verdict) change of one of its facet verdicts, the
+    others kept, after which the business rule (DESIGN §2) gives `label`. Uses the outcome label only. Empty for an
+    answer that does not parse (valid False) or has no facet verdicts. Read by rl.repair_replay and the repair
+    screen (experiments/reach_screen.py)."""
+    have = parsed.verdicts if parsed.valid else {}
+    return [(f, v) for f, cur in have.items() for v in VERDICTS
+            if v != cur and schema.label_from_verdicts({**have, f: v}) == label]
+
+
+def repaired_cot(parsed: ParsedCoT, facet: str, verdict: str, label: int, schema: GraphSchema) -> dict[str, str]:
+    """Node contents {node: text} (for serialize_cot) of a valid answer with facet `facet`'s verdict set to
+    `verdict`: every verdict node comparing that facet rewritten, a pooled node's own verdict pooled again from its
+    facets (DESIGN §1), and the label node set to `label`; every other word as the answer wrote it. With a repair
+    from single_verdict_repairs the result parses as a valid answer that follows the rule and has label `label`."""
+    cot = {}
+    for name, span in parsed.nodes.items():
+        s = schema.slot_info[name]
+        if s.type.role == "verdict":
+            parts = span.content.parts  # ((facet, (query value, product value, verdict)), ...)
+            fv = {f: verdict if f == facet else c[2] for f, c in parts}
+            compared = [f"{c[0]} {c[1]} {fv[f]}" for f, c in parts]
+            cot[name] = (" ".join(f"{f} {x}" for (f, _), x in zip(parts, compared)) + f" {schema.pool(name, fv)}"
+                         if s.pooled else compared[0])
+        elif s.type.role == "label":
+            cot[name] = schema.label_names[label]
+        else:
+            cot[name] = " ".join(span.words)
+    return cot
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 4. Node keys (DESIGN §4), gold correctness (§4.2), local verifiers (§3)
 

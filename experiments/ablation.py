@@ -24,6 +24,7 @@ report with paired tests in results/<study>.md (+ .png).
     python experiments/ablation.py --study rate            # GRPO and the default at 1e-4 and 5e-5 on unused data
     python experiments/ablation.py --study tuned           # wrong edges, alpha 0, grounding only at lr 5e-5
     python experiments/ablation.py --study ceiling         # credit with gold step annotations: the room for +3 points
+    python experiments/ablation.py --study repair          # the rule's unique repair replayed where all rollouts fail
     python experiments/ablation.py --report-only           # only rebuild results/ from the run directories
     nohup python experiments/ablation.py > runs/ablation.log 2>&1 &     # the background-friendly way
 
@@ -566,6 +567,25 @@ CEILING_CLAIMS = pair_claims(tuple((a, "grpo_lr05") for a in CEILING_GOLD + ("ab
                              tuple((a, "abstain_lr05") for a in CEILING_GOLD)) + \
     half_budget_claims(tuple((a, "grpo_lr05") for a in CEILING_GOLD))
 
+# Unique-repair replay (issue 14; 2026-12-02, session 15): the ceiling study's TaoSR-AGRL (+1.2 long tail over GRPO,
+# 16 seeds) replays the gold CoT in groups that all fail; the repair screen found that where the business rule leaves
+# exactly one verdict change that gives a failed answer the gold label, that change writes the gold verdict 89% of the
+# time. rl.repair_replay replays that repaired answer instead: the outcome label only, no gold annotation. Two rows at
+# the tuned rate on data.seed 3141, seeds 0-7: AGRL with the repair in place of the gold CoT (how much of the gold
+# replay's gain the repair recovers) and the default with repair replay (a candidate default). The SFT starts, GRPO,
+# the default and AGRL are the ceiling study's runs. Rule: README, "Unique-repair replay".
+REPAIR = ("--rl.repair_replay=true",)
+REPAIR_ROWS = CEILING_ROWS[:3] + (CEILING_ROWS[-1],) + (
+    Row("repair_agrl", "TaoSR-AGRL with the rule's unique repair replayed in place of the gold CoT, lr 5e-5", "rl",
+        "sft_masked", ("--credit.mode=rule_shaped", "--controller.mode=fixed") + REPAIR + LR05, ref="grpo_lr05"),
+    Row("repair_default", "Graph-GRPO default at lr 5e-5 with unique-repair replay", "rl", "sft_masked",
+        ABSTAIN_ROWS[3].overrides + LR05 + REPAIR, ref="grpo_lr05"),
+)
+REPAIR_CLAIMS = pair_claims((("repair_agrl", "grpo_lr05"), ("repair_default", "grpo_lr05"),
+                             ("repair_default", "abstain_lr05"), ("agrl_lr05", "repair_agrl"),
+                             ("agrl_lr05", "grpo_lr05"), ("abstain_lr05", "grpo_lr05"))) + \
+    half_budget_claims((("repair_default", "grpo_lr05"), ("repair_agrl", "grpo_lr05")))
+
 # The paper's recipe on its own 7-node graph at the current code, 3 seeds (issue 14 item 5; 2026-11-30 22:15): the
 # claims table's "its 7-node graph" row had one seed of the 200-step ablation. configs/paper.yaml as it is now
 # (base.yaml plus the paper's stated choices: its graph, per-node scale, loss masking, Eq. 3), GRPO on the same graph
@@ -640,6 +660,9 @@ STUDIES = {s.name: s for s in (
           what="wrong edges, alpha 0 and grounding-only evidence for the default at rl.lr 5e-5"),
     Study("ceiling", CEILING_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=CEILING_CLAIMS,
           extra=RATE_DATA, what="credit that knows the gold step annotations against GRPO at the tuned rate: the room"),
+    Study("repair", REPAIR_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=REPAIR_CLAIMS,
+          extra=RATE_DATA, what="unique-repair replay (the rule's repair of a failed answer, no gold) against GRPO, "
+          "the default and the gold replay (AGRL)"),
     Study("fresh", FRESH_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=FRESH_CLAIMS,
           extra=FRESH_DATA, what="the SFT start, GRPO and the default on testbed data of another generator seed"),
     Study("paper", PAPER_ROWS, seeds="0-2", rl_steps=200, eval_every=25, eval_items=0, score_last=3,

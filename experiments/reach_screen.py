@@ -87,10 +87,8 @@ def reach_shares(greedy: np.ndarray, sampled: np.ndarray) -> dict[str, float]:
 def verdict_repairs(parsed: data.ParsedCoT, ex: data.Example, schema: data.GraphSchema) -> tuple[int, int]:
     """(single-verdict repairs, those that write the gold verdict) of one answer: the (facet, verdict) changes of one
     of its facet verdicts, the others kept, after which the business rule gives ex.label. (0, 0) where the answer
-    has no facet verdicts; gold verdicts from ex.nodes (none: no repair counts as gold)."""
-    have = parsed.verdicts if parsed.valid else {}
-    fixes = [(f, v) for f, cur in have.items() for v in data.VERDICTS
-             if v != cur and schema.label_from_verdicts({**have, f: v}) == ex.label]
+    has no facet verdicts (data.single_verdict_repairs); gold verdicts from ex.nodes (none: no repair counts as gold)."""
+    fixes = data.single_verdict_repairs(parsed, ex.label, schema)
     return len(fixes), sum(bool(ex.nodes) and ex.nodes.get(f) == v for f, v in fixes)
 
 

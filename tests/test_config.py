@@ -107,6 +107,14 @@ def test_invalid_choice_lists_the_choices(tmp_path):
         "override --run.device=tpu: run.device: invalid choice 'tpu' (choose from 'auto', 'cpu', 'cuda') (did you mean 'cpu'?)")
 
 
+def test_two_replays_are_refused_naming_the_key(tmp_path):
+    path = write(tmp_path, "rl:\n  guided_replay: true\n")
+    assert error_of(path, ["--rl.repair_replay=true"]) == (
+        "override --rl.repair_replay=true: rl.repair_replay = True: replays the rule's repair where rl.guided_replay "
+        "replays the gold CoT: set one of them")
+    assert load_config(path, ["--rl.guided_replay=false", "--rl.repair_replay=true"]).rl.repair_replay
+
+
 def test_duplicate_key(tmp_path):
     path = write(tmp_path, "rl:\n  lr: 0.1\n  steps: 2\n  lr: 0.2\n")
     assert error_of(path) == f"{path}:4: duplicate key 'rl.lr' (first at line 2)"

@@ -418,6 +418,73 @@ def test_guided_replay_replaces_only_low_groups():
     assert comps[3:] == [[10], [11], [12]]         # the other group is above the threshold
 
 
+def test_repair_replay_writes_the_unique_repair_only():
+    """graph_grpo.repair_replay under the default rule (brand [3, 2, 1]: match -> excellent, mismatch -> mismatch): a
+    failed 'brand match, excellent' answer to a mismatch pair has one repair, brand -> mismatch, and becomes GOOD,
+    which earns reward 1; an all-match answer over brand and size has two repairs and is kept; at most k per group;
+    a group above the threshold is left alone; the gold-verdict count reads the example's step verdicts."""
+    p_good, tok, schema = _parsed(GOOD)
+    vocab = data.TagVocab.from_tokenizer(tok, schema)
+    wrong = GOOD.replace("adidas mismatch", "adidas match").replace("<y> mismatch", "<y> excellent")
+    two = ("<q> brand nike size 13_inch </q> <p> brand adidas size 15_inch </p> <f:brand> nike adidas match </f:brand> "
+           "<f:size> 13_inch 15_inch match </f:size> <y> excellent </y>")
+    texts = [two, wrong, wrong, GOOD, wrong, wrong]
+    comps = [policy.encode(tok, t, True) + [tok.eos_token_id] for t in texts]
+    parses = [data.parse_completion(c, vocab, schema) for c in comps]
+    ex = data.Example("nike", "adidas", 1, nodes={"brand": "mismatch"})
+    rewards = torch.tensor([gg.outcome_reward(p, 1, 4, "exact", 0.0, True) for p in parses])
+    assert rewards.tolist() == [0, 0, 0, 1, 0, 0]
+    before = [list(c) for c in comps]
+    n = gg.repair_replay(comps, parses, [ex, ex], rewards, 3, 0.0, 1, tok, schema)
+    good = policy.encode(tok, GOOD, True) + [tok.eos_token_id]
+    assert n == (1, 1, 1)
+    assert comps[0] == before[0] and comps[1] == good and comps[2] == before[2]  # two repairs: kept; k = 1
+    assert comps[3:] == before[3:]                                              # mean 1/3 > threshold 0
+    assert gg.outcome_reward(data.parse_completion(comps[1], vocab, schema), 1, 4, "exact", 0.0, True) == 1.0
+    comps = [list(c) for c in before]
+    n = gg.repair_replay(comps, parses, [data.Example("nike", "adidas", 1), ex], rewards, 3, 0.5, 3, tok, schema)
+    assert n == (2, 4, 2) and comps[1] == comps[2] == comps[4] == comps[5] == good and comps[0] == before[0]
+
+
+def test_repair_replay_in_the_loop_adds_exactly_its_repaired_rewards(tmp_path, sft_ckpt):
+    """One tiny RL step with and without rl.repair_replay (every group eligible: threshold 1, k = G), same sampling
+    seed: the first step's logged reward differs by exactly (rollouts repaired) / (rollouts), since a repaired answer
+    earns 1 where its valid, failed original earned 0 (exact reward), and the loop re-packs and re-scores them."""
+    runs = {}
+    for name, extra in (("plain", ()), ("repair", ("--rl.repair_replay=true", "--rl.replay_threshold=1.0",
+                                                   "--rl.replay_k=4"))):
+        out = tmp_path / name
+        r = _run([sys.executable, *_rl_args(out, sft_ckpt, "--rl.steps=1", "--credit.mode=outcome",
+                                            "--controller.mode=fixed", "--reward.kind=exact", *extra)])
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[name] = json.loads(open(out / "metrics.jsonl").readline())
+    n, rep = 16, runs["repair"]["repair_replay/rollouts"]
+    assert rep > 0 and runs["plain"]["repair_replay/rollouts"] == 0
+    assert runs["repair"]["reward"] == pytest.approx(runs["plain"]["reward"] + rep / n)
+    assert 0 <= runs["repair"]["repair_replay/gold_verdicts"] <= rep
+
+
+def test_repaired_cot_of_a_pooled_node_follows_the_rule():
+    """data.repaired_cot on the paper's graph: changing brand inside the pooled 'ma' node rewrites its pooled verdict
+    (brand mismatch -> mismatch) and the label, keeps every other word, and parses as a valid consistent answer;
+    single_verdict_repairs finds that repair alone (category -> partial gives related, colour at most related)."""
+    schema = data.GraphSchema.from_config(load_config("configs/paper.yaml").graph)
+    tok = policy.build_word_tokenizer(testbed.vocabulary(schema))
+    vocab = data.TagVocab.from_tokenizer(tok, schema)
+    text = ("<qs> category shoes </qs> <qa> brand nike color red </qa> <ps> category shoes </ps> "
+            "<pa> brand adidas color red </pa> <ms> shoes shoes match </ms> "
+            "<ma> brand nike adidas match color red red match match </ma> <y> excellent </y>")
+    parsed = data.parse_completion(policy.encode(tok, text, True), vocab, schema)
+    assert parsed.valid and parsed.consistent
+    assert data.single_verdict_repairs(parsed, 1, schema) == [("brand", "mismatch")]
+    cot = data.repaired_cot(parsed, "brand", "mismatch", 1, schema)
+    assert cot["ma"] == "brand nike adidas mismatch color red red match mismatch" and cot["y"] == "mismatch"
+    assert cot["qa"] == "brand nike color red" and cot["ms"] == "shoes shoes match"
+    fixed = data.parse_completion(policy.encode(tok, data.serialize_cot(cot, schema), True), vocab, schema)
+    assert fixed.valid and fixed.consistent and fixed.label == 1 and fixed.verdicts["brand"] == "mismatch"
+    assert data.single_verdict_repairs(data.ParsedCoT(valid=False, verdicts=parsed.verdicts), 1, schema) == []
+
+
 def test_credit_modes_map_onto_one_machinery():
     cr = lambda *o: gg.Credit.from_config(load_config("configs/tiny.yaml", list(o)))  # noqa: E731
     c = cr("--credit.mode=process", "--credit.evidence=group")
