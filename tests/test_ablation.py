@@ -202,7 +202,8 @@ def test_every_row_of_every_study_makes_a_valid_config(study, tmp_path, monkeypa
                                                                              "abstain_lr05", "abstain_lr025",
                                                                              "tuned_wrong_edges", "tuned_a0",
                                                                              "tuned_grounding", "oracle_gold",
-                                                                             "oracle_gold_a0", "repair_default")
+                                                                             "oracle_gold_a0", "repair_default",
+                                                                             "repair_wide")
                                                  else "mismatch"), job.row.name
         # every study ran at rl.lr 1e-4 (PINNED) but the rows that set their own rate
         own = [o.split("=", 1)[1] for o in job.row.overrides if o.startswith("--rl.lr=")]
