@@ -586,12 +586,18 @@ REPAIR_ROWS = CEILING_ROWS[:3] + (CEILING_ROWS[-1],) + (
     Row("repair_wide", "Graph-GRPO default at lr 5e-5, unique-repair replay in every group (threshold 1, k 8)", "rl",
         "sft_masked", ABSTAIN_ROWS[3].overrides + LR05 + REPAIR + ("--rl.replay_threshold=1.0", "--rl.replay_k=8"),
         ref="grpo_lr05"),
+    # added after repair_wide's results: every failed rollout with a unique repair, but in all-fail groups only
+    # (rule: README, "Unique-repair replay, every repair of an all-fail group")
+    Row("repair_k8", "Graph-GRPO default at lr 5e-5, unique-repair replay in all-fail groups, k 8", "rl", "sft_masked",
+        ABSTAIN_ROWS[3].overrides + LR05 + REPAIR + ("--rl.replay_k=8",), ref="grpo_lr05"),
 )
 REPAIR_CLAIMS = pair_claims((("repair_agrl", "grpo_lr05"), ("repair_default", "grpo_lr05"),
                              ("repair_default", "abstain_lr05"), ("agrl_lr05", "repair_agrl"),
                              ("agrl_lr05", "grpo_lr05"), ("abstain_lr05", "grpo_lr05"), ("repair_wide", "grpo_lr05"),
-                             ("repair_wide", "abstain_lr05"), ("repair_wide", "repair_default"))) + \
-    half_budget_claims((("repair_default", "grpo_lr05"), ("repair_agrl", "grpo_lr05"), ("repair_wide", "grpo_lr05")))
+                             ("repair_wide", "abstain_lr05"), ("repair_wide", "repair_default"),
+                             ("repair_k8", "grpo_lr05"), ("repair_k8", "abstain_lr05"), ("repair_k8", "repair_default"))) + \
+    half_budget_claims((("repair_default", "grpo_lr05"), ("repair_agrl", "grpo_lr05"), ("repair_wide", "grpo_lr05"),
+                        ("repair_k8", "grpo_lr05")))
 
 # The paper's recipe on its own 7-node graph at the current code, 3 seeds (issue 14 item 5; 2026-11-30 22:15): the
 # claims table's "its 7-node graph" row had one seed of the 200-step ablation. configs/paper.yaml as it is now

@@ -203,7 +203,7 @@ def test_every_row_of_every_study_makes_a_valid_config(study, tmp_path, monkeypa
                                                                              "tuned_wrong_edges", "tuned_a0",
                                                                              "tuned_grounding", "oracle_gold",
                                                                              "oracle_gold_a0", "repair_default",
-                                                                             "repair_wide")
+                                                                             "repair_wide", "repair_k8")
                                                  else "mismatch"), job.row.name
         # every study ran at rl.lr 1e-4 (PINNED) but the rows that set their own rate
         own = [o.split("=", 1)[1] for o in job.row.overrides if o.startswith("--rl.lr=")]
