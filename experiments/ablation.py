@@ -591,13 +591,17 @@ REPAIR_ROWS = CEILING_ROWS[:3] + (CEILING_ROWS[-1],) + (
     # (rule: README, "Unique-repair replay, every repair of an all-fail group")
     Row("repair_k8", "Graph-GRPO default at lr 5e-5, unique-repair replay in all-fail groups, k 8", "rl", "sft_masked",
         ABSTAIN_ROWS[3].overrides + LR05 + REPAIR + ("--rl.replay_k=8",), ref="grpo_lr05"),
+    # added after the check of repair_k8: the same replay on outcome GRPO (rule: README, "Unique-repair replay on
+    # outcome GRPO")
+    Row("repair_grpo", "GRPO at lr 5e-5 with unique-repair replay in all-fail groups, k 8", "rl", "sft_masked",
+        GRPO + LR05 + REPAIR + ("--rl.replay_k=8",), ref="grpo_lr05"),
 )
 REPAIR_CLAIMS = pair_claims((("repair_agrl", "grpo_lr05"), ("repair_default", "grpo_lr05"),
                              ("repair_default", "abstain_lr05"), ("agrl_lr05", "repair_agrl"),
                              ("agrl_lr05", "grpo_lr05"), ("abstain_lr05", "grpo_lr05"), ("repair_wide", "grpo_lr05"),
                              ("repair_wide", "abstain_lr05"), ("repair_wide", "repair_default"),
                              ("repair_k8", "grpo_lr05"), ("repair_k8", "abstain_lr05"), ("repair_k8", "repair_default"),
-                             ("agrl_lr05", "repair_k8"))) + \
+                             ("agrl_lr05", "repair_k8"), ("repair_grpo", "grpo_lr05"), ("repair_k8", "repair_grpo"))) + \
     half_budget_claims((("repair_default", "grpo_lr05"), ("repair_agrl", "grpo_lr05"), ("repair_wide", "grpo_lr05"),
                         ("repair_k8", "grpo_lr05")))
 
@@ -605,7 +609,7 @@ REPAIR_CLAIMS = pair_claims((("repair_agrl", "grpo_lr05"), ("repair_default", "g
 # (its study, --seeds 8-15, against the rate study's seeds 8-15) and here on the project's data (data.seed 1234),
 # seeds 0-7, against the lr study's SFT starts, GRPO and the default at 5e-5. Rule: README, "Unique-repair replay,
 # checked where it was not chosen".
-REPAIR_1234_ROWS = LR_ROWS[:1] + LR05_ROWS + (REPAIR_ROWS[-1],)
+REPAIR_1234_ROWS = LR_ROWS[:1] + LR05_ROWS + (REPAIR_ROWS[-2],)
 REPAIR_1234_CLAIMS = pair_claims((("repair_k8", "grpo_lr05"), ("repair_k8", "abstain_lr05"),
                                   ("abstain_lr05", "grpo_lr05"))) + half_budget_claims((("repair_k8", "grpo_lr05"),))
 
