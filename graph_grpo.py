@@ -727,7 +727,9 @@ def repair_replay(completions: list, parses: list, examples, rewards: torch.Tens
             continue
         done = 0
         for i in range(g * G, (g + 1) * G):
-            fixes = data.single_verdict_repairs(parses[i], ex.label, schema) if rewards[i] < 1 and done < k else []
+            if done == k:
+                break
+            fixes = data.single_verdict_repairs(parses[i], ex.label, schema) if rewards[i] < 1 else []
             if len(fixes) != 1:
                 continue
             (facet, verdict), = fixes

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 
 import numpy as np
@@ -119,7 +120,6 @@ def mean_over_seeds(paths: list[str], seeds: list[int] | None = None) -> str:
     final checkpoint or one inside it), and rows of the same ROW, split and table are averaged column by column
     (the item and failed-answer counts too). seeds: only these (None: all found); a row missing one of them is left
     out. Markdown, the two tables' headers as the screen writes them."""
-    import re
     tables: list[dict[tuple[str, str], dict[int, list[float]]]] = [{}, {}]
     for path in paths:
         with open(path) as f:
