@@ -159,7 +159,8 @@ def main(argv=None) -> None:
         print(mean_over_seeds(args.runs, parse_seeds(args.seeds) if args.seeds else None), end="")
         return
     lines = [f"`python experiments/reach_screen.py ... --samples {args.samples} --items {args.items} --seed "
-             f"{args.seed}` (training reward; temperature = the run's rl.temperature)", "", MAIN_HEADER,
+             f"{args.seed}{''.join(' ' + x for x in extra)}` (training reward; temperature = the run's rl.temperature "
+             "unless overridden)", "", MAIN_HEADER,
              "|---|---|---|---:|---:|---:|---:|---:|"]
     repair_lines = ["", REPAIR_TITLE, "", REPAIR_HEADER, "|---|---|---:|---:|---:|---:|---:|---:|"]
     for run in args.runs:
