@@ -26,6 +26,7 @@ report with paired tests in results/<study>.md (+ .png).
     python experiments/ablation.py --study ceiling         # credit with gold step annotations: the room for +3 points
     python experiments/ablation.py --study repair          # the rule's unique repair replayed where all rollouts fail
     python experiments/ablation.py --study repair_1234     # its all-fail k-8 row on the project's data
+    python experiments/ablation.py --study temperature     # GRPO and the default sampling at T 1.3
     python experiments/ablation.py --report-only           # only rebuild results/ from the run directories
     nohup python experiments/ablation.py > runs/ablation.log 2>&1 &     # the background-friendly way
 
@@ -613,6 +614,22 @@ REPAIR_1234_ROWS = LR_ROWS[:1] + LR05_ROWS + (REPAIR_ROWS[-2],)
 REPAIR_1234_CLAIMS = pair_claims((("repair_k8", "grpo_lr05"), ("repair_k8", "abstain_lr05"),
                                   ("abstain_lr05", "grpo_lr05"))) + half_budget_claims((("repair_k8", "grpo_lr05"),))
 
+# A hotter sampler for both methods (issue 14; 2026-12-02, session 16): the temperature screen found T 1.3 halving the
+# sampled reward and reach not growing (results/reach_temperature.md); does the default's credit tolerate the noisier
+# sampler better than GRPO, as it tolerates larger steps (the lr study)? GRPO and the default at rl.temperature 1.3,
+# data.seed 3141, seeds 0-7; the SFT starts and both at T 1.0 are the rate study's runs. Rule: README, "A hotter
+# sampler for both methods".
+T13 = ("--rl.temperature=1.3",)
+TEMPERATURE_ROWS = RATE_ROWS[:1] + LR05_ROWS + (
+    Row("grpo_t13", "GRPO at lr 5e-5, temperature 1.3", "rl", "sft_masked", GRPO + LR05 + T13, ref="grpo_t13"),
+    Row("abstain_t13", "Graph-GRPO default at lr 5e-5, temperature 1.3", "rl", "sft_masked",
+        ABSTAIN_ROWS[3].overrides + LR05 + T13, ref="grpo_t13"),
+)
+TEMPERATURE_CLAIMS = pair_claims((("abstain_t13", "grpo_lr05"), ("grpo_t13", "grpo_lr05"), ("abstain_t13", "grpo_t13"),
+                                  ("abstain_t13", "abstain_lr05"), ("abstain_lr05", "grpo_lr05"))) + \
+    interaction_claims((("abstain_t13", "grpo_t13", "abstain_lr05", "grpo_lr05"),)) + \
+    half_budget_claims((("abstain_t13", "grpo_lr05"),))
+
 # The paper's recipe on its own 7-node graph at the current code, 3 seeds (issue 14 item 5; 2026-11-30 22:15): the
 # claims table's "its 7-node graph" row had one seed of the 200-step ablation. configs/paper.yaml as it is now
 # (base.yaml plus the paper's stated choices: its graph, per-node scale, loss masking, Eq. 3), GRPO on the same graph
@@ -692,6 +709,8 @@ STUDIES = {s.name: s for s in (
           "the default and the gold replay (AGRL)"),
     Study("repair_1234", REPAIR_1234_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3,
           claims=REPAIR_1234_CLAIMS, what="unique-repair replay in all-fail groups (k 8) on the project's data"),
+    Study("temperature", TEMPERATURE_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3,
+          claims=TEMPERATURE_CLAIMS, extra=RATE_DATA, what="GRPO and the default sampling at temperature 1.3 against 1.0"),
     Study("fresh", FRESH_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=FRESH_CLAIMS,
           extra=FRESH_DATA, what="the SFT start, GRPO and the default on testbed data of another generator seed"),
     Study("paper", PAPER_ROWS, seeds="0-2", rl_steps=200, eval_every=25, eval_items=0, score_last=3,

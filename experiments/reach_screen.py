@@ -122,14 +122,14 @@ def mean_over_seeds(paths: list[str], seeds: list[int] | None = None) -> str:
     out. Markdown, the two tables' headers as the screen writes them."""
     tables: list[dict[tuple[str, str], dict[int, list[float]]]] = [{}, {}]
     for path in paths:
+        part = 0  # a row belongs to the table whose header came last (a file may hold several screens' output)
         with open(path) as f:
-            for part, text in enumerate(f.read().split(REPAIR_TITLE)):
-                for line in text.splitlines():
-                    cells = [c.strip() for c in line.strip().strip("|").split("|")]
-                    m = re.search(r"([^/]+)_s(\d+)(/|$)", cells[0]) if line.startswith("| ") else None
-                    if m and cells[2].isdigit():  # a table row, not its header or separator
-                        tables[part].setdefault((m.group(1), cells[1]), {})[int(m.group(2))] = \
-                            [float(c) for c in cells[2:]]
+            for line in f.read().splitlines():
+                part = {MAIN_HEADER: 0, REPAIR_HEADER: 1}.get(line.strip(), part)
+                cells = [c.strip() for c in line.strip().strip("|").split("|")]
+                m = re.search(r"([^/]+)_s(\d+)(/|$)", cells[0]) if line.startswith("| ") else None
+                if m and cells[2].isdigit():  # a table row, not its header or separator
+                    tables[part].setdefault((m.group(1), cells[1]), {})[int(m.group(2))] = [float(c) for c in cells[2:]]
     out = []
     for header, rows in zip((MAIN_HEADER, REPAIR_HEADER), tables):
         out += ["", header, "|---|---|" + "---:|" * (header.count("|") - 3)]

@@ -813,6 +813,9 @@ def test_reach_screen_mean_over_seeds_by_hand(tmp_path):
     assert "| b (1 seeds) | lt: all | 30 |" in text  # all seeds found for b: only seed 1
     only = rs.mean_over_seeds([str(tmp_path / "t0.md"), str(tmp_path / "t1.md")], [0, 1])
     assert "| b (" not in only and "| a (2 seeds) | lt: all | 20 |" in only
+    # two screens appended to one --out file (as two processes write it) read as the two files did
+    (tmp_path / "both.md").write_text((tmp_path / "t0.md").read_text() + "\n\n" + (tmp_path / "t1.md").read_text())
+    assert rs.mean_over_seeds([str(tmp_path / "both.md")]) == text
 
 
 def test_verdict_repairs_by_hand():
