@@ -112,6 +112,8 @@ class DataConfig:
     """share of long-tail surface forms in the synthetic RL pool"""
     unseen_longtail: bool = False
     """true: keep brand aliases and *_unseen forms out of SFT (the tiny word-level policy can never emit them)"""
+    rl_label_noise: float = 0.0
+    """share of the generated RL pool whose label is replaced by a uniformly drawn other label (annotation noise; the gold node annotations and meta.clean_label keep the truth; test splits are never noisy); generated splits only"""
 
 
 @dataclass
@@ -646,7 +648,7 @@ NON_NEGATIVE = ("run.num_threads data.n_test_id data.n_test_longtail sft.warmup 
                 "rl.weight_decay rl.grad_clip rl.warmup rl.beta rl.eps_high rl.eval_every rl.eval_items "
                 "rl.n_samples_logged credit.alpha_min credit.probe_weight controller.snr_z eval.max_items distill.warmup "
                 "distill.max_train distill.label_ce_weight").split()
-UNIT = "data.longtail_in_sft data.longtail_in_rl mask.p_node mask.p_tok".split()  # probabilities in [0, 1]
+UNIT = "data.longtail_in_sft data.longtail_in_rl data.rl_label_noise mask.p_node mask.p_tok".split()  # probabilities in [0, 1]
 BELOW_ONE = "rl.eps_low distill.dropout".split()                                  # in [0, 1)
 
 
@@ -705,6 +707,8 @@ def check_combinations(cfg: Config, origin: dict[str, str], fail) -> None:
         fail("rl.repair_replay", "replays the rule's repair where rl.guided_replay replays the gold CoT: set one of them")
     if cfg.data.source == "synthetic" and sorted(cfg.graph.facets) != sorted(data.FACETS):
         fail("graph.facets", f"must be the synthetic catalogue's facets {sorted(data.FACETS)}")
+    if cfg.data.source == "jsonl" and cfg.data.rl_label_noise > 0:
+        fail("data.rl_label_noise", "adds noise to generated splits only; data.source jsonl reads its labels as they are")
     if cfg.data.source == "wands" and len(cfg.data.wands_grades) != len(cfg.data.label_names):
         fail("data.wands_grades", f"must hold one grade per data.label_names entry ({len(cfg.data.label_names)})")
 

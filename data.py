@@ -555,7 +555,7 @@ def gold_node(name: str, ex: "Example", schema: GraphSchema):
     if s.type.role == "verdict":
         vs = {f: v for f, v in (ex.nodes or {}).items() if f in s.facets}
         return schema.pool(name, vs) if vs else None
-    return ex.label
+    return ex.meta.get("clean_label", ex.label)  # the true label where the RL pool's label is noisy (data.rl_label_noise)
 
 
 def node_is_correct(name: str, parsed: ParsedCoT, ex: "Example", schema: GraphSchema) -> bool | None:

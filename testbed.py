@@ -282,11 +282,13 @@ SPLITS = ("sft", "rl", "test_id", "test_longtail")
 
 def generate_splits(schema: GraphSchema, seed: int, n_sft: int, n_rl: int, n_test_id: int,
                     n_test_longtail: int, longtail_in_sft: float, longtail_in_rl: float,
-                    unseen_longtail: bool = True, cat: Catalogue | None = None) -> dict[str, list[Example]]:
+                    unseen_longtail: bool = True, cat: Catalogue | None = None,
+                    rl_label_noise: float = 0.0) -> dict[str, list[Example]]:
     """The four splits (DESIGN §2), each from its own seeded stream so that changing one size leaves the
     others unchanged. sft/test_id: head forms and rare long-tail forms at rate longtail_in_sft; rl: a share
     longtail_in_rl of examples carry one long-tail form of any kind; test_longtail: every example does.
-    `cat`: the catalogue (default: the hand-made one); its facet names must be the schema's facets."""
+    `cat`: the catalogue (default: the hand-made one); its facet names must be the schema's facets.
+    rl_label_noise: annotation noise on the RL pool only (label_noise)."""
     cat = cat or Catalogue()
     if sorted(schema.facets) != sorted(cat.role):
         raise ValueError(f"graph.facets {list(schema.facets)} must be the catalogue's facets {sorted(cat.role)}")
@@ -303,7 +305,23 @@ def generate_splits(schema: GraphSchema, seed: int, n_sft: int, n_rl: int, n_tes
             ex.id = f"{split}-{i:06d}"
             exs.append(ex)
         out[split] = exs
+    if rl_label_noise > 0:
+        label_noise(out["rl"], rl_label_noise, len(schema.label_names), random.Random(seed * 1000 + len(plan)))
     return out
+
+
+def label_noise(examples: list[Example], p: float, num_labels: int, rng: random.Random) -> None:
+    """In place: each example's label, with probability p, becomes a uniformly drawn *other* label, as an annotator
+    who errs at rate p and then guesses would give; the true label stays in meta['clean_label'] (data.gold_node's
+    gold for the label node) and the gold facet verdicts (`nodes`, diagnostics) are unchanged. A relabelled example
+    loses its CoT: no chain of steps ends in the wrong label (data.parse_example refuses one that disagrees), so it is
+    label-only, as the product's pool is (the gold-CoT replay skips it). The same two draws per example whatever p,
+    so the examples hit at a smaller p are a subset of those hit at a larger one (the same seed)."""
+    for ex in examples:
+        u, other = rng.random(), rng.randrange(num_labels - 1)
+        if u < p:
+            ex.meta["clean_label"] = ex.label
+            ex.label, ex.cot = other + (other >= ex.label), None
 
 
 def schema_tag(schema: GraphSchema) -> str:
@@ -321,13 +339,13 @@ def prepare_synthetic(data_cfg, schema: GraphSchema, cat: Catalogue | None = Non
     `prefix` names a non-default catalogue in the directory name, schema_tag a graph whose gold CoT differs."""
     tag = prefix + (f"s{data_cfg.seed}-{data_cfg.n_sft}-{data_cfg.n_rl}-{data_cfg.n_test_id}-{data_cfg.n_test_longtail}"
            f"-{data_cfg.longtail_in_sft}-{data_cfg.longtail_in_rl}" + ("" if data_cfg.unseen_longtail else "-nounseen")
-           + schema_tag(schema))
+           + (f"-noise{data_cfg.rl_label_noise}" if data_cfg.rl_label_noise else "") + schema_tag(schema))
     root = os.path.join(data_cfg.dir, tag)
     paths = {s: os.path.join(root, f"{s}.jsonl") for s in SPLITS}
     if not all(os.path.exists(p) for p in paths.values()):
         splits = generate_splits(schema, data_cfg.seed, data_cfg.n_sft, data_cfg.n_rl, data_cfg.n_test_id,
                                  data_cfg.n_test_longtail, data_cfg.longtail_in_sft, data_cfg.longtail_in_rl,
-                                 data_cfg.unseen_longtail, cat)
+                                 data_cfg.unseen_longtail, cat, data_cfg.rl_label_noise)
         for s, exs in splits.items():
             write_jsonl(paths[s], exs)
     return paths

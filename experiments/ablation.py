@@ -27,6 +27,7 @@ report with paired tests in results/<study>.md (+ .png).
     python experiments/ablation.py --study repair          # the rule's unique repair replayed where all rollouts fail
     python experiments/ablation.py --study repair_1234     # its all-fail k-8 row on the project's data
     python experiments/ablation.py --study temperature     # GRPO and the default sampling at T 1.3
+    python experiments/ablation.py --study noise           # GRPO and the default on noisy RL labels
     python experiments/ablation.py --report-only           # only rebuild results/ from the run directories
     nohup python experiments/ablation.py > runs/ablation.log 2>&1 &     # the background-friendly way
 
@@ -630,6 +631,27 @@ TEMPERATURE_CLAIMS = pair_claims((("abstain_t13", "grpo_lr05"), ("grpo_t13", "gr
     interaction_claims((("abstain_t13", "grpo_t13", "abstain_lr05", "grpo_lr05"),)) + \
     half_budget_claims((("abstain_t13", "grpo_lr05"),))
 
+# Noisy labels in the RL pool (issue 14 item 7; 2026-12-02, session 16): every study so far trained on exact labels,
+# where credit of any accuracy is worth about a point (the ceiling study). Real relevance labels are noisy; the
+# default's verifier evidence does not depend on the label, GRPO's signal is the label alone. GRPO and the default
+# with data.rl_label_noise 0.2 and 0.4 (that share of the pool relabelled uniformly at random among the other labels),
+# data.seed 3141, seeds 0-7; the SFT starts (trained on the clean SFT split, which noise never touches) and both at
+# noise 0 are the rate study's runs. Rule: README, "Noisy labels in the RL pool".
+NOISE_ROWS = RATE_ROWS[:1] + LR05_ROWS + tuple(
+    row for tag, p in (("2", "0.2"), ("4", "0.4")) for row in (
+        Row(f"grpo_noise{tag}", f"GRPO at lr 5e-5, RL label noise {p}", "rl", "sft_masked",
+            GRPO + LR05 + (f"--data.rl_label_noise={p}",), ref=f"grpo_noise{tag}"),
+        Row(f"abstain_noise{tag}", f"Graph-GRPO default at lr 5e-5, RL label noise {p}", "rl", "sft_masked",
+            ABSTAIN_ROWS[3].overrides + LR05 + (f"--data.rl_label_noise={p}",), ref=f"grpo_noise{tag}")))
+NOISE_CLAIMS = pair_claims((("abstain_noise2", "grpo_noise2"), ("abstain_noise4", "grpo_noise4"),
+                            ("abstain_lr05", "grpo_lr05"), ("grpo_noise2", "grpo_lr05"), ("grpo_noise4", "grpo_lr05"),
+                            ("abstain_noise2", "abstain_lr05"), ("abstain_noise4", "abstain_lr05"),
+                            ("grpo_noise2", "sft_masked"), ("abstain_noise2", "sft_masked"),
+                            ("grpo_noise4", "sft_masked"), ("abstain_noise4", "sft_masked"))) + \
+    interaction_claims((("abstain_noise2", "grpo_noise2", "abstain_lr05", "grpo_lr05"),
+                        ("abstain_noise4", "grpo_noise4", "abstain_lr05", "grpo_lr05"))) + \
+    half_budget_claims((("abstain_noise2", "grpo_noise2"), ("abstain_noise4", "grpo_noise4")))
+
 # The paper's recipe on its own 7-node graph at the current code, 3 seeds (issue 14 item 5; 2026-11-30 22:15): the
 # claims table's "its 7-node graph" row had one seed of the 200-step ablation. configs/paper.yaml as it is now
 # (base.yaml plus the paper's stated choices: its graph, per-node scale, loss masking, Eq. 3), GRPO on the same graph
@@ -711,6 +733,8 @@ STUDIES = {s.name: s for s in (
           claims=REPAIR_1234_CLAIMS, what="unique-repair replay in all-fail groups (k 8) on the project's data"),
     Study("temperature", TEMPERATURE_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3,
           claims=TEMPERATURE_CLAIMS, extra=RATE_DATA, what="GRPO and the default sampling at temperature 1.3 against 1.0"),
+    Study("noise", NOISE_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=NOISE_CLAIMS,
+          extra=RATE_DATA, what="GRPO and the default with 20% and 40% of the RL pool's labels wrong"),
     Study("fresh", FRESH_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=FRESH_CLAIMS,
           extra=FRESH_DATA, what="the SFT start, GRPO and the default on testbed data of another generator seed"),
     Study("paper", PAPER_ROWS, seeds="0-2", rl_steps=200, eval_every=25, eval_items=0, score_last=3,

@@ -115,6 +115,15 @@ def test_two_replays_are_refused_naming_the_key(tmp_path):
     assert load_config(path, ["--rl.guided_replay=false", "--rl.repair_replay=true"]).rl.repair_replay
 
 
+def test_label_noise_is_refused_on_read_data_and_out_of_range(tmp_path):
+    path = write(tmp_path, "data:\n  source: jsonl\n  rl_label_noise: 0.2\n")
+    assert error_of(path) == (f"{path}:3: data.rl_label_noise = 0.2: adds noise to generated splits only; "
+                              "data.source jsonl reads its labels as they are")
+    assert error_of(path, ["--data.source=synthetic", "--data.rl_label_noise=1.5"]).startswith(
+        "override --data.rl_label_noise=1.5: data.rl_label_noise = 1.5")
+    assert load_config(path, ["--data.source=synthetic"]).data.rl_label_noise == 0.2
+
+
 def test_duplicate_key(tmp_path):
     path = write(tmp_path, "rl:\n  lr: 0.1\n  steps: 2\n  lr: 0.2\n")
     assert error_of(path) == f"{path}:4: duplicate key 'rl.lr' (first at line 2)"

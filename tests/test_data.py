@@ -266,3 +266,29 @@ def test_schema_parents_and_custom_dag():
         edges = [["q", "p"], ["p", "q"]]
     with pytest.raises(ValueError, match="cycle"):
         data.GraphSchema.from_config(Cyc).slots
+
+
+def test_rl_label_noise_flips_the_share_asked_on_the_rl_pool_only():
+    """data.rl_label_noise: about p of the RL pool gets another label (never its own), the truth stays in
+    meta.clean_label and is the label node's gold; the other splits, and the pool at p = 0, are the noiseless ones."""
+    args = (SCHEMA, 5, 50, 4000, 30, 30, 0.05, 0.5)
+    clean = testbed.generate_splits(*args)
+    noisy = testbed.generate_splits(*args, rl_label_noise=0.3)
+    assert [e.to_json() for e in testbed.generate_splits(*args, rl_label_noise=0.0)["rl"]] == \
+        [e.to_json() for e in clean["rl"]]
+    for split in ("sft", "test_id", "test_longtail"):
+        assert [e.to_json() for e in noisy[split]] == [e.to_json() for e in clean[split]]
+    flipped = [(c, n) for c, n in zip(clean["rl"], noisy["rl"]) if "clean_label" in n.meta]
+    assert abs(len(flipped) / 4000 - 0.3) < 0.025  # binomial sd 0.007
+    assert all(n.label != c.label == n.meta["clean_label"] == data.gold_node("y", n, SCHEMA) for c, n in flipped)
+    assert all(n.cot is None and n.nodes == c.nodes for c, n in flipped)  # label-only; the gold verdicts stay
+    for n in noisy["rl"]:  # what is written reads back (a CoT would contradict its noisy label)
+        data.parse_example(n.to_json(), "rl", 4, SCHEMA)
+    assert all(n.label == c.label and n.nodes == c.nodes for c, n in zip(clean["rl"], noisy["rl"])
+               if "clean_label" not in n.meta)
+    # every other label is drawn: about a third of the flips each
+    counts = [sum((n.label - c.label) % 4 == k for c, n in flipped) / len(flipped) for k in (1, 2, 3)]
+    assert all(abs(x - 1 / 3) < 0.06 for x in counts), counts
+    # a smaller p hits a subset of the same examples
+    fewer = testbed.generate_splits(*args, rl_label_noise=0.1)["rl"]
+    assert {e.id for e in fewer if "clean_label" in e.meta} <= {e.id for _, e in flipped}
