@@ -28,6 +28,7 @@ report with paired tests in results/<study>.md (+ .png).
     python experiments/ablation.py --study repair_1234     # its all-fail k-8 row on the project's data
     python experiments/ablation.py --study temperature     # GRPO and the default sampling at T 1.3
     python experiments/ablation.py --study noise           # GRPO and the default on noisy RL labels
+    python experiments/ablation.py --study noise_1234      # its 0.4 rows on the project's data
     python experiments/ablation.py --report-only           # only rebuild results/ from the run directories
     nohup python experiments/ablation.py > runs/ablation.log 2>&1 &     # the background-friendly way
 
@@ -652,6 +653,14 @@ NOISE_CLAIMS = pair_claims((("abstain_noise2", "grpo_noise2"), ("abstain_noise4"
                         ("abstain_noise4", "grpo_noise4", "abstain_lr05", "grpo_lr05"))) + \
     half_budget_claims((("abstain_noise2", "grpo_noise2"), ("abstain_noise4", "grpo_noise4")))
 
+# The noise-0.4 rows checked on the project's data (data.seed 1234), seeds 0-7, against the lr study's SFT starts,
+# GRPO and the default at 5e-5. Rule: README, "Noisy labels in the RL pool, on the project's data".
+NOISE_1234_ROWS = LR_ROWS[:1] + LR05_ROWS + NOISE_ROWS[-2:]
+NOISE_1234_CLAIMS = pair_claims((("abstain_noise4", "grpo_noise4"), ("abstain_lr05", "grpo_lr05"),
+                                 ("grpo_noise4", "sft_masked"), ("abstain_noise4", "sft_masked"))) + \
+    interaction_claims((("abstain_noise4", "grpo_noise4", "abstain_lr05", "grpo_lr05"),)) + \
+    half_budget_claims((("abstain_noise4", "grpo_noise4"),))
+
 # The paper's recipe on its own 7-node graph at the current code, 3 seeds (issue 14 item 5; 2026-11-30 22:15): the
 # claims table's "its 7-node graph" row had one seed of the 200-step ablation. configs/paper.yaml as it is now
 # (base.yaml plus the paper's stated choices: its graph, per-node scale, loss masking, Eq. 3), GRPO on the same graph
@@ -735,6 +744,8 @@ STUDIES = {s.name: s for s in (
           claims=TEMPERATURE_CLAIMS, extra=RATE_DATA, what="GRPO and the default sampling at temperature 1.3 against 1.0"),
     Study("noise", NOISE_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=NOISE_CLAIMS,
           extra=RATE_DATA, what="GRPO and the default with 20% and 40% of the RL pool's labels wrong"),
+    Study("noise_1234", NOISE_1234_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3,
+          claims=NOISE_1234_CLAIMS, what="GRPO and the default with 40% of the RL pool's labels wrong, the project's data"),
     Study("fresh", FRESH_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=FRESH_CLAIMS,
           extra=FRESH_DATA, what="the SFT start, GRPO and the default on testbed data of another generator seed"),
     Study("paper", PAPER_ROWS, seeds="0-2", rl_steps=200, eval_every=25, eval_items=0, score_last=3,
