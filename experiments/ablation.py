@@ -29,6 +29,7 @@ report with paired tests in results/<study>.md (+ .png).
     python experiments/ablation.py --study temperature     # GRPO and the default sampling at T 1.3
     python experiments/ablation.py --study noise           # GRPO and the default on noisy RL labels
     python experiments/ablation.py --study noise_1234      # its 0.4 rows on the project's data
+    python experiments/ablation.py --study noise_parts     # what carries the default's lead at noise 0.4
     python experiments/ablation.py --report-only           # only rebuild results/ from the run directories
     nohup python experiments/ablation.py > runs/ablation.log 2>&1 &     # the background-friendly way
 
@@ -661,6 +662,28 @@ NOISE_1234_CLAIMS = pair_claims((("abstain_noise4", "grpo_noise4"), ("abstain_lr
     interaction_claims((("abstain_noise4", "grpo_noise4", "abstain_lr05", "grpo_lr05"),)) + \
     half_budget_claims((("abstain_noise4", "grpo_noise4"),))
 
+# Which part of the default carries its lead under 40% label noise (issue 14 item 7; 2026-12-02). The noise study
+# found the lead (data.seed 3141 and 1234); the default is propagation along the graph (alpha) plus per-step evidence
+# that partly reads the label (Eq. 1a group evidence) and partly does not (the verifiers). Rows at noise 0.4, data.seed
+# 3141, seeds 0-7: alpha fixed at 0 (no propagation), wrong edges, verifier evidence only (no group evidence); the SFT
+# starts and GRPO / the default at noise 0.4 are the noise study's runs. Rule: README, "What carries the lead under
+# label noise".
+NOISE4 = ("--data.rl_label_noise=0.4",)
+NOISE_PARTS_ROWS = RATE_ROWS[:1] + NOISE_ROWS[-2:] + (
+    Row("a0_noise4", "Graph-GRPO default at lr 5e-5, noise 0.4, alpha fixed at 0 (no propagation)", "rl", "sft_masked",
+        ABSTAIN_ROWS[3].overrides + LR05 + NOISE4 + ("--controller.mode=fixed", "--credit.alpha_init=0"),
+        ref="grpo_noise4"),
+    Row("wrong_edges_noise4", "Graph-GRPO default at lr 5e-5, noise 0.4, wrong edges", "rl", "sft_masked",
+        ABSTAIN_ROWS[3].overrides + LR05 + NOISE4 + (WRONG_EDGES,), ref="grpo_noise4"),
+    Row("verifier_noise4", "Graph-GRPO default at lr 5e-5, noise 0.4, verifier evidence only (no Eq. 1a group evidence)",
+        "rl", "sft_masked", ABSTAIN_ROWS[3].overrides + LR05 + NOISE4 + ("--credit.evidence=verifier",),
+        ref="grpo_noise4"),
+)
+NOISE_PARTS = ("a0_noise4", "wrong_edges_noise4", "verifier_noise4")
+NOISE_PARTS_CLAIMS = pair_claims(tuple(("abstain_noise4", a) for a in NOISE_PARTS) +
+                                 tuple((a, "grpo_noise4") for a in NOISE_PARTS)) + \
+    half_budget_claims(tuple((a, "grpo_noise4") for a in NOISE_PARTS))
+
 # The paper's recipe on its own 7-node graph at the current code, 3 seeds (issue 14 item 5; 2026-11-30 22:15): the
 # claims table's "its 7-node graph" row had one seed of the 200-step ablation. configs/paper.yaml as it is now
 # (base.yaml plus the paper's stated choices: its graph, per-node scale, loss masking, Eq. 3), GRPO on the same graph
@@ -746,6 +769,9 @@ STUDIES = {s.name: s for s in (
           extra=RATE_DATA, what="GRPO and the default with 20% and 40% of the RL pool's labels wrong"),
     Study("noise_1234", NOISE_1234_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3,
           claims=NOISE_1234_CLAIMS, what="GRPO and the default with 40% of the RL pool's labels wrong, the project's data"),
+    Study("noise_parts", NOISE_PARTS_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3,
+          claims=NOISE_PARTS_CLAIMS, extra=RATE_DATA,
+          what="alpha 0, wrong edges and verifier-only evidence for the default under 40% label noise"),
     Study("fresh", FRESH_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=FRESH_CLAIMS,
           extra=FRESH_DATA, what="the SFT start, GRPO and the default on testbed data of another generator seed"),
     Study("paper", PAPER_ROWS, seeds="0-2", rl_steps=200, eval_every=25, eval_items=0, score_last=3,

@@ -194,7 +194,8 @@ def test_every_row_of_every_study_makes_a_valid_config(study, tmp_path, monkeypa
         cfg = parse_args(job.args[2:])[0]  # [python, script, config, overrides...]; exit 2 (SystemExit) on a bad row
         # a study's own overrides reach every run
         assert cfg.data.seed == {"fresh": 2718, "rate": 3141, "ceiling": 3141, "repair": 3141,
-                                 "temperature": 3141, "noise": 3141}.get(study, 1234)
+                                 "temperature": 3141, "noise": 3141,
+                                 "noise_parts": 3141}.get(study, 1234)
         # every study ran with the guessing comparator but the rows that test abstaining (PINNED)
         assert cfg.reward.comparator_unknown == ("abstain" if job.row.name in ("others_abstain", "abstain_heavy",
                                                                              "abstain_b32", "default_probe",
@@ -205,7 +206,9 @@ def test_every_row_of_every_study_makes_a_valid_config(study, tmp_path, monkeypa
                                                                              "tuned_grounding", "oracle_gold",
                                                                              "oracle_gold_a0", "repair_default",
                                                                              "repair_wide", "repair_k8", "abstain_t13",
-                                                                             "abstain_noise2", "abstain_noise4")
+                                                                             "abstain_noise2", "abstain_noise4",
+                                                                             "a0_noise4", "wrong_edges_noise4",
+                                                                             "verifier_noise4")
                                                  else "mismatch"), job.row.name
         # every study ran at rl.lr 1e-4 (PINNED) but the rows that set their own rate
         own = [o.split("=", 1)[1] for o in job.row.overrides if o.startswith("--rl.lr=")]
