@@ -283,12 +283,12 @@ SPLITS = ("sft", "rl", "test_id", "test_longtail")
 def generate_splits(schema: GraphSchema, seed: int, n_sft: int, n_rl: int, n_test_id: int,
                     n_test_longtail: int, longtail_in_sft: float, longtail_in_rl: float,
                     unseen_longtail: bool = True, cat: Catalogue | None = None,
-                    rl_label_noise: float = 0.0) -> dict[str, list[Example]]:
+                    rl_label_noise: float = 0.0, noise_kind: str = "uniform") -> dict[str, list[Example]]:
     """The four splits (DESIGN §2), each from its own seeded stream so that changing one size leaves the
     others unchanged. sft/test_id: head forms and rare long-tail forms at rate longtail_in_sft; rl: a share
     longtail_in_rl of examples carry one long-tail form of any kind; test_longtail: every example does.
     `cat`: the catalogue (default: the hand-made one); its facet names must be the schema's facets.
-    rl_label_noise: annotation noise on the RL pool only (label_noise)."""
+    rl_label_noise, noise_kind: annotation noise on the RL pool only (label_noise)."""
     cat = cat or Catalogue()
     if sorted(schema.facets) != sorted(cat.role):
         raise ValueError(f"graph.facets {list(schema.facets)} must be the catalogue's facets {sorted(cat.role)}")
@@ -306,22 +306,34 @@ def generate_splits(schema: GraphSchema, seed: int, n_sft: int, n_rl: int, n_tes
             exs.append(ex)
         out[split] = exs
     if rl_label_noise > 0:
-        label_noise(out["rl"], rl_label_noise, len(schema.label_names), random.Random(seed * 1000 + len(plan)))
+        label_noise(out["rl"], rl_label_noise, len(schema.label_names), random.Random(seed * 1000 + len(plan)),
+                    noise_kind)
     return out
 
 
-def label_noise(examples: list[Example], p: float, num_labels: int, rng: random.Random) -> None:
-    """In place: each example's label, with probability p, becomes a uniformly drawn *other* label, as an annotator
-    who errs at rate p and then guesses would give; the true label stays in meta['clean_label'] (data.gold_node's
-    gold for the label node) and the gold facet verdicts (`nodes`, diagnostics) are unchanged. A relabelled example
-    loses its CoT: no chain of steps ends in the wrong label (data.parse_example refuses one that disagrees), so it is
-    label-only, as the product's pool is (the gold-CoT replay skips it). The same two draws per example whatever p,
-    so the examples hit at a smaller p are a subset of those hit at a larger one (the same seed)."""
+def label_noise(examples: list[Example], p: float, num_labels: int, rng: random.Random,
+                kind: str = "uniform") -> None:
+    """In place: each example's label, with probability p, becomes a wrong one: for kind "uniform" a uniformly drawn
+    *other* label, as an annotator who errs at rate p and then guesses would give; for kind "adjacent" a neighbouring
+    grade (one up or one down, each half the time where both exist), as graders of an ordinal scale mostly err. The
+    true label stays in meta['clean_label'] (data.gold_node's gold for the label node) and the gold facet verdicts
+    (`nodes`, diagnostics) are unchanged. A relabelled example loses its CoT: no chain of steps ends in the wrong
+    label (data.parse_example refuses one that disagrees), so it is label-only, as the product's pool is (the
+    gold-CoT replay skips it). The same two draws per example whatever p and kind, so the examples hit at a smaller p
+    are a subset of those hit at a larger one, and both kinds hit the same examples (the same seed); "adjacent"
+    picks its neighbour from u / p, uniform in [0, 1) given u < p."""
+    if kind not in ("uniform", "adjacent"):
+        raise ValueError(f"kind={kind!r}, expected 'uniform' or 'adjacent'")
     for ex in examples:
         u, other = rng.random(), rng.randrange(num_labels - 1)
         if u < p:
             ex.meta["clean_label"] = ex.label
-            ex.label, ex.cot = other + (other >= ex.label), None
+            if kind == "adjacent":
+                near = [y for y in (ex.label - 1, ex.label + 1) if 0 <= y < num_labels]
+                ex.label = near[int(u / p * len(near))]
+            else:
+                ex.label = other + (other >= ex.label)
+            ex.cot = None
 
 
 def schema_tag(schema: GraphSchema) -> str:
@@ -339,13 +351,15 @@ def prepare_synthetic(data_cfg, schema: GraphSchema, cat: Catalogue | None = Non
     `prefix` names a non-default catalogue in the directory name, schema_tag a graph whose gold CoT differs."""
     tag = prefix + (f"s{data_cfg.seed}-{data_cfg.n_sft}-{data_cfg.n_rl}-{data_cfg.n_test_id}-{data_cfg.n_test_longtail}"
            f"-{data_cfg.longtail_in_sft}-{data_cfg.longtail_in_rl}" + ("" if data_cfg.unseen_longtail else "-nounseen")
-           + (f"-noise{data_cfg.rl_label_noise}" if data_cfg.rl_label_noise else "") + schema_tag(schema))
+           + (f"-noise{data_cfg.rl_label_noise}" if data_cfg.rl_label_noise else "")
+           + ("-adjacent" if data_cfg.rl_label_noise and data_cfg.rl_label_noise_kind == "adjacent" else "")
+           + schema_tag(schema))
     root = os.path.join(data_cfg.dir, tag)
     paths = {s: os.path.join(root, f"{s}.jsonl") for s in SPLITS}
     if not all(os.path.exists(p) for p in paths.values()):
         splits = generate_splits(schema, data_cfg.seed, data_cfg.n_sft, data_cfg.n_rl, data_cfg.n_test_id,
                                  data_cfg.n_test_longtail, data_cfg.longtail_in_sft, data_cfg.longtail_in_rl,
-                                 data_cfg.unseen_longtail, cat, data_cfg.rl_label_noise)
+                                 data_cfg.unseen_longtail, cat, data_cfg.rl_label_noise, data_cfg.rl_label_noise_kind)
         for s, exs in splits.items():
             write_jsonl(paths[s], exs)
     return paths

@@ -30,6 +30,7 @@ report with paired tests in results/<study>.md (+ .png).
     python experiments/ablation.py --study noise           # GRPO and the default on noisy RL labels
     python experiments/ablation.py --study noise_1234      # its 0.4 rows on the project's data
     python experiments/ablation.py --study noise_parts     # what carries the default's lead at noise 0.4
+    python experiments/ablation.py --study noise_adjacent  # the same 0.4 noise between neighbouring grades
     python experiments/ablation.py --report-only           # only rebuild results/ from the run directories
     nohup python experiments/ablation.py > runs/ablation.log 2>&1 &     # the background-friendly way
 
@@ -684,6 +685,24 @@ NOISE_PARTS_CLAIMS = pair_claims(tuple(("abstain_noise4", a) for a in NOISE_PART
                                  tuple((a, "grpo_noise4") for a in NOISE_PARTS)) + \
     half_budget_claims(tuple((a, "grpo_noise4") for a in NOISE_PARTS))
 
+# Noise as graders of an ordinal scale make it (issue 14 item 7; 2026-12-02): the noise study's labels were wrong
+# uniformly; data.rl_label_noise_kind adjacent moves the same examples one grade instead. GRPO and the default at 0.4,
+# data.seed 3141, seeds 0-7; the SFT starts and both methods at noise 0 and at uniform 0.4 are the noise study's
+# runs. Rule: README, "Noise between neighbouring grades".
+ADJACENT = NOISE4 + ("--data.rl_label_noise_kind=adjacent",)
+ADJACENT_ROWS = NOISE_ROWS[:3] + NOISE_ROWS[-2:] + (
+    Row("grpo_adj4", "GRPO at lr 5e-5, RL label noise 0.4 between neighbouring grades", "rl", "sft_masked",
+        GRPO + LR05 + ADJACENT, ref="grpo_adj4"),
+    Row("abstain_adj4", "Graph-GRPO default at lr 5e-5, RL label noise 0.4 between neighbouring grades", "rl",
+        "sft_masked", ABSTAIN_ROWS[3].overrides + LR05 + ADJACENT, ref="grpo_adj4"),
+)
+ADJACENT_CLAIMS = pair_claims((("abstain_adj4", "grpo_adj4"), ("grpo_adj4", "sft_masked"),
+                               ("abstain_adj4", "sft_masked"), ("grpo_adj4", "grpo_noise4"),
+                               ("abstain_adj4", "abstain_noise4"))) + \
+    interaction_claims((("abstain_adj4", "grpo_adj4", "abstain_lr05", "grpo_lr05"),
+                        ("abstain_adj4", "grpo_adj4", "abstain_noise4", "grpo_noise4"))) + \
+    half_budget_claims((("abstain_adj4", "grpo_adj4"),))
+
 # The paper's recipe on its own 7-node graph at the current code, 3 seeds (issue 14 item 5; 2026-11-30 22:15): the
 # claims table's "its 7-node graph" row had one seed of the 200-step ablation. configs/paper.yaml as it is now
 # (base.yaml plus the paper's stated choices: its graph, per-node scale, loss masking, Eq. 3), GRPO on the same graph
@@ -772,6 +791,9 @@ STUDIES = {s.name: s for s in (
     Study("noise_parts", NOISE_PARTS_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3,
           claims=NOISE_PARTS_CLAIMS, extra=RATE_DATA,
           what="alpha 0, wrong edges and verifier-only evidence for the default under 40% label noise"),
+    Study("noise_adjacent", ADJACENT_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3,
+          claims=ADJACENT_CLAIMS, extra=RATE_DATA,
+          what="GRPO and the default with 40% of the RL pool's labels one grade off"),
     Study("fresh", FRESH_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=FRESH_CLAIMS,
           extra=FRESH_DATA, what="the SFT start, GRPO and the default on testbed data of another generator seed"),
     Study("paper", PAPER_ROWS, seeds="0-2", rl_steps=200, eval_every=25, eval_items=0, score_last=3,

@@ -1,6 +1,7 @@
 """data.py: the testbed generator, business rule, CoT serialiser/parser, verifiers and JSONL validation."""
 import json
 import math
+import os
 import random
 
 import pytest
@@ -292,3 +293,35 @@ def test_rl_label_noise_flips_the_share_asked_on_the_rl_pool_only():
     # a smaller p hits a subset of the same examples
     fewer = testbed.generate_splits(*args, rl_label_noise=0.1)["rl"]
     assert {e.id for e in fewer if "clean_label" in e.meta} <= {e.id for _, e in flipped}
+
+
+def test_each_noise_kind_writes_its_own_data_directory(tmp_path):
+    """The data directory's name carries the noise and its kind, so runs of one never read the other's pool."""
+    from dataclasses import replace
+
+    from config import DataConfig
+    cfg = DataConfig(dir=str(tmp_path), n_sft=20, n_rl=300, n_test_id=10, n_test_longtail=10, rl_label_noise=0.3)
+    uniform = testbed.prepare_synthetic(cfg, SCHEMA)
+    adjacent = testbed.prepare_synthetic(replace(cfg, rl_label_noise_kind="adjacent"), SCHEMA)
+    assert os.path.basename(os.path.dirname(uniform["rl"])).endswith("-noise0.3")
+    assert os.path.basename(os.path.dirname(adjacent["rl"])).endswith("-noise0.3-adjacent")
+    read = lambda path: open(path).read()  # noqa: E731
+    assert read(uniform["sft"]) == read(adjacent["sft"]) and read(uniform["rl"]) != read(adjacent["rl"])
+
+
+def test_adjacent_label_noise_moves_the_same_examples_one_grade():
+    """data.rl_label_noise_kind adjacent: the examples uniform noise hits at the same p and seed, each moved one grade
+    (up or down about half the time each where both exist: grades 1 and 2 of 0-3), the truth in meta.clean_label."""
+    args = (SCHEMA, 5, 50, 4000, 30, 30, 0.05, 0.5)
+    uniform = testbed.generate_splits(*args, rl_label_noise=0.3)["rl"]
+    adjacent = testbed.generate_splits(*args, rl_label_noise=0.3, noise_kind="adjacent")["rl"]
+    assert [("clean_label" in u.meta, u.meta.get("clean_label", u.label)) for u in uniform] == \
+        [("clean_label" in a.meta, a.meta.get("clean_label", a.label)) for a in adjacent]
+    moved = [(a.meta["clean_label"], a.label) for a in adjacent if "clean_label" in a.meta]
+    assert all(abs(new - old) == 1 for old, new in moved)
+    for grade in (1, 2):
+        ups = [new > old for old, new in moved if old == grade]
+        assert len(ups) > 100 and abs(sum(ups) / len(ups) - 0.5) < 0.12, (grade, len(ups), sum(ups))
+    assert all(a.cot is None for a in adjacent if "clean_label" in a.meta)
+    with pytest.raises(ValueError, match="adjacent"):
+        testbed.label_noise(adjacent[:1], 0.3, 4, random.Random(0), kind="nearby")
