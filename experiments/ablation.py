@@ -30,6 +30,7 @@ report with paired tests in results/<study>.md (+ .png).
     python experiments/ablation.py --study noise           # GRPO and the default on noisy RL labels
     python experiments/ablation.py --study noise_1234      # its 0.4 rows on the project's data
     python experiments/ablation.py --study noise_parts     # what carries the default's lead at noise 0.4
+    python experiments/ablation.py --study noise_parts_1234  # its alpha-0 and wrong-edges rows on the project's data
     python experiments/ablation.py --study noise_adjacent  # the same 0.4 noise between neighbouring grades
     python experiments/ablation.py --report-only           # only rebuild results/ from the run directories
     nohup python experiments/ablation.py > runs/ablation.log 2>&1 &     # the background-friendly way
@@ -685,6 +686,13 @@ NOISE_PARTS_CLAIMS = pair_claims(tuple(("abstain_noise4", a) for a in NOISE_PART
                                  tuple((a, "grpo_noise4") for a in NOISE_PARTS)) + \
     half_budget_claims(tuple((a, "grpo_noise4") for a in NOISE_PARTS))
 
+# The same parts on the project's data (data.seed 1234), seeds 0-7: alpha 0 and wrong edges at noise 0.4, against the
+# noise_1234 study's SFT starts, GRPO and the default. Rule: README, "What carries the lead under label noise, seeds
+# 8-15 and the project's data".
+NOISE_PARTS_1234_ROWS = NOISE_1234_ROWS[:1] + NOISE_1234_ROWS[-2:] + NOISE_PARTS_ROWS[3:5]
+NOISE_PARTS_1234_CLAIMS = pair_claims(tuple(("abstain_noise4", a) for a in NOISE_PARTS[:2]) +
+                                      tuple((a, "grpo_noise4") for a in NOISE_PARTS[:2]))
+
 # Noise as graders of an ordinal scale make it (issue 14 item 7; 2026-12-02): the noise study's labels were wrong
 # uniformly; data.rl_label_noise_kind adjacent moves the same examples one grade instead. GRPO and the default at 0.4,
 # data.seed 3141, seeds 0-7; the SFT starts and both methods at noise 0 and at uniform 0.4 are the noise study's
@@ -791,6 +799,8 @@ STUDIES = {s.name: s for s in (
     Study("noise_parts", NOISE_PARTS_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3,
           claims=NOISE_PARTS_CLAIMS, extra=RATE_DATA,
           what="alpha 0, wrong edges and verifier-only evidence for the default under 40% label noise"),
+    Study("noise_parts_1234", NOISE_PARTS_1234_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3,
+          claims=NOISE_PARTS_1234_CLAIMS, what="alpha 0 and wrong edges under 40% label noise on the project's data"),
     Study("noise_adjacent", ADJACENT_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3,
           claims=ADJACENT_CLAIMS, extra=RATE_DATA,
           what="GRPO and the default with 40% of the RL pool's labels one grade off"),
