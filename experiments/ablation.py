@@ -32,6 +32,7 @@ report with paired tests in results/<study>.md (+ .png).
     python experiments/ablation.py --study noise_parts     # what carries the default's lead at noise 0.4
     python experiments/ablation.py --study noise_parts_1234  # its alpha-0 and wrong-edges rows on the project's data
     python experiments/ablation.py --study noise_adjacent  # the same 0.4 noise between neighbouring grades
+    python experiments/ablation.py --study noise_adjacent_1234  # its rows on the project's data
     python experiments/ablation.py --report-only           # only rebuild results/ from the run directories
     nohup python experiments/ablation.py > runs/ablation.log 2>&1 &     # the background-friendly way
 
@@ -711,6 +712,11 @@ ADJACENT_CLAIMS = pair_claims((("abstain_adj4", "grpo_adj4"), ("grpo_adj4", "sft
                         ("abstain_adj4", "grpo_adj4", "abstain_noise4", "grpo_noise4"))) + \
     half_budget_claims((("abstain_adj4", "grpo_adj4"),))
 
+# Neighbouring-grade noise on the project's data (data.seed 1234), seeds 0-7, against the noise_1234 study's SFT
+# starts and both methods at noise 0 and at uniform noise 0.4. Rule: README, "Noise between neighbouring grades, on
+# the project's data".
+ADJACENT_1234_ROWS = NOISE_1234_ROWS + ADJACENT_ROWS[-2:]
+
 # The paper's recipe on its own 7-node graph at the current code, 3 seeds (issue 14 item 5; 2026-11-30 22:15): the
 # claims table's "its 7-node graph" row had one seed of the 200-step ablation. configs/paper.yaml as it is now
 # (base.yaml plus the paper's stated choices: its graph, per-node scale, loss masking, Eq. 3), GRPO on the same graph
@@ -804,6 +810,8 @@ STUDIES = {s.name: s for s in (
     Study("noise_adjacent", ADJACENT_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3,
           claims=ADJACENT_CLAIMS, extra=RATE_DATA,
           what="GRPO and the default with 40% of the RL pool's labels one grade off"),
+    Study("noise_adjacent_1234", ADJACENT_1234_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3,
+          claims=ADJACENT_CLAIMS, what="GRPO and the default with 40% of the RL labels one grade off, the project's data"),
     Study("fresh", FRESH_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=FRESH_CLAIMS,
           extra=FRESH_DATA, what="the SFT start, GRPO and the default on testbed data of another generator seed"),
     Study("paper", PAPER_ROWS, seeds="0-2", rl_steps=200, eval_every=25, eval_items=0, score_last=3,
