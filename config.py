@@ -113,7 +113,7 @@ class DataConfig:
     unseen_longtail: bool = False
     """true: keep brand aliases and *_unseen forms out of SFT (the tiny word-level policy can never emit them)"""
     rl_label_noise: float = 0.0
-    """share of the generated RL pool whose label is replaced by a uniformly drawn other label (annotation noise; the gold node annotations and meta.clean_label keep the truth; test splits are never noisy); generated splits only"""
+    """share of the generated RL pool whose label is replaced by a wrong one (annotation noise; data.rl_label_noise_kind says which; the gold node annotations and meta.clean_label keep the truth; test splits are never noisy); generated splits only"""
     rl_label_noise_kind: Literal["uniform", "adjacent"] = "uniform"
     """which wrong label data.rl_label_noise gives: "uniform" any other label, "adjacent" a neighbouring grade (one step up or down, as graders mostly err); the same examples are hit either way"""
 

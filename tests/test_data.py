@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import pathlib
 import random
 
 import pytest
@@ -305,8 +306,8 @@ def test_each_noise_kind_writes_its_own_data_directory(tmp_path):
     adjacent = testbed.prepare_synthetic(replace(cfg, rl_label_noise_kind="adjacent"), SCHEMA)
     assert os.path.basename(os.path.dirname(uniform["rl"])).endswith("-noise0.3")
     assert os.path.basename(os.path.dirname(adjacent["rl"])).endswith("-noise0.3-adjacent")
-    read = lambda path: open(path).read()  # noqa: E731
-    assert read(uniform["sft"]) == read(adjacent["sft"]) and read(uniform["rl"]) != read(adjacent["rl"])
+    read = lambda split, paths: pathlib.Path(paths[split]).read_text()  # noqa: E731
+    assert read("sft", uniform) == read("sft", adjacent) and read("rl", uniform) != read("rl", adjacent)
 
 
 def test_adjacent_label_noise_moves_the_same_examples_one_grade():
