@@ -195,7 +195,8 @@ def test_every_row_of_every_study_makes_a_valid_config(study, tmp_path, monkeypa
         # a study's own overrides reach every run
         assert cfg.data.seed == {"fresh": 2718, "rate": 3141, "ceiling": 3141, "repair": 3141,
                                  "temperature": 3141, "noise": 3141,
-                                 "noise_parts": 3141, "noise_adjacent": 3141}.get(study, 1234)
+                                 "noise_parts": 3141, "noise_adjacent": 3141,
+                                 "noise_unseen": 5772}.get(study, 1234)
         # every study ran with the guessing comparator but the rows that test abstaining (PINNED)
         assert cfg.reward.comparator_unknown == ("abstain" if job.row.name in ("others_abstain", "abstain_heavy",
                                                                              "abstain_b32", "default_probe",
