@@ -34,6 +34,7 @@ report with paired tests in results/<study>.md (+ .png).
     python experiments/ablation.py --study noise_adjacent  # the same 0.4 noise between neighbouring grades
     python experiments/ablation.py --study noise_adjacent_1234  # its rows on the project's data
     python experiments/ablation.py --study noise_unseen    # noise 0 and 0.4 on data.seed 5772, never used
+    python experiments/ablation.py --study noise_unseen_06  # its GRPO and default at noise 0.6
     python experiments/ablation.py --report-only           # only rebuild results/ from the run directories
     nohup python experiments/ablation.py > runs/ablation.log 2>&1 &     # the background-friendly way
 
@@ -733,6 +734,18 @@ UNSEEN_CLAIMS = pair_claims((("abstain_noise4", "grpo_noise4"), ("abstain_lr05",
     half_budget_claims((("abstain_noise4", "grpo_noise4"), ("abstain_lr05", "grpo_lr05"),
                         ("verifier_noise4", "grpo_noise4")))
 
+# Noisier still, on the same unseen data (run only if noise_unseen's rule (1) holds; README, same section): GRPO and the
+# default at uniform noise 0.6 from noise_unseen's SFT starts, against its 0.4 rows.
+UNSEEN_06_ROWS = UNSEEN_ROWS[:1] + NOISE_ROWS[-2:] + (
+    Row("grpo_noise6", "GRPO at lr 5e-5, RL label noise 0.6", "rl", "sft_masked",
+        GRPO + LR05 + ("--data.rl_label_noise=0.6",), ref="grpo_noise6"),
+    Row("abstain_noise6", "Graph-GRPO default at lr 5e-5, RL label noise 0.6", "rl", "sft_masked",
+        ABSTAIN_ROWS[3].overrides + LR05 + ("--data.rl_label_noise=0.6",), ref="grpo_noise6"))
+UNSEEN_06_CLAIMS = pair_claims((("abstain_noise6", "grpo_noise6"), ("grpo_noise6", "sft_masked"),
+                                ("abstain_noise6", "sft_masked"))) + \
+    interaction_claims((("abstain_noise6", "grpo_noise6", "abstain_noise4", "grpo_noise4"),)) + \
+    half_budget_claims((("abstain_noise6", "grpo_noise6"),))
+
 # The paper's recipe on its own 7-node graph at the current code, 3 seeds (issue 14 item 5; 2026-11-30 22:15): the
 # claims table's "its 7-node graph" row had one seed of the 200-step ablation. configs/paper.yaml as it is now
 # (base.yaml plus the paper's stated choices: its graph, per-node scale, loss masking, Eq. 3), GRPO on the same graph
@@ -831,6 +844,9 @@ STUDIES = {s.name: s for s in (
     Study("noise_unseen", UNSEEN_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3,
           claims=UNSEEN_CLAIMS, extra=UNSEEN_DATA,
           what="GRPO, the default and verifier-only evidence at noise 0 and 0.4 on testbed data never used"),
+    Study("noise_unseen_06", UNSEEN_06_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3,
+          claims=UNSEEN_06_CLAIMS, extra=UNSEEN_DATA,
+          what="GRPO and the default at uniform noise 0.6 against 0.4 on testbed data never used"),
     Study("fresh", FRESH_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=FRESH_CLAIMS,
           extra=FRESH_DATA, what="the SFT start, GRPO and the default on testbed data of another generator seed"),
     Study("paper", PAPER_ROWS, seeds="0-2", rl_steps=200, eval_every=25, eval_items=0, score_last=3,
