@@ -35,6 +35,8 @@ report with paired tests in results/<study>.md (+ .png).
     python experiments/ablation.py --study noise_adjacent_1234  # its rows on the project's data
     python experiments/ablation.py --study noise_unseen    # noise 0 and 0.4 on data.seed 5772, never used
     python experiments/ablation.py --study noise_unseen_06  # its GRPO and default at noise 0.6
+    python experiments/ablation.py --study label_free      # verifier-only step evidence at exact labels (5772)
+    python experiments/ablation.py --study label_free_3141  # the same on data.seed 3141
     python experiments/ablation.py --report-only           # only rebuild results/ from the run directories
     nohup python experiments/ablation.py > runs/ablation.log 2>&1 &     # the background-friendly way
 
@@ -746,6 +748,17 @@ UNSEEN_06_CLAIMS = pair_claims((("abstain_noise6", "grpo_noise6"), ("grpo_noise6
     interaction_claims((("abstain_noise6", "grpo_noise6", "abstain_noise4", "grpo_noise4"),)) + \
     half_budget_claims((("abstain_noise6", "grpo_noise6"),))
 
+# Does the default's Eq. 1a group evidence (the part of its step evidence that reads the label) earn its place? Under
+# noise 0.4 the verifiers' evidence alone was as good on data.seed 3141 and 5772; at noise 0 it was never run at the
+# tuned rate. The verifiers' evidence alone at noise 0, against the default, on data.seed 5772 (noise_unseen's SFT
+# starts and rows linked) and 3141 (all rows run anew). Rule: README, "Step evidence that never reads the label".
+LABEL_FREE_ROWS = RATE_ROWS[:1] + LR05_ROWS + (
+    Row("verifier_lr05", "Graph-GRPO default at lr 5e-5, verifier evidence only (no Eq. 1a group evidence)", "rl",
+        "sft_masked", ABSTAIN_ROWS[3].overrides + LR05 + ("--credit.evidence=verifier",), ref="grpo_lr05"),)
+LABEL_FREE_CLAIMS = pair_claims((("abstain_lr05", "verifier_lr05"), ("verifier_lr05", "grpo_lr05"),
+                                 ("abstain_lr05", "grpo_lr05"))) + \
+    half_budget_claims((("verifier_lr05", "grpo_lr05"),))
+
 # The paper's recipe on its own 7-node graph at the current code, 3 seeds (issue 14 item 5; 2026-11-30 22:15): the
 # claims table's "its 7-node graph" row had one seed of the 200-step ablation. configs/paper.yaml as it is now
 # (base.yaml plus the paper's stated choices: its graph, per-node scale, loss masking, Eq. 3), GRPO on the same graph
@@ -847,6 +860,12 @@ STUDIES = {s.name: s for s in (
     Study("noise_unseen_06", UNSEEN_06_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3,
           claims=UNSEEN_06_CLAIMS, extra=UNSEEN_DATA,
           what="GRPO and the default at uniform noise 0.6 against 0.4 on testbed data never used"),
+    Study("label_free", LABEL_FREE_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3,
+          claims=LABEL_FREE_CLAIMS, extra=UNSEEN_DATA,
+          what="the verifiers' step evidence alone against the default at exact labels, data never used before"),
+    Study("label_free_3141", LABEL_FREE_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3,
+          claims=LABEL_FREE_CLAIMS, extra=RATE_DATA,
+          what="the verifiers' step evidence alone against the default at exact labels, data.seed 3141"),
     Study("fresh", FRESH_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=FRESH_CLAIMS,
           extra=FRESH_DATA, what="the SFT start, GRPO and the default on testbed data of another generator seed"),
     Study("paper", PAPER_ROWS, seeds="0-2", rl_steps=200, eval_every=25, eval_items=0, score_last=3,
