@@ -913,9 +913,11 @@ def eval_json_of(out: str, row: Row, seed: int) -> str:
 
 # Every study before 2026-12-01's 'abstain' study ran with the comparator guessing on forms it does not know; since
 # then configs/base.yaml has it abstain. Every study before the 'rate' study's rule (2026-12-01) ran at rl.lr 1e-4;
-# since then base.yaml (and paper.yaml) say 5e-5. Both pinned for every run, so that a study re-run from scratch makes
-# the runs it made; a row that tests abstaining or another rate sets it itself (its overrides come after these).
-PINNED = ("--reward.comparator_unknown=mismatch", "--rl.lr=1e-4")
+# since then base.yaml (and paper.yaml) say 5e-5. Every study before the label_free studies' rule (2026-12-02) ran with
+# base.yaml's credit.evidence both; since then base.yaml says verifier. All three pinned for every run, so that a study
+# re-run from scratch makes the runs it made; a row that tests abstaining, another rate or other evidence sets it itself
+# (its overrides come after these).
+PINNED = ("--reward.comparator_unknown=mismatch", "--rl.lr=1e-4", "--credit.evidence=both")
 
 
 def make_jobs(args) -> list[Job]:

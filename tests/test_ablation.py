@@ -216,6 +216,9 @@ def test_every_row_of_every_study_makes_a_valid_config(study, tmp_path, monkeypa
         # every study ran at rl.lr 1e-4 (PINNED) but the rows that set their own rate
         own = [o.split("=", 1)[1] for o in job.row.overrides if o.startswith("--rl.lr=")]
         assert cfg.rl.lr == float(own[-1] if own else 1e-4), job.row.name
+        # every study ran with group + verifier evidence (PINNED) but the rows that set their own
+        own = [o.split("=", 1)[1] for o in job.row.overrides if o.startswith("--credit.evidence=")]
+        assert cfg.credit.evidence == (own[-1] if own else "both"), job.row.name
 
 
 def test_gate_replay_moves_down_on_a_positive_trace_and_names_a_run_without_gradients(tmp_path):

@@ -252,3 +252,13 @@ def test_shipped_configs_load():
     assert tiny.data.dir != Config().data.dir  # tiny splits never overwrite the real ones
     hf = load_config(str(CONFIGS / "hf_checkpoint.yaml"), [])
     assert hf.model.name_or_path == "/path/to/checkpoint" and hf.run.dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("name", ["hf_checkpoint.yaml", "smollm2.yaml"])
+def test_real_lm_configs_carry_base_yamls_method(name):
+    """The configs that put the method on a real LM run configs/base.yaml's reward, credit and controller: a section
+    left out falls back to the dataclass default, plain GRPO (hf_checkpoint.yaml once ran GRPO that way), and a
+    default changed by a study's rule must reach them too (credit.evidence, 2026-12-02)."""
+    base, other = load_config(str(CONFIGS / "base.yaml"), []), load_config(str(CONFIGS / name), [])
+    for section in ("reward", "credit", "controller"):
+        assert getattr(other, section) == getattr(base, section), section
