@@ -37,6 +37,7 @@ report with paired tests in results/<study>.md (+ .png).
     python experiments/ablation.py --study noise_unseen_06  # its GRPO and default at noise 0.6
     python experiments/ablation.py --study label_free      # verifier-only step evidence at exact labels (5772)
     python experiments/ablation.py --study label_free_3141  # the same on data.seed 3141
+    python experiments/ablation.py --study label_free_1234  # the new default on the project's data, noise 0 and 0.4
     python experiments/ablation.py --report-only           # only rebuild results/ from the run directories
     nohup python experiments/ablation.py > runs/ablation.log 2>&1 &     # the background-friendly way
 
@@ -759,6 +760,17 @@ LABEL_FREE_CLAIMS = pair_claims((("abstain_lr05", "verifier_lr05"), ("verifier_l
                                  ("abstain_lr05", "grpo_lr05"))) + \
     half_budget_claims((("verifier_lr05", "grpo_lr05"),))
 
+# The new default (the verifiers' evidence alone) on the project's data (data.seed 1234), seeds 0-7, all rows run anew:
+# the label_free rows at exact labels and GRPO / the new default at uniform noise 0.4. Rule: README, "The new default
+# on the project's data".
+LABEL_FREE_1234_ROWS = LABEL_FREE_ROWS + NOISE_ROWS[-2:-1] + NOISE_PARTS_ROWS[5:6]
+LABEL_FREE_1234_CLAIMS = LABEL_FREE_CLAIMS + pair_claims((("verifier_noise4", "grpo_noise4"),
+                                                          ("grpo_lr05", "sft_masked"), ("verifier_lr05", "sft_masked"),
+                                                          ("grpo_noise4", "sft_masked"),
+                                                          ("verifier_noise4", "sft_masked"))) + \
+    interaction_claims((("verifier_noise4", "grpo_noise4", "verifier_lr05", "grpo_lr05"),)) + \
+    half_budget_claims((("verifier_noise4", "grpo_noise4"),))
+
 # The paper's recipe on its own 7-node graph at the current code, 3 seeds (issue 14 item 5; 2026-11-30 22:15): the
 # claims table's "its 7-node graph" row had one seed of the 200-step ablation. configs/paper.yaml as it is now
 # (base.yaml plus the paper's stated choices: its graph, per-node scale, loss masking, Eq. 3), GRPO on the same graph
@@ -866,6 +878,10 @@ STUDIES = {s.name: s for s in (
     Study("label_free_3141", LABEL_FREE_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3,
           claims=LABEL_FREE_CLAIMS, extra=RATE_DATA,
           what="the verifiers' step evidence alone against the default at exact labels, data.seed 3141"),
+    Study("label_free_1234", LABEL_FREE_1234_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3,
+          claims=LABEL_FREE_1234_CLAIMS,
+          what="the new default (verifier evidence) against GRPO and the former default, exact labels and noise 0.4, "
+          "the project's data"),
     Study("fresh", FRESH_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=FRESH_CLAIMS,
           extra=FRESH_DATA, what="the SFT start, GRPO and the default on testbed data of another generator seed"),
     Study("paper", PAPER_ROWS, seeds="0-2", rl_steps=200, eval_every=25, eval_items=0, score_last=3,
