@@ -38,6 +38,7 @@ report with paired tests in results/<study>.md (+ .png).
     python experiments/ablation.py --study label_free      # verifier-only step evidence at exact labels (5772)
     python experiments/ablation.py --study label_free_3141  # the same on data.seed 3141
     python experiments/ablation.py --study label_free_1234  # the new default on the project's data, noise 0 and 0.4
+    python experiments/ablation.py --study label_free_1234_06  # its GRPO and new default at noise 0.6
     python experiments/ablation.py --report-only           # only rebuild results/ from the run directories
     nohup python experiments/ablation.py > runs/ablation.log 2>&1 &     # the background-friendly way
 
@@ -771,6 +772,17 @@ LABEL_FREE_1234_CLAIMS = LABEL_FREE_CLAIMS + pair_claims((("verifier_noise4", "g
     interaction_claims((("verifier_noise4", "grpo_noise4", "verifier_lr05", "grpo_lr05"),)) + \
     half_budget_claims((("verifier_noise4", "grpo_noise4"),))
 
+# The new default at uniform noise 0.6 on the project's data, seeds 0-7, from label_free_1234's SFT starts (its 0.4
+# rows linked). Rule: README, "The new default at noise 0.6, on the project's data".
+LABEL_FREE_06_ROWS = LABEL_FREE_1234_ROWS[:1] + LABEL_FREE_1234_ROWS[-2:] + UNSEEN_06_ROWS[-2:-1] + (
+    Row("verifier_noise6", "Graph-GRPO default at lr 5e-5, noise 0.6, verifier evidence only (no Eq. 1a group evidence)",
+        "rl", "sft_masked", ABSTAIN_ROWS[3].overrides + LR05 + ("--data.rl_label_noise=0.6", "--credit.evidence=verifier"),
+        ref="grpo_noise6"),)
+LABEL_FREE_06_CLAIMS = pair_claims((("verifier_noise6", "grpo_noise6"), ("grpo_noise6", "sft_masked"),
+                                    ("verifier_noise6", "sft_masked"))) + \
+    interaction_claims((("verifier_noise6", "grpo_noise6", "verifier_noise4", "grpo_noise4"),)) + \
+    half_budget_claims((("verifier_noise6", "grpo_noise6"),))
+
 # The paper's recipe on its own 7-node graph at the current code, 3 seeds (issue 14 item 5; 2026-11-30 22:15): the
 # claims table's "its 7-node graph" row had one seed of the 200-step ablation. configs/paper.yaml as it is now
 # (base.yaml plus the paper's stated choices: its graph, per-node scale, loss masking, Eq. 3), GRPO on the same graph
@@ -882,6 +894,8 @@ STUDIES = {s.name: s for s in (
           claims=LABEL_FREE_1234_CLAIMS,
           what="the new default (verifier evidence) against GRPO and the former default, exact labels and noise 0.4, "
           "the project's data"),
+    Study("label_free_1234_06", LABEL_FREE_06_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3,
+          claims=LABEL_FREE_06_CLAIMS, what="GRPO and the new default at uniform noise 0.6 against 0.4, the project's data"),
     Study("fresh", FRESH_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=FRESH_CLAIMS,
           extra=FRESH_DATA, what="the SFT start, GRPO and the default on testbed data of another generator seed"),
     Study("paper", PAPER_ROWS, seeds="0-2", rl_steps=200, eval_every=25, eval_items=0, score_last=3,
