@@ -39,6 +39,8 @@ report with paired tests in results/<study>.md (+ .png).
     python experiments/ablation.py --study label_free_3141  # the same on data.seed 3141
     python experiments/ablation.py --study label_free_1234  # the new default on the project's data, noise 0 and 0.4
     python experiments/ablation.py --study label_free_1234_06  # its GRPO and new default at noise 0.6
+    python experiments/ablation.py --study label_free_06    # the new default at 0.6 on data.seed 5772
+    python experiments/ablation.py --study label_free_3141_06  # and on 3141
     python experiments/ablation.py --report-only           # only rebuild results/ from the run directories
     nohup python experiments/ablation.py > runs/ablation.log 2>&1 &     # the background-friendly way
 
@@ -783,6 +785,16 @@ LABEL_FREE_06_CLAIMS = pair_claims((("verifier_noise6", "grpo_noise6"), ("grpo_n
     interaction_claims((("verifier_noise6", "grpo_noise6", "verifier_noise4", "grpo_noise4"),)) + \
     half_budget_claims((("verifier_noise6", "grpo_noise6"),))
 
+# The same at 0.6 on the other two data seeds: 5772 (noise_unseen(_06)'s runs linked, the former default's 0.6 row
+# with them) and 3141 (label_free_3141's SFT starts; GRPO and the new default at 0.6 only). Rule: README, "The new
+# default at noise 0.6 on the other two data seeds".
+LABEL_FREE_5772_06_ROWS = LABEL_FREE_06_ROWS + UNSEEN_06_ROWS[-1:]
+LABEL_FREE_5772_06_CLAIMS = LABEL_FREE_06_CLAIMS + pair_claims((("verifier_noise6", "abstain_noise6"),))
+LABEL_FREE_3141_06_ROWS = LABEL_FREE_06_ROWS[:1] + LABEL_FREE_06_ROWS[-2:]
+LABEL_FREE_3141_06_CLAIMS = pair_claims((("verifier_noise6", "grpo_noise6"), ("grpo_noise6", "sft_masked"),
+                                         ("verifier_noise6", "sft_masked"))) + \
+    half_budget_claims((("verifier_noise6", "grpo_noise6"),))
+
 # The paper's recipe on its own 7-node graph at the current code, 3 seeds (issue 14 item 5; 2026-11-30 22:15): the
 # claims table's "its 7-node graph" row had one seed of the 200-step ablation. configs/paper.yaml as it is now
 # (base.yaml plus the paper's stated choices: its graph, per-node scale, loss masking, Eq. 3), GRPO on the same graph
@@ -820,92 +832,101 @@ class Study:
     """overrides of every run of the study and of its data (before --extra): e.g. another testbed data seed"""
 
 
+# The budget with room (the reach study) and how its runs are scored: 200 RL steps, every split evaluated in full
+# every 25 steps, a run scored by the mean of its last 3 evaluations. Every study since the 200-step ablation.
+BUDGET_200 = dict(rl_steps=200, eval_every=25, eval_items=0, score_last=3)
 STUDIES = {s.name: s for s in (
-    Study("ablation", ROWS2, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=CLAIMS2, distill_steps=6000, distill_train=0,
+    Study("ablation", ROWS2, **BUDGET_200, claims=CLAIMS2, distill_steps=6000, distill_train=0,
           what="every row at the budget with room (200 RL steps), both graphs, credit accuracy"),
-    Study("shield", SHIELD_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=SHIELD_CLAIMS,
+    Study("shield", SHIELD_ROWS, **BUDGET_200, claims=SHIELD_CLAIMS,
           what="the verifier shield on propagated credit against the default and GRPO (issue 14)"),
-    Study("controller", CONTROLLER_ROWS, seeds="0-3", rl_steps=200, eval_every=25, eval_items=0, score_last=3,
+    Study("controller", CONTROLLER_ROWS, seeds="0-3", **BUDGET_200,
           claims=CONTROLLER_CLAIMS, what="which alpha is better, and does the sequential-gate controller move towards it"),
-    Study("evidence", EVIDENCE_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=EVIDENCE_CLAIMS,
+    Study("evidence", EVIDENCE_ROWS, **BUDGET_200, claims=EVIDENCE_CLAIMS,
           what="the comparator's verifier evidence at weight 0, 0.5 (learned or fixed) and 1.5"),
-    Study("value", VALUE_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=VALUE_CLAIMS,
+    Study("value", VALUE_ROWS, **BUDGET_200, claims=VALUE_CLAIMS,
           what="Q and V of Eq. 1a both over the other rollouts (credit.value others) against the default"),
-    Study("supplement", SUPPLEMENT_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3,
+    Study("supplement", SUPPLEMENT_ROWS, **BUDGET_200,
           claims=SUPPLEMENT_CLAIMS, what="wrong edges, no gate and the per-node scale at the current default"),
-    Study("moves", MOVES_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=MOVES_CLAIMS,
+    Study("moves", MOVES_ROWS, **BUDGET_200, claims=MOVES_CLAIMS,
           what="does the sequential-gate controller move alpha towards the better value at the current default"),
     Study("long", LONG_ROWS, rl_steps=400, eval_every=25, eval_items=0, score_last=3, claims=LONG_CLAIMS,
           what="GRPO, the default and alpha 0 at twice the budget (400 RL steps)"),
-    Study("drift", DRIFT_ROWS, seeds="8-15", rl_steps=200, eval_every=25, eval_items=0, score_last=3,
+    Study("drift", DRIFT_ROWS, seeds="8-15", **BUDGET_200,
           claims=DRIFT_CLAIMS, what="the sequential-gate controller from alpha 2 against GRPO and the default on seeds 8-15"),
-    Study("wide", WIDE_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=WIDE_CLAIMS,
+    Study("wide", WIDE_ROWS, **BUDGET_200, claims=WIDE_CLAIMS,
           what="GRPO and the default with 16 prompts x 8 rollouts a step against 8 x 16"),
-    Study("abstain", ABSTAIN_ROWS, seeds="0-15", rl_steps=200, eval_every=25, eval_items=0, score_last=3,
+    Study("abstain", ABSTAIN_ROWS, seeds="0-15", **BUDGET_200,
           claims=ABSTAIN_CLAIMS, what="the default with a comparator that abstains on forms it does not know, 16 seeds"),
-    Study("batch", BATCH_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=BATCH_CLAIMS,
+    Study("batch", BATCH_ROWS, **BUDGET_200, claims=BATCH_CLAIMS,
           what="GRPO and the default with 32 prompts a step against 16 (8 rollouts each)"),
-    Study("probe", PROBE_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=PROBE_CLAIMS,
+    Study("probe", PROBE_ROWS, **BUDGET_200, claims=PROBE_CLAIMS,
           what="the policy's own label belief as step evidence (credit.probe_weight) against GRPO and the default"),
-    Study("lr", LR_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=LR_CLAIMS,
+    Study("lr", LR_ROWS, **BUDGET_200, claims=LR_CLAIMS,
           what="GRPO and the default at RL learning rates 2.5e-5 to 4e-4 (1e-4: the abstain study's runs)"),
-    Study("shape", SHAPE_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=SHAPE_CLAIMS,
+    Study("shape", SHAPE_ROWS, **BUDGET_200, claims=SHAPE_CLAIMS,
           what="GRPO and the default at 32 prompts x 4 rollouts against 16 x 8 (the same 128 rollouts a step)"),
-    Study("rate", RATE_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=RATE_CLAIMS,
+    Study("rate", RATE_ROWS, **BUDGET_200, claims=RATE_CLAIMS,
           extra=RATE_DATA, what="GRPO and the default at rl.lr 1e-4 and 5e-5 on testbed data of a third generator seed"),
-    Study("tuned", TUNED_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=TUNED_CLAIMS,
+    Study("tuned", TUNED_ROWS, **BUDGET_200, claims=TUNED_CLAIMS,
           what="wrong edges, alpha 0 and grounding-only evidence for the default at rl.lr 5e-5"),
-    Study("ceiling", CEILING_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=CEILING_CLAIMS,
+    Study("ceiling", CEILING_ROWS, **BUDGET_200, claims=CEILING_CLAIMS,
           extra=RATE_DATA, what="credit that knows the gold step annotations against GRPO at the tuned rate: the room"),
-    Study("repair", REPAIR_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=REPAIR_CLAIMS,
+    Study("repair", REPAIR_ROWS, **BUDGET_200, claims=REPAIR_CLAIMS,
           extra=RATE_DATA, what="unique-repair replay (the rule's repair of a failed answer, no gold) against GRPO, "
           "the default and the gold replay (AGRL)"),
-    Study("repair_1234", REPAIR_1234_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3,
+    Study("repair_1234", REPAIR_1234_ROWS, **BUDGET_200,
           claims=REPAIR_1234_CLAIMS, what="unique-repair replay in all-fail groups (k 8) on the project's data"),
-    Study("temperature", TEMPERATURE_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3,
+    Study("temperature", TEMPERATURE_ROWS, **BUDGET_200,
           claims=TEMPERATURE_CLAIMS, extra=RATE_DATA, what="GRPO and the default sampling at temperature 1.3 against 1.0"),
-    Study("noise", NOISE_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=NOISE_CLAIMS,
+    Study("noise", NOISE_ROWS, **BUDGET_200, claims=NOISE_CLAIMS,
           extra=RATE_DATA, what="GRPO and the default with 20% and 40% of the RL pool's labels wrong"),
-    Study("noise_1234", NOISE_1234_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3,
+    Study("noise_1234", NOISE_1234_ROWS, **BUDGET_200,
           claims=NOISE_1234_CLAIMS, what="GRPO and the default with 40% of the RL pool's labels wrong, the project's data"),
-    Study("noise_parts", NOISE_PARTS_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3,
+    Study("noise_parts", NOISE_PARTS_ROWS, **BUDGET_200,
           claims=NOISE_PARTS_CLAIMS, extra=RATE_DATA,
           what="alpha 0, wrong edges and verifier-only evidence for the default under 40% label noise"),
-    Study("noise_parts_1234", NOISE_PARTS_1234_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3,
+    Study("noise_parts_1234", NOISE_PARTS_1234_ROWS, **BUDGET_200,
           claims=NOISE_PARTS_1234_CLAIMS, what="alpha 0 and wrong edges under 40% label noise on the project's data"),
-    Study("noise_adjacent", ADJACENT_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3,
+    Study("noise_adjacent", ADJACENT_ROWS, **BUDGET_200,
           claims=ADJACENT_CLAIMS, extra=RATE_DATA,
           what="GRPO and the default with 40% of the RL pool's labels one grade off"),
-    Study("noise_adjacent_1234", ADJACENT_1234_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3,
+    Study("noise_adjacent_1234", ADJACENT_1234_ROWS, **BUDGET_200,
           claims=ADJACENT_CLAIMS, what="GRPO and the default with 40% of the RL labels one grade off, the project's data"),
-    Study("noise_unseen", UNSEEN_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3,
+    Study("noise_unseen", UNSEEN_ROWS, **BUDGET_200,
           claims=UNSEEN_CLAIMS, extra=UNSEEN_DATA,
           what="GRPO, the default and verifier-only evidence at noise 0 and 0.4 on testbed data never used"),
-    Study("noise_unseen_06", UNSEEN_06_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3,
+    Study("noise_unseen_06", UNSEEN_06_ROWS, **BUDGET_200,
           claims=UNSEEN_06_CLAIMS, extra=UNSEEN_DATA,
           what="GRPO and the default at uniform noise 0.6 against 0.4 on testbed data never used"),
-    Study("label_free", LABEL_FREE_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3,
+    Study("label_free", LABEL_FREE_ROWS, **BUDGET_200,
           claims=LABEL_FREE_CLAIMS, extra=UNSEEN_DATA,
           what="the verifiers' step evidence alone against the default at exact labels, data never used before"),
-    Study("label_free_3141", LABEL_FREE_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3,
+    Study("label_free_3141", LABEL_FREE_ROWS, **BUDGET_200,
           claims=LABEL_FREE_CLAIMS, extra=RATE_DATA,
           what="the verifiers' step evidence alone against the default at exact labels, data.seed 3141"),
-    Study("label_free_1234", LABEL_FREE_1234_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3,
+    Study("label_free_1234", LABEL_FREE_1234_ROWS, **BUDGET_200,
           claims=LABEL_FREE_1234_CLAIMS,
           what="the new default (verifier evidence) against GRPO and the former default, exact labels and noise 0.4, "
           "the project's data"),
-    Study("label_free_1234_06", LABEL_FREE_06_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3,
+    Study("label_free_1234_06", LABEL_FREE_06_ROWS, **BUDGET_200,
           claims=LABEL_FREE_06_CLAIMS, what="GRPO and the new default at uniform noise 0.6 against 0.4, the project's data"),
-    Study("fresh", FRESH_ROWS, rl_steps=200, eval_every=25, eval_items=0, score_last=3, claims=FRESH_CLAIMS,
+    Study("label_free_06", LABEL_FREE_5772_06_ROWS, **BUDGET_200,
+          claims=LABEL_FREE_5772_06_CLAIMS, extra=UNSEEN_DATA,
+          what="the new default at uniform noise 0.6 against GRPO and the former default, data.seed 5772"),
+    Study("label_free_3141_06", LABEL_FREE_3141_06_ROWS, **BUDGET_200,
+          claims=LABEL_FREE_3141_06_CLAIMS, extra=RATE_DATA,
+          what="GRPO and the new default at uniform noise 0.6, data.seed 3141"),
+    Study("fresh", FRESH_ROWS, **BUDGET_200, claims=FRESH_CLAIMS,
           extra=FRESH_DATA, what="the SFT start, GRPO and the default on testbed data of another generator seed"),
-    Study("paper", PAPER_ROWS, seeds="0-2", rl_steps=200, eval_every=25, eval_items=0, score_last=3,
+    Study("paper", PAPER_ROWS, seeds="0-2", **BUDGET_200,
           claims=PAPER_CLAIMS, what="the paper's recipe on its 7-node graph at the current code, 3 seeds"),
-    Study("baselines", BASELINE_ROWS, seeds="0-2", rl_steps=200, eval_every=25, eval_items=0, score_last=3,
+    Study("baselines", BASELINE_ROWS, seeds="0-2", **BUDGET_200,
           claims=BASELINE_CLAIMS, what="the seed papers' baselines against GRPO at the 200-step budget, 3 seeds"),
     Study("ablation60", ROWS, what="every row of the paper's ablation in miniature (60 RL steps; the first study)"),
     Study("masking", MASKING_ROWS, seeds="0-2", what="SFT with vs without CoT random masking"),
     Study("modes", MODES_ROWS, seeds="0-2", rl_steps=70, what="the credit modes side by side (a first comparison)"),
-    Study("reach", REACH_ROWS, seeds="0-3", rl_steps=200, eval_every=25, eval_items=0, score_last=3,
+    Study("reach", REACH_ROWS, seeds="0-3", **BUDGET_200,
           claims=(("grpo", "sft_masked", "test_longtail", "macro_f1", "GRPO vs its SFT start, lt macro-F1"),
                   ("grpo", "sft_masked", "test_id", "macro_f1", "GRPO vs its SFT start, id macro-F1"),
                   ("grpo_kl04", "sft_masked", "test_longtail", "macro_f1", "GRPO + KL 0.04 vs its SFT start, lt macro-F1"),

@@ -197,7 +197,8 @@ def test_every_row_of_every_study_makes_a_valid_config(study, tmp_path, monkeypa
                                  "temperature": 3141, "noise": 3141,
                                  "noise_parts": 3141, "noise_adjacent": 3141,
                                  "noise_unseen": 5772, "noise_unseen_06": 5772,
-                                 "label_free": 5772, "label_free_3141": 3141}.get(study, 1234)
+                                 "label_free": 5772, "label_free_3141": 3141,
+                                 "label_free_06": 5772, "label_free_3141_06": 3141}.get(study, 1234)
         # every study ran with the guessing comparator but the rows that test abstaining (PINNED)
         assert cfg.reward.comparator_unknown == ("abstain" if job.row.name in ("others_abstain", "abstain_heavy",
                                                                              "abstain_b32", "default_probe",
