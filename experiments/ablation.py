@@ -791,9 +791,7 @@ LABEL_FREE_06_CLAIMS = pair_claims((("verifier_noise6", "grpo_noise6"), ("grpo_n
 LABEL_FREE_5772_06_ROWS = LABEL_FREE_06_ROWS + UNSEEN_06_ROWS[-1:]
 LABEL_FREE_5772_06_CLAIMS = LABEL_FREE_06_CLAIMS + pair_claims((("verifier_noise6", "abstain_noise6"),))
 LABEL_FREE_3141_06_ROWS = LABEL_FREE_06_ROWS[:1] + LABEL_FREE_06_ROWS[-2:]
-LABEL_FREE_3141_06_CLAIMS = pair_claims((("verifier_noise6", "grpo_noise6"), ("grpo_noise6", "sft_masked"),
-                                         ("verifier_noise6", "sft_masked"))) + \
-    half_budget_claims((("verifier_noise6", "grpo_noise6"),))
+LABEL_FREE_3141_06_CLAIMS = tuple(c for c in LABEL_FREE_06_CLAIMS if len(c) == 5)  # not the interaction with 0.4
 
 # The paper's recipe on its own 7-node graph at the current code, 3 seeds (issue 14 item 5; 2026-11-30 22:15): the
 # claims table's "its 7-node graph" row had one seed of the 200-step ablation. configs/paper.yaml as it is now
