@@ -227,7 +227,7 @@ def group_values(rewards: Tensor, keys: Tensor, present: Tensor, parents: list[l
     q_others (with leave_one_out; `credit.value: others`, ours): Q_{i,v} too averages the OTHER rollouts with i's
     content at v and its parents, and is R_i where none shares it. A step every rollout wrote the same way then
     gets Q = V, own evidence 0, as under DESIGN's V, where leave_one_out alone gives it (R_i - mean of the
-    others) / G, GRPO's sign (README, "Whose verdicts to trust"); a unique step keeps leave_one_out's R_i - V.
+    others) / G, GRPO's sign (results/LOG.md, "Whose verdicts to trust"); a unique step keeps leave_one_out's R_i - V.
     """
     B, N = present.shape
     r = rewards.view(-1, group_size)  # (n, G)
@@ -488,7 +488,7 @@ def graph_node_advantages(batch: CreditBatch, *, evidence: str = "group", gate: 
     if probe_weight:
         if b.probes is None:
             raise ValueError("probe_weight > 0 needs batch.probes (the label-probe evidence)")
-        p = b.probes.to(a.dtype)  # a difference of two beliefs already: not centred (README, the probe study)
+        p = b.probes.to(a.dtype)  # a difference of two beliefs already: not centred (results/LOG.md, the probe study)
         a = a + probe_weight * torch.where(b.present & ~torch.isnan(p), p, torch.zeros_like(p))
     if alpha is None:
         raise ValueError(f"evidence={evidence!r} propagates credit (Eq. 1b) and needs alpha ({b.num_edge_types},)")
@@ -640,8 +640,8 @@ def alignment_token_dots(hidden: Tensor, logits: Tensor, tokens: Tensor, grad_W:
     the step's length, so it prefers whatever alpha lengthens the update (alpha_max, whenever the propagated credit
     leans the right way); the optimizer (AdamW) normalises the length away. J is invariant to the scale of the
     advantages: it can only reward an alpha that points the update where the main loss falls.
-    Measured limit (README, the moves study): L_main is the outcome loss on training rollouts, so J finds an alpha
-    only where the training reward prefers it; on the testbed the long tail's better alpha (about 1) is not better
+    Measured limit (results/LOG.md, the moves study): L_main is the outcome loss on training rollouts, so J finds an
+    alpha only where the training reward prefers it; on the testbed the long tail's better alpha (about 1) is not better
     for the training reward, and at alpha 0 this gradient is noise (median t 0.09 over 200 steps).
     """
     n = update_W.norm()

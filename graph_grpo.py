@@ -355,12 +355,12 @@ def step_probes(s: "RL", ro: Rollouts, prompts: list[list[int]], cb: credit.Cred
     content masked: r(l) = label_reward(l, gold), the belief softmax(logits[label tokens] / T) read at the label's
     open tag. A step that moves the policy towards the right label scores > 0, one that moves it away < 0. It asks
     the policy what the step changed, on the one input SFT's CoT random masking trained it for (one node withheld,
-    step_masked), and needs only the gold label the outcome reward already uses. Measured on SFT rollouts (README):
-    it tells wrong verdicts from right ones (AUC 0.82-0.83, 0.87 where the comparator abstains; the comparator 0.74),
-    understanding steps not (0.45-0.50): only verdict steps get a score. NaN elsewhere, and in rollouts that do not
-    parse or have no label node. Identical inputs within a group run once; forwards in chunks of eval.batch_size.
-    In training it did not help (the probe study, README: alone it learns worse than GRPO, on top of the default
-    nothing), which is why credit.probe_weight is 0 by default."""
+    step_masked), and needs only the gold label the outcome reward already uses. Measured on SFT rollouts
+    (results/LOG.md): it tells wrong verdicts from right ones (AUC 0.82-0.83, 0.87 where the comparator abstains; the
+    comparator 0.74), understanding steps not (0.45-0.50): only verdict steps get a score. NaN elsewhere, and in
+    rollouts that do not parse or have no label node. Identical inputs within a group run once; forwards in chunks of
+    eval.batch_size. In training it did not help (the probe study, results/LOG.md: alone it learns worse than GRPO, on
+    top of the default nothing), which is why credit.probe_weight is 0 by default."""
     t0, G, schema, T = time.time(), ro.group_size, s.task.schema, s.cfg.rl.temperature
     B, N = cb.present.shape
     y = schema.slots.index(schema.label_slot)
@@ -717,7 +717,7 @@ def repair_replay(completions: list, parses: list, examples, rewards: torch.Tens
     rule then gives the gold label) are replaced in place by that repaired answer (data.repaired_cot: the verdict,
     a pooled node's verdict and the label rewritten; treated as sampled, as guided replay's gold CoT). It reads the
     outcome label only, as GRPO: no gold step annotation. Why unique: of GRPO's failed long-tail answers on the
-    testbed, all repairs write the gold verdict 48.5% of the time, a unique repair 88.8% (README, "Unique
+    testbed, all repairs write the gold verdict 48.5% of the time, a unique repair 88.8% (results/LOG.md, "Unique
     repairs"). Text re-encoded as data.serialize_cot writes it (tags and words of the rollout's own nodes).
     Returns (groups with a repair, rollouts repaired, of them those whose changed verdict is the gold one: a
     diagnostic where the example has gold step verdicts, read by nothing that trains)."""

@@ -118,7 +118,7 @@ ROWS = (
         ("--credit.mode=graph", "--credit.evidence=group", "--controller.mode=fixed", "--credit.alpha_init=0"), 3),
     Row("graph_fixed_a05", "7''. + Graph-GRPO, fixed alpha = 0.5", "rl", "sft_masked",
         ("--credit.mode=graph", "--credit.evidence=group", "--controller.mode=fixed", "--credit.alpha_init=0.5"), 3),
-    # Follow-up to the credit diagnostics (README): most nodes get zero own evidence under DESIGN's V; the
+    # Follow-up to the credit diagnostics (results/LOG.md): most nodes get zero own evidence under DESIGN's V; the
     # leave-one-out V (credit.value) keeps the outcome where a node's parent content is unique in its group.
     Row("graph_meta_loo", "8'. + Graph-GRPO, meta, leave-one-out V", "rl", "sft_masked",
         GRAPH_META + ("--credit.value=leave_one_out",)),
@@ -160,7 +160,7 @@ CLAIMS = (("graph_meta", "grpo", "test_longtail", "macro_f1", "graph-meta vs GRP
 # over its SFT start (study 'reach'); full-split evaluations every 25 steps, a run scored by its last three.
 # Core rows (8 seeds): the SFT starts, GRPO and the Graph-GRPO candidates on both graphs; the others 3 seeds.
 # configs/base.yaml's Graph-GRPO when the study was stated (5837f48), the Eq. 3 objective written out: base.yaml has
-# used the alignment objective since the study's rule picked it (README), and the rows must keep their meaning
+# used the alignment objective since the study's rule picked it (results/LOG.md), and the rows must keep their meaning
 BASE_GRAPH = ("--credit.mode=graph", "--controller.mode=meta", "--controller.objective=lookahead")
 ALIGN = ("--controller.objective=alignment",)  # after BASE_GRAPH: the later override wins
 ROWS2 = (
@@ -235,7 +235,7 @@ def interaction_claims(quads: tuple[tuple[str, str, str, str], ...]) -> tuple:
 
 # The verifier shield (issue 14, 2026-11-30): does keeping a verified step out of its children's blame lower the
 # misassignment that graph credit shared with GRPO (0.22 vs 0.21 of correct steps given A < 0), and does it help?
-# The default row is configs/base.yaml's Graph-GRPO at the time, written out; the rule is in the README.
+# The default row is configs/base.yaml's Graph-GRPO at the time, written out; the rule is in results/LOG.md.
 DEFAULT_NOW = ("--credit.mode=graph", "--credit.evidence=both", "--credit.value=leave_one_out", "--credit.shield=none",
                "--controller.mode=meta", "--controller.objective=alignment")
 SHIELD_ROWS = (
@@ -262,7 +262,7 @@ BASELINE_CLAIMS = tuple((r, "grpo", split, "macro_f1", f"{r} vs GRPO, {split} ma
 # A controller that moves (issue 14 item 4, 2026-11-30): which alpha is better on the testbed (fixed alpha 0, 0.5, 1,
 # 2, and on the wrong-edges graph 0 and 1), and does the alignment controller with the sequential gate
 # (controller.rule sequential, z 2.5, steps of 0.25) move alpha towards it from 0, 1 and alpha_max = 2? The evidence
-# is the default's (group + verifier, leave-one-out V); the rule for reading it is in the README.
+# is the default's (group + verifier, leave-one-out V); the rule for reading it is in results/LOG.md.
 EVIDENCE_NOW = DEFAULT_NOW[:4]
 SEQ = ("--controller.mode=meta", "--controller.objective=alignment", "--controller.rule=sequential",
        "--controller.snr_z=2.5", "--controller.step_size=0.25")
@@ -296,7 +296,7 @@ CONTROLLER_CLAIMS = tuple((a, b, "test_longtail", "macro_f1", f"{a} vs {b}, lt m
 # Whose verdicts to trust (issue 14, 2026-11-30): the comparator knows head surface forms only, so on a long-tail
 # synonym it scores a correct 'match' verdict 0, and the default's verifier evidence pushes that verdict down. Rows:
 # the default with the comparator's weight fixed at 0 (grounding evidence only), and the default with both weights
-# fixed at their initial 0.5 (the control: the same rows without learned weights). The rule is in the README.
+# fixed at their initial 0.5 (the control: the same rows without learned weights). The rule is in results/LOG.md.
 EVIDENCE_ROWS = SHIELD_ROWS[:3] + (
     Row("grounding_only", "Graph-GRPO default, grounding evidence only (comparator weight 0, weights fixed)", "rl",
         "sft_masked", DEFAULT_NOW + ("--credit.verifier_weights=[0.5, 0.0]", "--controller.learn_weights=false")),
@@ -314,7 +314,7 @@ EVIDENCE_CLAIMS = pair_claims((("grounding_only", "grpo"), ("grounding_only", "g
 
 # Q from the other rollouts too (issue 14, 2026-11-30 20:05): the leave-one-out V gives a step every rollout shares a
 # scaled GRPO advantage (test_leave_one_out_gives_content_every_rollout_shares...); credit.value 'others' gives it 0
-# and keeps leave_one_out's credit for unique steps. The default with it, against the default; rule in the README.
+# and keeps leave_one_out's credit for unique steps. The default with it, against the default; rule in results/LOG.md.
 VALUE_ROWS = SHIELD_ROWS[:3] + (
     Row("graph_others", "Graph-GRPO default, Q and V over the other rollouts (credit.value = others)", "rl",
         "sft_masked", tuple(a if a != "--credit.value=leave_one_out" else "--credit.value=others" for a in DEFAULT_NOW)),
@@ -325,7 +325,7 @@ VALUE_CLAIMS = pair_claims((("graph_others", "graph_default"), ("graph_others", 
 # table still reads "the dependency graph matters" and "per-node normalisation" off one seed of the 200-step
 # ablation (5837f48, before the z-score fix of the per-node scale). configs/base.yaml's Graph-GRPO written out
 # (credit.value others since the 'value' study), with wrong edges, without the instance gate, with the per-node
-# scale; its own row is the value study's runs. The rule for reading them is in the README.
+# scale; its own row is the value study's runs. The rule for reading them is in results/LOG.md.
 DEFAULT_OTHERS = VALUE_ROWS[3].overrides
 SUPPLEMENT_ROWS = VALUE_ROWS[:2] + (
     replace(VALUE_ROWS[3], title="Graph-GRPO (default: group + verifier evidence, Q and V over the other rollouts, "
@@ -356,7 +356,7 @@ SUPPLEMENT_CLAIMS = pair_claims((("graph_others", "others_wrong_edges"), ("graph
 # alpha 0 / 1 / 2 score 0.761 / 0.772 / 0.764 long tail (the supplement study), and on the wrong-edges graph 0 beats
 # 1 (0.760 / 0.750), so there is a better value to move towards. The alignment controller with the sequential gate
 # (the controller study's SEQ) from 0 and from 2 on our graph and from 1 on the wrong edges; the Eq. 3 objective
-# with the same gate from 0 (4 seeds). The fixed references are the supplement study's runs; the rule is in the README.
+# with the same gate from 0 (4 seeds). The fixed references are the supplement study's runs; rule: results/LOG.md.
 SEQ_LOOKAHEAD = tuple(a if a != "--controller.objective=alignment" else "--controller.objective=lookahead" for a in SEQ)
 MOVES_ROWS = SUPPLEMENT_ROWS[:3] + tuple(r for r in SUPPLEMENT_ROWS if r.name in (
     "others_a0", "others_a2", "others_wrong_edges", "others_wrong_edges_a0")) + (
@@ -379,7 +379,7 @@ MOVES_CLAIMS = pair_claims((("others_seq_a0", "others_a0"), ("others_seq_a2", "o
 # 200) while GRPO flattens. The same runs extended to 400 steps (the learning rate is constant and the prompts and
 # sampling noise are functions of the step, so a resume from step 200 is the 400-step run): GRPO, the default and
 # alpha fixed at 0. rl.steps is resume-free, but data.dir and rl.init_from count, so each copied run is resumed
-# under the study directory it was made in (README); the rule is in the README.
+# under the study directory it was made in (results/LOG.md); the rule is in results/LOG.md.
 LONG_ROWS = SUPPLEMENT_ROWS[:3] + tuple(r for r in SUPPLEMENT_ROWS if r.name == "others_a0")
 LONG_CLAIMS = pair_claims((("graph_others", "grpo"), ("graph_others", "others_a0"), ("grpo", "sft_masked"),
                            ("graph_others", "sft_masked")))
@@ -387,7 +387,7 @@ LONG_CLAIMS = pair_claims((("graph_others", "grpo"), ("graph_others", "others_a0
 # A side result checked on new seeds (2026-12-01 03:10): in the moves study the sequential-gate controller started at 2
 # had the smallest in-distribution drift of any row (1.2 points against GRPO's 3.4), not a planned comparison and the
 # lowest of about a dozen graph rows, so regression to the mean is expected. Seeds 8-15 (new SFT starts, same data):
-# the SFT start, GRPO, the default and that controller; the rule is in the README.
+# the SFT start, GRPO, the default and that controller; the rule is in results/LOG.md.
 DRIFT_ROWS = MOVES_ROWS[:3] + tuple(replace(r, title="Graph-GRPO default, alignment controller with the sequential gate, "
                                                     "from alpha 2") for r in MOVES_ROWS if r.name == "others_seq_a2")
 DRIFT_CLAIMS = pair_claims((("others_seq_a2", "grpo"), ("others_seq_a2", "graph_others"), ("graph_others", "grpo")))
@@ -395,7 +395,7 @@ DRIFT_CLAIMS = pair_claims((("others_seq_a2", "grpo"), ("others_seq_a2", "graph_
 # Larger groups (issue 14; 2026-12-01 11:00). Eq. 1a's group evidence for a step comes from the other rollouts that
 # share its parents' content, and at G = 8 most nodes have none (the ablation's zero-evidence rate): does graph credit
 # gain more over GRPO when a step's 128 rollouts are 8 prompts x 16 instead of 16 x 8? GRPO and the default at both
-# shapes, seeds 0-7, 200 steps; the rule is in the README. The G = 8 rows are the supplement study's, rerun at
+# shapes, seeds 0-7, 200 steps; the rule is in results/LOG.md. The G = 8 rows are the supplement study's, rerun at
 # today's code (runs before 5238540 are not bit-reproducible).
 G16 = ("--rl.num_generations=16", "--rl.prompts_per_step=8")
 WIDE_ROWS = SUPPLEMENT_ROWS[:3] + (
@@ -415,7 +415,7 @@ WIDE_CLAIMS = pair_claims((("others_g16", "grpo_g16"), ("graph_others", "grpo"),
 # test_id / test_longtail / rl it then accepts every facet verdict it scores and abstains on 100 of 2,650 / 1,000 of
 # 2,586 / 518 of 2,700). The default
 # with it, at the learned weights and with the comparator at 1.5, seeds 0-15; the SFT starts, GRPO and the default are
-# the wide study's runs (faf771f). The rule is in the README.
+# the wide study's runs (faf771f). The rule is in results/LOG.md.
 ABSTAIN = "--reward.comparator_unknown=abstain"
 ABSTAIN_ROWS = SUPPLEMENT_ROWS[:3] + (
     Row("others_abstain", "Graph-GRPO default, comparator abstains on forms it does not know", "rl", "sft_masked",
@@ -432,7 +432,7 @@ ABSTAIN_CLAIMS = pair_claims((("others_abstain", "grpo"), ("others_abstain", "gr
 # is mostly sampling noise (GRPO's gradients on two samples of the same 16 prompts: cosine 0.23-0.30) while the
 # default turns GRPO's expected update by 20-30 degrees: with less noise per step that turn should count for more.
 # GRPO and the default (abstaining comparator) at 32 prompts x 8 rollouts a step, seeds 0-7, 200 steps; the 16 x 8
-# rows are the abstain study's runs. The rule is in the README.
+# rows are the abstain study's runs. The rule is in results/LOG.md.
 B32 = ("--rl.prompts_per_step=32",)
 BATCH_ROWS = ABSTAIN_ROWS[:4] + (
     Row("grpo_b32", "GRPO, 32 prompts x 8 rollouts", "rl", "sft_masked", GRPO + B32, ref="grpo_b32"),
@@ -451,7 +451,7 @@ BATCH_CLAIMS = pair_claims((("abstain_b32", "grpo_b32"), ("others_abstain", "grp
 # 128 prompts) the outcome at the label plus the probe at weight 3, alpha 0, has the least noisy step gradient of any
 # form without gold (cosine with itself on resampled rollouts 0.53 / 0.52 at the SFT start / GRPO@200, GRPO's 0.24 /
 # 0.26) at an expected direction close to GRPO's (0.96 / 0.94). Three rows, seeds 0-7; the SFT starts, GRPO and the
-# default are the abstain study's runs. The rule is in the README.
+# default are the abstain study's runs. The rule is in results/LOG.md.
 PROBE = ("--credit.probe_weight=3",)
 PROBE_ONLY = ("--credit.mode=graph", "--credit.evidence=outcome", "--controller.mode=fixed") + PROBE
 PROBE_ROWS = ABSTAIN_ROWS[:2] + (
@@ -471,7 +471,7 @@ PROBE_CLAIMS = pair_claims(tuple((r, ref) for r in ("probe_a0", "probe_a1", "def
 # GRPO's baseline may be under-tuned, and a credit form with less noisy steps may take larger ones. GRPO and the
 # default (comparator abstaining) at 2e-4 and 4e-4, seeds 0-7, 200 steps, the abstain study's settings; the SFT
 # starts and both rows at 1e-4 are the abstain study's runs. Each new graph row's own GRPO is the one at its lr. The
-# rule is in the README. Then (19:02, after those results, its own rule in the README) both at 1.5e-4: between
+# rule is in results/LOG.md. Then (19:02, after those results, its own rule in results/LOG.md) both at 1.5e-4: between
 # the best rate and the first ruinous one, where the default's tolerance of larger steps could turn into speed.
 # Then (19:23, after the 1.5e-4 results) both at 5e-5: 1.5e-4 already cost both methods, so GRPO's best rate may be
 # below 1e-4. Then (20:10, after the 5e-5 results: GRPO better there than at 1e-4) both at 2.5e-5.
@@ -500,7 +500,7 @@ LR_CLAIMS = pair_claims(tuple((d, g) for d in LR_DEFAULTS for g in LR_GRPOS) + (
 # is below 16 x 8 for GRPO, the wide study; 32 x 8 above, the batch study, at twice the rollouts). At 32 prompts x 4
 # rollouts GRPO sees twice the prompts for the same sampling cost, but its group baseline rests on 4 rollouts; the
 # default's verifier evidence is per instance and does not. GRPO and the default at 32 x 4, seeds 0-7, the abstain
-# study's settings; the 16 x 8 rows are the abstain study's runs. The rule is in the README.
+# study's settings; the 16 x 8 rows are the abstain study's runs. The rule is in results/LOG.md.
 G4 = ("--rl.num_generations=4", "--rl.prompts_per_step=32")
 SHAPE_ROWS = ABSTAIN_ROWS[:2] + (replace(ABSTAIN_ROWS[3], title="Graph-GRPO default (comparator abstains)"),
                                  Row("grpo_g4", "GRPO, 32 prompts x 4 rollouts", "rl", "sft_masked", GRPO + G4,
@@ -515,7 +515,7 @@ SHAPE_CLAIMS = pair_claims(SHAPE_PAIRS + (("grpo_g4", "grpo"), ("abstain_g4", "o
 # Testbed data the project has not used (issue 14: "your results are checked again on testbed data the project has
 # not seen"; 2026-12-01 14:05). Every study so far ran on the generator's data.seed 1234. The masked SFT start, GRPO
 # and the default on data.seed 2718 (a new draw of every split's examples from the same catalogue), seeds
-# 0-7, the ablation's settings. The rule is in the README.
+# 0-7, the ablation's settings. The rule is in results/LOG.md.
 FRESH_DATA = ("--data.seed=2718",)
 FRESH_ROWS = SUPPLEMENT_ROWS[:3] + (
     # added at 14:16, when the abstain study had made it the default, before any run of it on this data
@@ -527,8 +527,8 @@ FRESH_CLAIMS = pair_claims((("graph_others", "grpo"), ("grpo", "sft_masked"), ("
 # The learning rate on testbed data the project has not used (issue 14; 2026-12-01 21:09). The lr study (data.seed
 # 1234) found GRPO better at 5e-5 than at the 1e-4 every study used, and the default better in distribution there
 # too; its rule kept rl.lr at 1e-4 because it asked for a long-tail gain. This study decides rl.lr on a new draw of
-# the data (data.seed 3141, never used) by a rule that weighs the in-distribution gain (README): the masked SFT start,
-# GRPO and the default at 1e-4 and at 5e-5, seeds 0-7, 200 steps, the lr study's settings.
+# the data (data.seed 3141, never used) by a rule that weighs the in-distribution gain (results/LOG.md): the masked SFT
+# start, GRPO and the default at 1e-4 and at 5e-5, seeds 0-7, 200 steps, the lr study's settings.
 RATE_DATA = ("--data.seed=3141",)
 LR05_ROWS = tuple(r for r in LR_ROWS if r.name in ("grpo_lr05", "abstain_lr05"))
 RATE_ROWS = LR_ROWS[:3] + LR05_ROWS
@@ -544,7 +544,7 @@ RATE_CLAIMS = pair_claims(RATE_PAIRS) + \
 # and "the comparator's evidence carries the gain" (grounding only -1.1) were measured at rl.lr 1e-4, where GRPO
 # drifts and the default's lead was mostly that drift (the lr study). The same three ablations of the default at 5e-5
 # (data.seed 1234, seeds 0-7; then seeds 8-15 but the grounding row, 22:19); the SFT starts, GRPO and the default
-# at 5e-5 on seeds 0-7 are the lr study's runs. Rules: README.
+# at 5e-5 on seeds 0-7 are the lr study's runs. Rules: results/LOG.md.
 LR05 = ("--rl.lr=5e-5",)
 TUNED_ROWS = LR_ROWS[:1] + LR05_ROWS + (
     Row("tuned_wrong_edges", "Graph-GRPO default at lr 5e-5, wrong edges", "rl", "sft_masked",
@@ -565,7 +565,7 @@ TUNED_CLAIMS = pair_claims(tuple((a, "grpo_lr05") for a in ("abstain_lr05",) + T
 # default with the gold step verdicts as its step scores (reward.local_scores gold), propagated and at alpha 0,
 # TaoSR-SHE (gold step labels) and TaoSR-AGRL (the gold CoT replayed), all at the tuned rate on data.seed 3141, seeds
 # 0-7; the SFT start, GRPO and the default at 5e-5 are the rate study's runs. No row can be a default (gold
-# annotations); the rule is in the README.
+# annotations); the rule is in results/LOG.md.
 GOLD_STEPS = ("--reward.local_scores=gold",)
 CEILING_ROWS = RATE_ROWS[:1] + LR05_ROWS + (
     Row("oracle_gold", "Graph-GRPO default at lr 5e-5, gold step verdicts as its step scores", "rl", "sft_masked",
@@ -589,7 +589,7 @@ CEILING_CLAIMS = pair_claims(tuple((a, "grpo_lr05") for a in CEILING_GOLD + ("ab
 # time. rl.repair_replay replays that repaired answer instead: the outcome label only, no gold annotation. Two rows at
 # the tuned rate on data.seed 3141, seeds 0-7: AGRL with the repair in place of the gold CoT (how much of the gold
 # replay's gain the repair recovers) and the default with repair replay (a candidate default). The SFT starts, GRPO,
-# the default and AGRL are the ceiling study's runs. Rule: README, "Unique-repair replay".
+# the default and AGRL are the ceiling study's runs. Rule: results/LOG.md, "Unique-repair replay".
 REPAIR = ("--rl.repair_replay=true",)
 REPAIR_ROWS = CEILING_ROWS[:3] + (CEILING_ROWS[-1],) + (
     Row("repair_agrl", "TaoSR-AGRL with the rule's unique repair replayed in place of the gold CoT, lr 5e-5", "rl",
@@ -597,17 +597,17 @@ REPAIR_ROWS = CEILING_ROWS[:3] + (CEILING_ROWS[-1],) + (
     Row("repair_default", "Graph-GRPO default at lr 5e-5 with unique-repair replay", "rl", "sft_masked",
         ABSTAIN_ROWS[3].overrides + LR05 + REPAIR, ref="grpo_lr05"),
     # added after the first two rows' results: they replayed 0.56-0.58 rollouts a step (all-fail groups, k 1); this
-    # row replays every failed rollout with a unique repair, in every group (rule: README, "Unique-repair replay in
-    # every group")
+    # row replays every failed rollout with a unique repair, in every group (rule: results/LOG.md, "Unique-repair replay
+    # in every group")
     Row("repair_wide", "Graph-GRPO default at lr 5e-5, unique-repair replay in every group (threshold 1, k 8)", "rl",
         "sft_masked", ABSTAIN_ROWS[3].overrides + LR05 + REPAIR + ("--rl.replay_threshold=1.0", "--rl.replay_k=8"),
         ref="grpo_lr05"),
     # added after repair_wide's results: every failed rollout with a unique repair, but in all-fail groups only
-    # (rule: README, "Unique-repair replay, every repair of an all-fail group")
+    # (rule: results/LOG.md, "Unique-repair replay, every repair of an all-fail group")
     Row("repair_k8", "Graph-GRPO default at lr 5e-5, unique-repair replay in all-fail groups, k 8", "rl", "sft_masked",
         ABSTAIN_ROWS[3].overrides + LR05 + REPAIR + ("--rl.replay_k=8",), ref="grpo_lr05"),
-    # added after the check of repair_k8: the same replay on outcome GRPO (rule: README, "Unique-repair replay on
-    # outcome GRPO")
+    # added after the check of repair_k8: the same replay on outcome GRPO (rule: results/LOG.md, "Unique-repair replay
+    # on outcome GRPO")
     Row("repair_grpo", "GRPO at lr 5e-5 with unique-repair replay in all-fail groups, k 8", "rl", "sft_masked",
         GRPO + LR05 + REPAIR + ("--rl.replay_k=8",), ref="grpo_lr05"),
 )
@@ -622,8 +622,8 @@ REPAIR_CLAIMS = pair_claims((("repair_agrl", "grpo_lr05"), ("repair_default", "g
 
 # repair_k8 checked where it was not chosen (issue 14; after the repair study's results): seeds 8-15 of data.seed 3141
 # (its study, --seeds 8-15, against the rate study's seeds 8-15) and here on the project's data (data.seed 1234),
-# seeds 0-7, against the lr study's SFT starts, GRPO and the default at 5e-5. Rule: README, "Unique-repair replay,
-# checked where it was not chosen".
+# seeds 0-7, against the lr study's SFT starts, GRPO and the default at 5e-5. Rule: results/LOG.md, "Unique-repair
+# replay, checked where it was not chosen".
 REPAIR_1234_ROWS = LR_ROWS[:1] + LR05_ROWS + (REPAIR_ROWS[-2],)
 REPAIR_1234_CLAIMS = pair_claims((("repair_k8", "grpo_lr05"), ("repair_k8", "abstain_lr05"),
                                   ("abstain_lr05", "grpo_lr05"))) + half_budget_claims((("repair_k8", "grpo_lr05"),))
@@ -631,7 +631,7 @@ REPAIR_1234_CLAIMS = pair_claims((("repair_k8", "grpo_lr05"), ("repair_k8", "abs
 # A hotter sampler for both methods (issue 14; 2026-12-02, session 16): the temperature screen found T 1.3 halving the
 # sampled reward and reach not growing (results/reach_temperature.md); does the default's credit tolerate the noisier
 # sampler better than GRPO, as it tolerates larger steps (the lr study)? GRPO and the default at rl.temperature 1.3,
-# data.seed 3141, seeds 0-7; the SFT starts and both at T 1.0 are the rate study's runs. Rule: README, "A hotter
+# data.seed 3141, seeds 0-7; the SFT starts and both at T 1.0 are the rate study's runs. Rule: results/LOG.md, "A hotter
 # sampler for both methods".
 T13 = ("--rl.temperature=1.3",)
 TEMPERATURE_ROWS = RATE_ROWS[:1] + LR05_ROWS + (
@@ -649,7 +649,7 @@ TEMPERATURE_CLAIMS = pair_claims((("abstain_t13", "grpo_lr05"), ("grpo_t13", "gr
 # default's verifier evidence does not depend on the label, GRPO's signal is the label alone. GRPO and the default
 # with data.rl_label_noise 0.2 and 0.4 (that share of the pool relabelled uniformly at random among the other labels),
 # data.seed 3141, seeds 0-7; the SFT starts (trained on the clean SFT split, which noise never touches) and both at
-# noise 0 are the rate study's runs. Rule: README, "Noisy labels in the RL pool".
+# noise 0 are the rate study's runs. Rule: results/LOG.md, "Noisy labels in the RL pool".
 NOISE_ROWS = RATE_ROWS[:1] + LR05_ROWS + tuple(
     row for tag, p in (("2", "0.2"), ("4", "0.4")) for row in (
         Row(f"grpo_noise{tag}", f"GRPO at lr 5e-5, RL label noise {p}", "rl", "sft_masked",
@@ -666,7 +666,7 @@ NOISE_CLAIMS = pair_claims((("abstain_noise2", "grpo_noise2"), ("abstain_noise4"
     half_budget_claims((("abstain_noise2", "grpo_noise2"), ("abstain_noise4", "grpo_noise4")))
 
 # The noise-0.4 rows checked on the project's data (data.seed 1234), seeds 0-7, against the lr study's SFT starts,
-# GRPO and the default at 5e-5. Rule: README, "Noisy labels in the RL pool, on the project's data".
+# GRPO and the default at 5e-5. Rule: results/LOG.md, "Noisy labels in the RL pool, on the project's data".
 NOISE_1234_ROWS = LR_ROWS[:1] + LR05_ROWS + NOISE_ROWS[-2:]
 NOISE_1234_CLAIMS = pair_claims((("abstain_noise4", "grpo_noise4"), ("abstain_lr05", "grpo_lr05"),
                                  ("grpo_noise4", "sft_masked"), ("abstain_noise4", "sft_masked"))) + \
@@ -677,8 +677,8 @@ NOISE_1234_CLAIMS = pair_claims((("abstain_noise4", "grpo_noise4"), ("abstain_lr
 # found the lead (data.seed 3141 and 1234); the default is propagation along the graph (alpha) plus per-step evidence
 # that partly reads the label (Eq. 1a group evidence) and partly does not (the verifiers). Rows at noise 0.4, data.seed
 # 3141, seeds 0-7: alpha fixed at 0 (no propagation), wrong edges, verifier evidence only (no group evidence); the SFT
-# starts and GRPO / the default at noise 0.4 are the noise study's runs. Rule: README, "What carries the lead under
-# label noise".
+# starts and GRPO / the default at noise 0.4 are the noise study's runs. Rule: results/LOG.md, "What carries the lead
+# under label noise".
 NOISE4 = ("--data.rl_label_noise=0.4",)
 NOISE_PARTS_ROWS = RATE_ROWS[:1] + NOISE_ROWS[-2:] + (
     Row("a0_noise4", "Graph-GRPO default at lr 5e-5, noise 0.4, alpha fixed at 0 (no propagation)", "rl", "sft_masked",
@@ -696,8 +696,8 @@ NOISE_PARTS_CLAIMS = pair_claims(tuple(("abstain_noise4", a) for a in NOISE_PART
     half_budget_claims(tuple((a, "grpo_noise4") for a in NOISE_PARTS))
 
 # The same parts on the project's data (data.seed 1234), seeds 0-7: alpha 0 and wrong edges at noise 0.4, against the
-# noise_1234 study's SFT starts, GRPO and the default. Rule: README, "What carries the lead under label noise, seeds
-# 8-15 and the project's data".
+# noise_1234 study's SFT starts, GRPO and the default. Rule: results/LOG.md, "What carries the lead under label noise,
+# seeds 8-15 and the project's data".
 NOISE_PARTS_1234_ROWS = NOISE_1234_ROWS[:1] + NOISE_1234_ROWS[-2:] + NOISE_PARTS_ROWS[3:5]
 NOISE_PARTS_1234_CLAIMS = pair_claims(tuple(("abstain_noise4", a) for a in NOISE_PARTS[:2]) +
                                       tuple((a, "grpo_noise4") for a in NOISE_PARTS[:2]))
@@ -705,7 +705,7 @@ NOISE_PARTS_1234_CLAIMS = pair_claims(tuple(("abstain_noise4", a) for a in NOISE
 # Noise as graders of an ordinal scale make it (issue 14 item 7; 2026-12-02): the noise study's labels were wrong
 # uniformly; data.rl_label_noise_kind adjacent moves the same examples one grade instead. GRPO and the default at 0.4,
 # data.seed 3141, seeds 0-7; the SFT starts and both methods at noise 0 and at uniform 0.4 are the noise study's
-# runs. Rule: README, "Noise between neighbouring grades".
+# runs. Rule: results/LOG.md, "Noise between neighbouring grades".
 ADJACENT = NOISE4 + ("--data.rl_label_noise_kind=adjacent",)
 ADJACENT_ROWS = NOISE_ROWS[:3] + NOISE_ROWS[-2:] + (
     Row("grpo_adj4", "GRPO at lr 5e-5, RL label noise 0.4 between neighbouring grades", "rl", "sft_masked",
@@ -721,15 +721,15 @@ ADJACENT_CLAIMS = pair_claims((("abstain_adj4", "grpo_adj4"), ("grpo_adj4", "sft
     half_budget_claims((("abstain_adj4", "grpo_adj4"),))
 
 # Neighbouring-grade noise on the project's data (data.seed 1234), seeds 0-7, against the noise_1234 study's SFT
-# starts and both methods at noise 0 and at uniform noise 0.4. Rule: README, "Noise between neighbouring grades, on
-# the project's data".
+# starts and both methods at noise 0 and at uniform noise 0.4. Rule: results/LOG.md, "Noise between neighbouring grades,
+# on the project's data".
 ADJACENT_1234_ROWS = NOISE_1234_ROWS + ADJACENT_ROWS[-2:]
 
 # The noise regime on testbed data the project has never used (issue 14's goal; 2026-12-02, session 18): issue 14
 # checks results again on unseen testbed data, and the one regime with a multi-point lead (label noise 0.4) was found
 # and replicated on data.seed 3141 and 1234 only. The masked SFT start, GRPO and the default at noise 0 and at uniform
 # noise 0.4, and the verifiers' evidence alone at 0.4, all at the tuned rate on data.seed 5772 (never generated
-# before), seeds 0-7. Rule: README, "The noise regime on testbed data never used".
+# before), seeds 0-7. Rule: results/LOG.md, "The noise regime on testbed data never used".
 UNSEEN_DATA = ("--data.seed=5772",)
 UNSEEN_ROWS = RATE_ROWS[:1] + LR05_ROWS + NOISE_ROWS[-2:] + NOISE_PARTS_ROWS[5:6]
 UNSEEN_CLAIMS = pair_claims((("abstain_noise4", "grpo_noise4"), ("abstain_lr05", "grpo_lr05"),
@@ -740,8 +740,8 @@ UNSEEN_CLAIMS = pair_claims((("abstain_noise4", "grpo_noise4"), ("abstain_lr05",
     half_budget_claims((("abstain_noise4", "grpo_noise4"), ("abstain_lr05", "grpo_lr05"),
                         ("verifier_noise4", "grpo_noise4")))
 
-# Noisier still, on the same unseen data (run only if noise_unseen's rule (1) holds; README, same section): GRPO and the
-# default at uniform noise 0.6 from noise_unseen's SFT starts, against its 0.4 rows.
+# Noisier still, on the same unseen data (run only if noise_unseen's rule (1) holds; results/LOG.md, same section): GRPO
+# and the default at uniform noise 0.6 from noise_unseen's SFT starts, against its 0.4 rows.
 UNSEEN_06_ROWS = UNSEEN_ROWS[:1] + NOISE_ROWS[-2:] + (
     Row("grpo_noise6", "GRPO at lr 5e-5, RL label noise 0.6", "rl", "sft_masked",
         GRPO + LR05 + ("--data.rl_label_noise=0.6",), ref="grpo_noise6"),
@@ -755,7 +755,8 @@ UNSEEN_06_CLAIMS = pair_claims((("abstain_noise6", "grpo_noise6"), ("grpo_noise6
 # Does the default's Eq. 1a group evidence (the part of its step evidence that reads the label) earn its place? Under
 # noise 0.4 the verifiers' evidence alone was as good on data.seed 3141 and 5772; at noise 0 it was never run at the
 # tuned rate. The verifiers' evidence alone at noise 0, against the default, on data.seed 5772 (noise_unseen's SFT
-# starts and rows linked) and 3141 (all rows run anew). Rule: README, "Step evidence that never reads the label".
+# starts and rows linked) and 3141 (all rows run anew). Rule: results/LOG.md, "Step evidence that never reads the
+# label".
 LABEL_FREE_ROWS = RATE_ROWS[:1] + LR05_ROWS + (
     Row("verifier_lr05", "Graph-GRPO default at lr 5e-5, verifier evidence only (no Eq. 1a group evidence)", "rl",
         "sft_masked", ABSTAIN_ROWS[3].overrides + LR05 + ("--credit.evidence=verifier",), ref="grpo_lr05"),)
@@ -764,8 +765,8 @@ LABEL_FREE_CLAIMS = pair_claims((("abstain_lr05", "verifier_lr05"), ("verifier_l
     half_budget_claims((("verifier_lr05", "grpo_lr05"),))
 
 # The new default (the verifiers' evidence alone) on the project's data (data.seed 1234), seeds 0-7, all rows run anew:
-# the label_free rows at exact labels and GRPO / the new default at uniform noise 0.4. Rule: README, "The new default
-# on the project's data".
+# the label_free rows at exact labels and GRPO / the new default at uniform noise 0.4. Rule: results/LOG.md, "The new
+# default on the project's data".
 LABEL_FREE_1234_ROWS = LABEL_FREE_ROWS + NOISE_ROWS[-2:-1] + NOISE_PARTS_ROWS[5:6]
 LABEL_FREE_1234_CLAIMS = LABEL_FREE_CLAIMS + pair_claims((("verifier_noise4", "grpo_noise4"),
                                                           ("grpo_lr05", "sft_masked"), ("verifier_lr05", "sft_masked"),
@@ -775,7 +776,7 @@ LABEL_FREE_1234_CLAIMS = LABEL_FREE_CLAIMS + pair_claims((("verifier_noise4", "g
     half_budget_claims((("verifier_noise4", "grpo_noise4"),))
 
 # The new default at uniform noise 0.6 on the project's data, seeds 0-7, from label_free_1234's SFT starts (its 0.4
-# rows linked). Rule: README, "The new default at noise 0.6, on the project's data".
+# rows linked). Rule: results/LOG.md, "The new default at noise 0.6, on the project's data".
 LABEL_FREE_06_ROWS = LABEL_FREE_1234_ROWS[:1] + LABEL_FREE_1234_ROWS[-2:] + UNSEEN_06_ROWS[-2:-1] + (
     Row("verifier_noise6", "Graph-GRPO default at lr 5e-5, noise 0.6, verifier evidence only (no Eq. 1a group evidence)",
         "rl", "sft_masked", ABSTAIN_ROWS[3].overrides + LR05 + ("--data.rl_label_noise=0.6", "--credit.evidence=verifier"),
@@ -786,8 +787,8 @@ LABEL_FREE_06_CLAIMS = pair_claims((("verifier_noise6", "grpo_noise6"), ("grpo_n
     half_budget_claims((("verifier_noise6", "grpo_noise6"),))
 
 # The same at 0.6 on the other two data seeds: 5772 (noise_unseen(_06)'s runs linked, the former default's 0.6 row
-# with them) and 3141 (label_free_3141's SFT starts; GRPO and the new default at 0.6 only). Rule: README, "The new
-# default at noise 0.6 on the other two data seeds".
+# with them) and 3141 (label_free_3141's SFT starts; GRPO and the new default at 0.6 only). Rule: results/LOG.md, "The
+# new default at noise 0.6 on the other two data seeds".
 LABEL_FREE_5772_06_ROWS = LABEL_FREE_06_ROWS + UNSEEN_06_ROWS[-1:]
 LABEL_FREE_5772_06_CLAIMS = LABEL_FREE_06_CLAIMS + pair_claims((("verifier_noise6", "abstain_noise6"),))
 LABEL_FREE_3141_06_ROWS = LABEL_FREE_06_ROWS[:1] + LABEL_FREE_06_ROWS[-2:]

@@ -1,5 +1,5 @@
 """Credit accuracy of many credit forms on the same sampled groups at one checkpoint, without training (issue 14;
-DESIGN 4.2; README, "Credit accuracy without training").
+DESIGN 4.2; results/LOG.md, "Credit accuracy without training").
 
     python experiments/credit_screen.py RUN_DIR CHECKPOINT [--prompts 256] [--seed 0] [--rollout-samples 4]
                                         [--gradients] [--out results/credit_screen.md] [--data.dir=DIR ...]
@@ -19,7 +19,7 @@ advantage in the same groups, including the forms that use gold step labels, whi
 can reach under this sign-based measure. It trains nothing and says nothing about which form learns better.
 With --gradients it also compares the forms' step gradients (gradient_similarity): how far a credit form turns one
 step's update, and the expected update, away from GRPO's, against how far a second sample of rollouts turns it
-(README, "How far a credit form moves the update from GRPO's"; results/credit_gradients.md).
+(results/LOG.md, "How far a credit form moves the update from GRPO's"; results/credit_gradients.md).
 """
 from __future__ import annotations
 

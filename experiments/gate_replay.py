@@ -1,5 +1,6 @@
 """Replay logged alpha gradients through the controller's step rules, and through sign-flipped copies (pure noise
-with the same spread), to see how far each rule would move alpha (issue 14 item 4; README, "A controller that moves").
+with the same spread), to see how far each rule would move alpha (issue 14 item 4; results/LOG.md,
+"A controller that moves").
 
     python experiments/gate_replay.py RUN_DIR [RUN_DIR ...] [--copies 20] [--seed 0]
 

@@ -1,5 +1,5 @@
 """Does a verdict's outcome in OTHER prompts say whether it is right? A screen of credit pooled across prompts by step
-content, before building it into the trainer (issue 14; README, "Evidence pooled across prompts by content").
+content, before building it into the trainer (issue 14; results/LOG.md, "Evidence pooled across prompts by content").
 
     python experiments/pool_screen.py RUN_DIR CHECKPOINT [--prompts 1024] [--seed 11] [--prior 1] [--out FILE]
                                       [--data.dir=DIR ...]

@@ -1,4 +1,4 @@
-"""Which test errors a policy could learn from its own samples (issue 14; README, "What the policy samples"):
+"""Which test errors a policy could learn from its own samples (issue 14; results/LOG.md, "What the policy samples"):
 per test item, the greedy answer's reward and the rewards of G sampled answers, at one checkpoint. Nothing trains.
 
     python experiments/reach_screen.py RUN [RUN ...] [--samples 8] [--items 0] [--seed 0] [--out FILE] [--key=value]

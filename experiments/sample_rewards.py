@@ -1,6 +1,6 @@
-"""Training reward of RL runs split by the prompt's long-tail kind, from the rollouts each run logged (issue 14; README,
-"A controller that moves, at the current default"): does the sampled reward on long-tail prompts see what the greedy
-long-tail evaluation sees?
+"""Training reward of RL runs split by the prompt's long-tail kind, from the rollouts each run logged (issue 14;
+results/LOG.md, "A controller that moves, at the current default"): does the sampled reward on long-tail prompts see
+what the greedy long-tail evaluation sees?
 
     python experiments/sample_rewards.py RUNS_DIR ROW [ROW ...] --seeds 0-7 [--from-step 100]
 

@@ -1073,8 +1073,8 @@ def test_leave_one_out_value_hand_numbers():
 
 
 def test_leave_one_out_gives_content_every_rollout_shares_a_scaled_outcome_advantage():
-    """Why graph credit with the leave-one-out V blames correct steps as often as GRPO (README, "Whose verdicts to
-    trust"): a root step written identically in all G = 4 rollouts, R = [1, 0, 0, 0]. include_self (DESIGN's V):
+    """Why graph credit with the leave-one-out V blames correct steps as often as GRPO (results/LOG.md, "Whose verdicts
+    to trust"): a root step written identically in all G = 4 rollouts, R = [1, 0, 0, 0]. include_self (DESIGN's V):
     Q = V = 0.25, a = 0 for every rollout. leave_one_out: Q = 0.25, V_i = mean of the other three = [0, 1/3, 1/3,
     1/3], so a = [0.25, -1/12, -1/12, -1/12] = (R_i - mean of the others) / G: the sign of the GRPO advantage."""
     R = t([1., 0., 0., 0.])

@@ -134,7 +134,7 @@ def test_paper_config_is_base_with_the_papers_choices():
     a, b = config_to_dict(load_config(os.path.join(ROOT, "configs", "base.yaml"))), config_to_dict(PAPER_CFG)
     diff = {f"{s}.{k}" for s in a for k in a[s] if a[s][k] != b[s][k]}
     # controller.objective: the paper's alpha follows the main loss's gradient (Eq. 3, lookahead); base.yaml's
-    # objective is ours, chosen by the ablation's pre-stated rule (README)
+    # objective is ours, chosen by the ablation's pre-stated rule (results/LOG.md)
     assert diff == {"run.name", "run.out_dir", "graph.nodes", "graph.edges", "credit.scale", "mask.kind",
                     "controller.objective"}
 
