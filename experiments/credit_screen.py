@@ -2,7 +2,8 @@
 DESIGN 4.2; results/LOG.md, "Credit accuracy without training").
 
     python experiments/credit_screen.py RUN_DIR CHECKPOINT [--prompts 256] [--seed 0] [--rollout-samples 4]
-                                        [--gradients] [--out results/credit_screen.md] [--data.dir=DIR ...]
+                                        [--forms 1,2,6] [--gradients] [--out results/credit_screen.md]
+                                        [--data.dir=DIR ...]
 
 RUN_DIR holds the config.yaml of a run (its data, graph and credit settings); CHECKPOINT is the policy to sample
 from (an SFT start, or an RL checkpoint). The first --prompts items of the RL pool are sampled once, G rollouts
@@ -211,6 +212,20 @@ def gradient_report(rows: list[tuple[str, dict]], chunks: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def select_forms(spec: str) -> tuple:
+    """The FORMS that --forms names (comma-separated 1-based positions, in the order given; empty: all of them);
+    ConfigError naming --forms for anything else. GRPO (position 1) is the goal's reference: name it to read ratios."""
+    if not spec:
+        return FORMS
+    try:
+        picks = [int(p) for p in spec.split(",")]
+    except ValueError:
+        picks = []
+    if not picks or any(not 1 <= p <= len(FORMS) for p in picks):
+        raise config.ConfigError(f"--forms {spec!r}: expected comma-separated positions 1-{len(FORMS)} of FORMS")
+    return tuple(FORMS[p - 1] for p in picks)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run_dir")
@@ -218,17 +233,20 @@ def main(argv=None) -> None:
     ap.add_argument("--prompts", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rollout-samples", type=int, default=4, help="K of the Monte-Carlo rows (Eq. 1c)")
+    ap.add_argument("--forms", default="", help="comma-separated 1-based positions in FORMS to screen (default: all; "
+                    "the Monte-Carlo rows cost the most)")
     ap.add_argument("--out", default="", help="append the table to this markdown file")
     ap.add_argument("--gradients", action="store_true", help="also compare each form's step gradient with GRPO's "
                     "and with its own on a second sample of rollouts (the forms without Monte-Carlo values)")
     args, extra = ap.parse_known_args(argv)
     if args.prompts < 1 or args.rollout_samples < 1:
         raise config.ConfigError("--prompts and --rollout-samples must be at least 1")
+    forms = select_forms(args.forms)
     common = [f"--credit.rollout_samples={args.rollout_samples}", *extra]
     path, base, task, model, tok, vocab = load_run(args.run_dir, args.checkpoint, common, args.seed)
     groups = sample_groups(base, model, tok, task, vocab, args.prompts, args.seed)
     rows = []
-    for label, overrides in FORMS:
+    for label, overrides in forms:
         cfg = config.load_config(path, [*common, *overrides])
         s = types.SimpleNamespace(cfg=cfg, model=model, tokenizer=tok, task=task, vocab=vocab)
         rows.append((label, screen_form(cfg, groups, s, args.seed)))
@@ -240,10 +258,10 @@ def main(argv=None) -> None:
                         f"outcome advantage")
     if args.gradients:
         regroups = sample_groups(base, model, tok, task, vocab, args.prompts, args.seed + 1)
-        forms = [(label, config.load_config(path, [*common, *overrides])) for label, overrides in FORMS
-                 if "--credit.evidence=rollout" not in overrides]
+        cfgs = [(label, config.load_config(path, [*common, *overrides])) for label, overrides in forms
+                if "--credit.evidence=rollout" not in overrides]
         s = types.SimpleNamespace(cfg=base, model=model, tokenizer=tok, task=task, vocab=vocab)
-        text += gradient_report(gradient_similarity(forms, groups, regroups, s, args.seed), len(groups))
+        text += gradient_report(gradient_similarity(cfgs, groups, regroups, s, args.seed), len(groups))
     print(text)
     if args.out:
         with open(args.out, "a") as f:

@@ -746,8 +746,9 @@ def test_alignment_dots_from_the_update_pass_equal_a_direct_computation():
 def test_credit_screen_reads_every_form_on_the_same_rollouts(tmp_path, sft_ckpt):
     """experiments/credit_screen.py: every form is scored on one set of rollouts; GRPO's P(A<0 | correct) is the
     share of correct steps that sit in failed rollouts (hand count from the same rollouts), TaoSR-SHE with gold step
-    labels and alpha 0 never gives a wrong verdict step A > 0; a run directory without config.yaml, or a data.dir
-    that does not exist, is one line, exit code 2."""
+    labels and alpha 0 never gives a wrong verdict step A > 0; --forms screens the forms it names, with the same
+    numbers; a run directory without config.yaml, a data.dir that does not exist, or a bad --forms is one line, exit
+    code 2."""
     sys.path.insert(0, os.path.join(ROOT, "experiments"))
     import credit_screen
     from config import save_config
@@ -776,6 +777,14 @@ def test_credit_screen_reads_every_form_on_the_same_rollouts(tmp_path, sft_ckpt)
     assert right > 0
     assert cells["GRPO (outcome)"][0] == f"{in_failed / right:.3f}"
     assert cells["TaoSR-SHE stepwise (gold step labels)"][5] == "0.000"
+    # --forms: only the named forms, in the order named, on the same rollouts (the same numbers as above)
+    out2 = tmp_path / "screen2.md"
+    credit_screen.main([str(run), ckpt, "--prompts", "16", "--rollout-samples", "1", "--forms", "6,1", "--out", str(out2)])
+    picked = [line for line in out2.read_text().splitlines() if line.startswith("| ") and "credit form" not in line]
+    assert [line.split(" | ")[0][2:] for line in picked] == [credit_screen.FORMS[5][0], "GRPO (outcome)"]
+    assert picked[1].split(" | ")[1:] == cells["GRPO (outcome)"]
+    r = _run([sys.executable, os.path.join("experiments", "credit_screen.py"), str(run), ckpt, "--forms", "1,99"])
+    assert r.returncode == 2 and "--forms '1,99'" in r.stderr and r.stderr.count("\n") == 1, r.stderr
     r = _run([sys.executable, os.path.join("experiments", "credit_screen.py"), str(tmp_path / "nowhere"), ckpt])
     assert r.returncode == 2 and "nowhere/config.yaml" in r.stderr and r.stderr.count("\n") == 1, r.stderr
     r = _run([sys.executable, os.path.join("experiments", "credit_screen.py"), str(run), ckpt,
