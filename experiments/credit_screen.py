@@ -67,7 +67,8 @@ COLUMNS = (("credit/misassigned_correct", "P(A<0 \\| correct)"),
            ("credit/misassigned_correct/label", "same, label"),
            ("credit/misassigned_wrong", "P(A>0 \\| wrong)"),
            ("credit/misassigned_wrong/verdict", "same, verdict steps"),
-           ("credit/wrong_mass_share", "\\|A\\| share on wrong steps of failed rollouts"))
+           ("credit/wrong_mass_share", "\\|A\\| share on wrong steps of failed rollouts"),
+           ("screen/label_share_of_blamed", "labels' share of the correct steps given A<0"))
 
 
 def load_run(run_dir: str, checkpoint: str, overrides: list[str], seed: int) -> tuple:
@@ -126,7 +127,9 @@ def form_advantages(cfg, s, group, j: int, seed: int) -> tuple[torch.Tensor, cre
 
 
 def screen_form(cfg, groups, s, seed: int) -> dict:
-    """credit_accuracy_metrics of one form summed over every chunk of groups."""
+    """credit_accuracy_metrics of one form summed over every chunk of groups, and screen/label_share_of_blamed: of the
+    correct steps given A < 0, the share that are label nodes (where the outcome enters: under RL label noise a correct
+    label in a rollout a wrong RL label fails is blamed by every form that rewards the label by the outcome)."""
     G, schema = cfg.rl.num_generations, s.task.schema
     sums = {k: torch.zeros(len(schema.slots), dtype=torch.float64) for k in credit.CREDIT_ACCURACY}
     for j, group in enumerate(groups):
@@ -136,7 +139,11 @@ def screen_form(cfg, groups, s, seed: int) -> dict:
                                           group[3], outcome.double())
         for k in sums:
             sums[k] += acc[k]
-    return gg.credit_accuracy_metrics(sums, schema, by="role")  # by role, whatever the node types are called
+    rec = gg.credit_accuracy_metrics(sums, schema, by="role")  # by role, whatever the node types are called
+    label = [v for v, name in enumerate(schema.slots) if schema.slot_info[name].type.role == "label"]
+    if sums["right_negative"].sum() > 0:
+        rec["screen/label_share_of_blamed"] = float(sums["right_negative"][label].sum() / sums["right_negative"].sum())
+    return rec
 
 
 def step_gradient(model, ro, adv: torch.Tensor, rl) -> torch.Tensor:

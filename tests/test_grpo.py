@@ -768,14 +768,17 @@ def test_credit_screen_reads_every_form_on_the_same_rollouts(tmp_path, sft_ckpt)
     task = testbed.load_task(cfg)
     model, tok = policy.load_policy(ckpt, task.schema.words())
     groups = credit_screen.sample_groups(cfg, model, tok, task, data.TagVocab.from_tokenizer(tok, task.schema), 16, 0)
-    right = in_failed = 0
+    right = in_failed = label_in_failed = 0
+    y = [v for v, name in enumerate(task.schema.slots) if task.schema.slot_info[name].type.role == "label"]
     for ro, _, _, correct in groups:
         outcome = credit.outcome_advantages(ro.rewards, cfg.rl.num_generations, "group")
         live = (correct == 1) & (outcome != 0)[:, None]
         right += int(live.sum())
         in_failed += int((live & (outcome < 0)[:, None]).sum())
-    assert right > 0
+        label_in_failed += int((live & (outcome < 0)[:, None])[:, y].sum())
+    assert right > 0 and 0 < label_in_failed < in_failed
     assert cells["GRPO (outcome)"][0] == f"{in_failed / right:.3f}"
+    assert cells["GRPO (outcome)"][7].rstrip(" |") == f"{label_in_failed / in_failed:.3f}"  # labels' share of the blamed
     assert cells["TaoSR-SHE stepwise (gold step labels)"][5] == "0.000"
     # --forms: only the named forms, in the order named, on the same rollouts (the same numbers as above)
     out2 = tmp_path / "screen2.md"
