@@ -597,20 +597,39 @@ def test_trimmed_micro_batches_give_the_untrimmed_log_probs_and_token_dots():
 
 def test_refactor_keeps_the_reference_run():
     """Two short tiny Graph-GRPO runs (group and group + verifier evidence, meta controller that moves alpha,
-    drift evaluations) end with the metrics and bit-identical parameters recorded before the refactor of issue 11
-    (tests/data/reference_runs.json, CPU, torch 2.13.0). Regenerate with `python tests/reference_run.py --write`
-    only when a change is meant to alter the numbers, and say so in its commit."""
+    drift evaluations) end with the metrics recorded before the refactor of issue 11 and the same parameters
+    (tests/data/reference_runs.json, CPU, torch 2.13.0), to float rounding: other CPUs sum in other orders, so the
+    record is compared within reference_run's tolerances (its comment gives the rounding and a real change measured
+    against them). Regenerate with `python tests/reference_run.py --write` only when a change is meant to alter the
+    numbers, and say so in its commit."""
     import reference_run
     want = json.load(open(reference_run.REFERENCE))
     with tempfile.TemporaryDirectory() as tmp:
         for name in reference_run.RUNS:
             got = reference_run.run(name, tmp)
-            assert len(got["metrics"]) == len(want[name]["metrics"])
             assert any(r["reward"] > 0 and r["format_rate"] > 0 for r in got["metrics"])
             assert any(a != 1.0 for r in got["metrics"] for k, a in r.items() if k.startswith("alpha/"))
-            for g, w in zip(got["metrics"], want[name]["metrics"]):
-                assert {k: g.get(k) for k in w} == w, name
-            assert got["params_sha256"] == want[name]["params_sha256"], name
+            assert reference_run.mismatches(got, want[name]) == [], name
+
+
+def test_reference_run_tolerances_catch_a_change():
+    """reference_run.mismatches: the record matches itself, a metric moved by 1% of its scale or a parameter
+    fingerprint moved by 0.1% of the tensor's norm is reported, and so is a non-float metric that differs."""
+    import copy
+
+    import reference_run
+    want = json.load(open(reference_run.REFERENCE))["graph_meta"]
+    assert reference_run.mismatches(want, want) == []
+    got = copy.deepcopy(want)
+    got["metrics"][2]["grad_norm"] *= 1.01
+    assert [m.split(":")[0] for m in reference_run.mismatches(got, want)] == ["step 2 grad_norm"]
+    got = copy.deepcopy(want)
+    name, fp = next(iter(got["params_fingerprint"].items()))
+    fp[2] += 1e-3 * fp[1] ** 0.5
+    assert [m.split(":")[0] for m in reference_run.mismatches(got, want)] == [f"parameter {name}"]
+    got = copy.deepcopy(want)
+    got["metrics"][0]["step"] = 1
+    assert len(reference_run.mismatches(got, want)) == 1
 
 
 def test_monte_carlo_node_values_telescope_are_reproducible_and_shared():

@@ -157,7 +157,11 @@ def test_load_policy_pretrained_other_architecture_gets_tags_as_single_tokens(tm
 
 def test_adamw_is_fused_on_plain_parameters_and_steps_as_the_default():
     """policy.adamw: fused on CPU parameters, the same three steps as torch's default AdamW to float rounding, and a
-    state dict that loads into the default implementation (checkpoints of either resume the other)."""
+    state dict that loads into the default implementation (checkpoints of either resume the other).
+    Tolerance: 5e-5 = 0.5% of one step (lr 1e-2). Where a gradient entry is near zero, Adam's m / (sqrt(v) + eps)
+    amplifies rounding: fused and foreach differ from the per-tensor loop by 4.9e-6 on an AVX512 CPU (1e-6 passed
+    on the machine that wrote this test, failed on CI's and on this one). Real differences are far larger: weight
+    decay 0 in one of them gives 3.4e-3, betas (0.9, 0.99) 4.0e-4, eps 1e-6 2.4e-2."""
     model_a, tok = tiny(seed=8)
     model_b, _ = tiny(seed=8)
     opt_a = P.adamw(model_a.parameters(), 1e-2, 0.1)
@@ -170,7 +174,7 @@ def test_adamw_is_fused_on_plain_parameters_and_steps_as_the_default():
             opt.step()
             opt.zero_grad()
     for a, b in zip(model_a.parameters(), model_b.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=0, atol=5e-5)
     opt_b.load_state_dict(opt_a.state_dict())
     opt_a.load_state_dict(opt_b.state_dict())
 
