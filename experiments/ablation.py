@@ -41,6 +41,7 @@ report with paired tests in results/<study>.md (+ .png).
     python experiments/ablation.py --study label_free_1234_06  # its GRPO and new default at noise 0.6
     python experiments/ablation.py --study label_free_06    # the new default at 0.6 on data.seed 5772
     python experiments/ablation.py --study label_free_3141_06  # and on 3141
+    python experiments/ablation.py --study shield_06       # the verifier shield trained at noise 0.6 (1234)
     python experiments/ablation.py --report-only           # only rebuild results/ from the run directories
     nohup python experiments/ablation.py > runs/ablation.log 2>&1 &     # the background-friendly way
 
@@ -794,6 +795,16 @@ LABEL_FREE_5772_06_CLAIMS = LABEL_FREE_06_CLAIMS + pair_claims((("verifier_noise
 LABEL_FREE_3141_06_ROWS = LABEL_FREE_06_ROWS[:1] + LABEL_FREE_06_ROWS[-2:]
 LABEL_FREE_3141_06_CLAIMS = tuple(c for c in LABEL_FREE_06_CLAIMS if len(c) == 5)  # not the interaction with 0.4
 
+# The verifier shield trained at noise 0.6 on the project's data (the offline screen "Blame under label noise" found
+# it the only gold-free form that rewards half as many wrong steps as GRPO): the SFT start, GRPO, base.yaml's
+# default and the default + shield, seeds 0-7, all run anew. Rule: results/LOG.md, "The verifier shield at noise 0.6".
+SHIELD_06_ROWS = LABEL_FREE_06_ROWS[:1] + LABEL_FREE_06_ROWS[-2:] + (
+    Row("shield_noise6", "Graph-GRPO default at lr 5e-5, noise 0.6, verifier evidence + verifier shield", "rl",
+        "sft_masked", LABEL_FREE_06_ROWS[-1].overrides + ("--credit.shield=verifier",), ref="grpo_noise6"),)
+SHIELD_06_CLAIMS = pair_claims((("shield_noise6", "grpo_noise6"), ("shield_noise6", "verifier_noise6"),
+                                ("verifier_noise6", "grpo_noise6"), ("shield_noise6", "sft_masked"))) + \
+    half_budget_claims((("shield_noise6", "grpo_noise6"), ("verifier_noise6", "grpo_noise6")))
+
 # The paper's recipe on its own 7-node graph at the current code, 3 seeds (issue 14 item 5; 2026-11-30 22:15): the
 # claims table's "its 7-node graph" row had one seed of the 200-step ablation. configs/paper.yaml as it is now
 # (base.yaml plus the paper's stated choices: its graph, per-node scale, loss masking, Eq. 3), GRPO on the same graph
@@ -916,6 +927,8 @@ STUDIES = {s.name: s for s in (
     Study("label_free_3141_06", LABEL_FREE_3141_06_ROWS, **BUDGET_200,
           claims=LABEL_FREE_3141_06_CLAIMS, extra=RATE_DATA,
           what="GRPO and the new default at uniform noise 0.6, data.seed 3141"),
+    Study("shield_06", SHIELD_06_ROWS, **BUDGET_200, claims=SHIELD_06_CLAIMS,
+          what="the verifier shield at uniform noise 0.6 against GRPO and the default, the project's data"),
     Study("fresh", FRESH_ROWS, **BUDGET_200, claims=FRESH_CLAIMS,
           extra=FRESH_DATA, what="the SFT start, GRPO and the default on testbed data of another generator seed"),
     Study("paper", PAPER_ROWS, seeds="0-2", **BUDGET_200,
