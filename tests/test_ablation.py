@@ -213,7 +213,7 @@ def test_every_row_of_every_study_makes_a_valid_config(study, tmp_path, monkeypa
                                                                              "a0_noise4", "wrong_edges_noise4",
                                                                              "verifier_noise4", "abstain_adj4",
                                                                              "abstain_noise6", "verifier_lr05",
-                                                                             "verifier_noise6")
+                                                                             "verifier_noise6", "shield_noise6")
                                                  else "mismatch"), job.row.name
         # every study ran at rl.lr 1e-4 (PINNED) but the rows that set their own rate
         own = [o.split("=", 1)[1] for o in job.row.overrides if o.startswith("--rl.lr=")]
