@@ -283,8 +283,8 @@ class CreditConfig:
     """V_{i,v} of Eq. 1a: include_self (DESIGN), leave_one_out (the other rollouts sharing i's parent content), or others (Q_{i,v} over the other rollouts too; credit.group_values)"""
     gate: Literal["rule", "none"] = "rule"
     """instance gate g in Eq. 1b: rule: counterfactual under the business rule; none: g = 1"""
-    shield: Literal["none", "verifier"] = "none"
-    """Eq. 1b variant (ours, issue 14): verifier: a step the verifiers call right receives only the positive part of its children's credit, one they call wrong only the negative part (credit.shielded); none: Eq. 1b as written. Graph mode with propagation only (ignored elsewhere, as evidence is)"""
+    shield: Literal["none", "verifier", "complete"] = "none"
+    """Eq. 1b variant (ours, issue 14): verifier: a step the verifiers call right receives only the positive part of its children's credit, one they call wrong only the negative part (credit.shielded); complete: the same, but a verdict step whose comparator abstained (a form it does not know) is not called right, and receives all of its children's credit (data.JUDGING_KINDS); none: Eq. 1b as written. Graph mode with propagation only (ignored elsewhere, as evidence is)"""
     alpha_init: float = 1.0
     """initial alpha of every edge type (Eq. 1b); 1 behaves like the `baseline` form"""
     alpha_min: float = 0.0

@@ -44,7 +44,7 @@ NODE_SCALES = ("group_outcome", "none", "node")
 EVIDENCE_FORMS = ("group", "baseline", "verifier", "both", "rollout", "outcome")
 GATE_FORMS = ("rule", "none")
 VALUE_FORMS = ("include_self", "leave_one_out", "others")
-SHIELD_FORMS = ("none", "verifier")
+SHIELD_FORMS = ("none", "verifier", "complete")
 GATE_RULES = ("window", "sequential")
 MODES = ("outcome", "graph")
 
@@ -73,6 +73,7 @@ class CreditBatch:
     spans: Tensor                # (B, N, 2) long [start, end) token range of slot v in the completion, -1 where absent
     parsed: Tensor               # (B,) bool: format valid; False rows get the outcome advantage on every token
     scores: Tensor | None = None  # (B, N, S) float in [0, 1] local verifier scores per kind; NaN where a kind does not apply
+    judging: Tensor | None = None  # (N, S) bool: the kinds that judge slot v's content (a NaN there: the verifier abstained)
     values: Tensor | None = None  # (B, N, 2) Monte-Carlo values of the prefix before / after slot v (Eq. 1c)
     probes: Tensor | None = None  # (B, N) label-probe evidence of slot v (graph_grpo.step_probes); NaN where none
 
@@ -94,6 +95,8 @@ class CreditBatch:
             raise ValueError(f"CreditBatch.probes has shape {tuple(self.probes.shape)}, expected ({B}, {N})")
         if self.scores is not None and tuple(self.scores.shape[:2]) != (B, N):
             raise ValueError(f"CreditBatch.scores has shape {tuple(self.scores.shape)}, expected ({B}, {N}, S)")
+        if self.judging is not None and (self.scores is None or tuple(self.judging.shape) != (N, self.scores.shape[2])):
+            raise ValueError(f"CreditBatch.judging has shape {tuple(self.judging.shape)}, expected ({N}, S) with scores")
         check_schema(self.parents, self.edge_types, self.num_edge_types, N)
 
 
@@ -326,14 +329,18 @@ def verifier_evidence(scores: Tensor, present: Tensor, group_size: int, weights:
 # Eq. 1b: propagation, Eq. 2: one scale per group
 
 
-def verified_steps(scores: Tensor, present: Tensor) -> Tensor:
+def verified_steps(scores: Tensor, present: Tensor, judging: Tensor | None = None) -> Tensor:
     """(B, N) the verifiers' local verdict on each step: +1 right (every score that applies is 1), -1 wrong (some
     score below 1), 0 unknown (absent, or no score applies). scores (B, N, S) in [0, 1], NaN where a kind does not
-    apply (data.verifier_scores)."""
+    apply (data.verifier_scores). judging (N, S) bool, optional (credit.shield = complete): the kinds that judge a
+    slot's content; a step with NaN in one of them (the verifier abstained, e.g. the comparator on a long-tail form)
+    is not called right, only wrong where a known score says so: grounding alone does not make a verdict right."""
     known = ~torch.isnan(scores)  # (B, N, S)
     low = torch.where(known, scores, torch.ones_like(scores)).amin(-1)  # (B, N); 1 where nothing is known
     any_known = known.any(-1) & present
     right = any_known & (low >= 1)
+    if judging is not None:
+        right = right & (known | ~judging.to(known.device)[None]).all(-1)  # (B, N): every judging kind known
     return right.to(torch.long) - (any_known & (low < 1)).to(torch.long)
 
 
@@ -450,14 +457,17 @@ def graph_node_advantages(batch: CreditBatch, *, evidence: str = "group", gate: 
     gate: 'rule' uses batch.gate; 'none' sets every gate to 1. value: 'include_self' (DESIGN's V),
     'leave_one_out', or 'others' (leave_one_out for Q too; see group_values). shield: 'verifier' filters what
     each step receives from its children by the verifiers' local verdict (verified_steps, shielded; needs
-    batch.scores), 'none' is Eq. 1b as written. probe_weight > 0 adds probe_weight * p to the own
+    batch.scores); 'complete' the same, but a step is called right only where the kinds that judge its content
+    (batch.judging) all gave a score (needs batch.judging too); 'none' is Eq. 1b as written. probe_weight > 0 adds probe_weight * p to the own
     evidence of every step with a label-probe score p (batch.probes, graph_grpo.step_probes; ours, issue 14), before
     propagation.
     """
     if shield not in SHIELD_FORMS:
         raise ValueError(f"shield={shield!r}, expected one of {SHIELD_FORMS}")
-    if shield == "verifier" and batch.scores is None:
-        raise ValueError("shield='verifier' needs batch.scores (the verifiers' local scores)")
+    if shield != "none" and batch.scores is None:
+        raise ValueError(f"shield={shield!r} needs batch.scores (the verifiers' local scores)")
+    if shield == "complete" and batch.judging is None:
+        raise ValueError("shield='complete' needs batch.judging (the score kinds that judge each slot)")
     if value not in VALUE_FORMS:
         raise ValueError(f"value={value!r}, expected one of {VALUE_FORMS}")
     loo, q_others = value in ("leave_one_out", "others"), value == "others"
@@ -495,7 +505,8 @@ def graph_node_advantages(batch: CreditBatch, *, evidence: str = "group", gate: 
     if alpha.shape != (b.num_edge_types,):
         raise ValueError(f"alpha has shape {tuple(alpha.shape)}, expected ({b.num_edge_types},)")
     g = b.gate if gate == "rule" else torch.ones_like(b.gate)
-    verdict = verified_steps(b.scores, b.present) if shield == "verifier" else None
+    verdict = None if shield == "none" else \
+        verified_steps(b.scores, b.present, b.judging if shield == "complete" else None)  # (B, N) in {-1, 0, 1}
     c = propagate_credit(a, alpha, g, b.parents, b.edge_types, b.present, verdict)
     return node_advantages(c, b.rewards, G, scale, eps, b.present), a
 

@@ -570,6 +570,11 @@ def node_is_correct(name: str, parsed: ParsedCoT, ex: "Example", schema: GraphSc
 
 
 SCORE_KINDS = ("grounding", "comparator")
+# The score kinds without which a step's content is not judged, per role (credit.shield = complete; credit.
+# verified_steps): a verdict step's grounding only checks that its values were copied from the evidence; whether the
+# verdict is right is the comparator's to say, and where the comparator abstains (a form it does not know) nobody has
+# said it. The other roles' scores judge them whole where they apply.
+JUDGING_KINDS = {"verdict": ("comparator",)}
 
 
 def verifier_scores(parsed: ParsedCoT, query: str, product: str, comparator: Callable[[str, str, str], str | None],

@@ -272,11 +272,14 @@ def credit_batch(parses: list[data.ParsedCoT], rewards: torch.Tensor, G: int, sc
     gate[:, :, y] = torch.tensor(label_gate, dtype=gate.dtype).view(B, N)
     present, keys = torch.tensor(present, dtype=torch.bool).view(B, N), torch.tensor(keys, dtype=torch.long).view(B, N)
     spans = torch.tensor(spans, dtype=torch.long).view(B, N, 2).clamp(max=completion_len)
+    judging = None
     if verifier is not None:
         scores = torch.tensor(scores, dtype=torch.float32).view(B, N, len(data.SCORE_KINDS))
+        judging = torch.tensor([[k in data.JUDGING_KINDS.get(schema.slot_info[name].type.role, ()) for k in
+                                 data.SCORE_KINDS] for name in slots], dtype=torch.bool).view(N, len(data.SCORE_KINDS))
     return credit.CreditBatch(rewards=rewards, group_size=G, present=present, keys=keys, parents=parents,
                               edge_types=etypes, num_edge_types=len(schema.edge_kinds), gate=gate, spans=spans,
-                              parsed=torch.tensor([p.valid for p in parses]), scores=scores)
+                              parsed=torch.tensor([p.valid for p in parses]), scores=scores, judging=judging)
 
 
 def monte_carlo_values(s: "RL", ro: Rollouts, prompts: list[list[int]], cb: credit.CreditBatch,

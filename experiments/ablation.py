@@ -43,6 +43,8 @@ report with paired tests in results/<study>.md (+ .png).
     python experiments/ablation.py --study label_free_3141_06  # and on 3141
     python experiments/ablation.py --study shield_06       # the verifier shield trained at noise 0.6 (1234)
     python experiments/ablation.py --study shield_06_unseen  # the same and at exact labels, data.seed 9001 (unseen)
+    python experiments/ablation.py --study shield_complete   # a shield that trusts only judged verdicts, data.seed 9001
+    python experiments/ablation.py --study shield_complete_1234  # the same on the project's data
     python experiments/ablation.py --report-only           # only rebuild results/ from the run directories
     nohup python experiments/ablation.py > runs/ablation.log 2>&1 &     # the background-friendly way
 
@@ -816,6 +818,21 @@ SHIELD_UNSEEN_ROWS = SHIELD_06_ROWS + LABEL_FREE_ROWS[-1:] + (
 SHIELD_UNSEEN_CLAIMS = SHIELD_06_CLAIMS + pair_claims((("verifier_noise6", "sft_masked"),
                                                        ("shield_lr05", "verifier_lr05")))
 
+# Which part of the verifier shield costs at exact labels (results/LOG.md, "A shield that trusts only judged verdicts"):
+# on a long-tail form the comparator abstains, so the verifier shield calls a verdict step right on its grounding
+# alone and blocks the blame a failed label sends it. credit.shield = complete calls such a step unknown. Its two rows
+# at exact labels and at noise 0.6 on data.seed 9001, seeds 0-7, against shield_06_unseen's runs (linked: their run
+# directories and data are that study's, made at 2a15c84); shield_complete_1234: the same rows on data.seed 1234, with
+# shield_06's runs linked (10cd94b) and the exact-label rows run anew.
+SHIELD_COMPLETE_ROWS = SHIELD_UNSEEN_ROWS + tuple(
+    Row(r.name.replace("shield", "complete"), r.title.replace("verifier shield", "complete shield (judged verdicts)"),
+        "rl", "sft_masked", r.overrides[:-1] + ("--credit.shield=complete",), ref=r.ref)
+    for r in SHIELD_UNSEEN_ROWS if r.name in ("shield_lr05", "shield_noise6"))
+SHIELD_COMPLETE_CLAIMS = pair_claims((("complete_lr05", "shield_lr05"), ("complete_lr05", "verifier_lr05"),
+                                      ("complete_noise6", "grpo_noise6"), ("complete_noise6", "verifier_noise6"),
+                                      ("complete_noise6", "shield_noise6"), ("shield_lr05", "verifier_lr05"))) + \
+    half_budget_claims((("complete_noise6", "grpo_noise6"),))
+
 # The paper's recipe on its own 7-node graph at the current code, 3 seeds (issue 14 item 5; 2026-11-30 22:15): the
 # claims table's "its 7-node graph" row had one seed of the 200-step ablation. configs/paper.yaml as it is now
 # (base.yaml plus the paper's stated choices: its graph, per-node scale, loss masking, Eq. 3), GRPO on the same graph
@@ -942,6 +959,11 @@ STUDIES = {s.name: s for s in (
           what="the verifier shield at uniform noise 0.6 against GRPO and the default, the project's data"),
     Study("shield_06_unseen", SHIELD_UNSEEN_ROWS, **BUDGET_200, claims=SHIELD_UNSEEN_CLAIMS, extra=SHIELD_DATA,
           what="the verifier shield at noise 0.6 and at exact labels, testbed data never used (data.seed 9001)"),
+    Study("shield_complete", SHIELD_COMPLETE_ROWS, **BUDGET_200, claims=SHIELD_COMPLETE_CLAIMS, extra=SHIELD_DATA,
+          what="a shield that calls right only the verdicts the comparator judged, exact labels and noise 0.6, "
+          "data.seed 9001 (shield_06_unseen's runs linked)"),
+    Study("shield_complete_1234", SHIELD_COMPLETE_ROWS, **BUDGET_200, claims=SHIELD_COMPLETE_CLAIMS,
+          what="the same on the project's data (data.seed 1234; shield_06's runs linked, the exact-label rows anew)"),
     Study("fresh", FRESH_ROWS, **BUDGET_200, claims=FRESH_CLAIMS,
           extra=FRESH_DATA, what="the SFT start, GRPO and the default on testbed data of another generator seed"),
     Study("paper", PAPER_ROWS, seeds="0-2", **BUDGET_200,

@@ -468,6 +468,28 @@ def test_verifier_shield_by_hand():
         graph_node_advantages(b, evidence="group", alpha=t([.5, .25]), shield="gold")
 
 
+def test_complete_shield_by_hand():
+    """credit.shield = complete: as the verifier shield, but a step with no score in a kind that judges it (judging)
+    is not called right. X in rollout 2 has grounding 1 and no comparator score: with the comparator judging X it is
+    unknown, so it gets Eq. 1b's full .5 c_Z = -1/6 (the verifier shield drops it); every other step as before."""
+    b = make_batch(CHAIN_R, CHAIN_KEYS, CHAIN_PARENTS, CHAIN_TYPES, 4, scores=chain_scores())
+    judging = torch.tensor([[False, True], [False, False], [False, False]])  # (N, S): the comparator judges X
+    assert verified_steps(b.scores, b.present, judging).tolist() == [[-1, -1, 0], [0, 1, 0], [0, 0, 0], [0, 0, 0]]
+    # a known low score still calls a step wrong: X of rollout 0 has grounding 0.5 and no comparator score
+    b.judging = judging
+    alpha = t([.5, .25])
+    c, _ = graph_node_advantages(b, evidence="group", scale="none", alpha=alpha, shield="complete")
+    close(c[:, 0], [-1 / 6, -1 / 12, -1 / 3, 13 / 24])     # the verifier shield's X, but rollout 2: -1/6 - 1/6
+    verifier, _ = graph_node_advantages(b, evidence="group", scale="none", alpha=alpha, shield="verifier")
+    close(c[:, 1:], verifier[:, 1:])
+    # nothing judged by a kind that can be missing: complete is the verifier shield
+    b.judging = torch.zeros(3, 2, dtype=torch.bool)
+    close(graph_node_advantages(b, evidence="group", scale="none", alpha=alpha, shield="complete")[0], verifier)
+    b.judging = None
+    with pytest.raises(ValueError, match="needs batch.judging"):
+        graph_node_advantages(b, evidence="group", alpha=alpha, shield="complete")
+
+
 # -----------------------------------------------------------------------------
 # Eq. 2 options and token advantages
 

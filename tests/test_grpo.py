@@ -560,6 +560,29 @@ def test_credit_batch_gate_follows_the_schema_label_rule():
         assert cb.gate[0, brand, y].item() == want
 
 
+def test_complete_shield_does_not_call_an_unjudged_verdict_right():
+    """credit.shield = complete on a parsed CoT: the colour verdict's comparator abstains on 'crimson' (a form the
+    head-only comparator does not know), so its grounding 1 alone does not make it right (the verifier shield calls
+    it right); the category verdict, judged by the comparator, is right under both; the label as before."""
+    text = ("<q> category sneakers color crimson </q> <p> category sneakers color red </p> "
+            "<f:category> sneakers sneakers match </f:category> <f:color> crimson red match </f:color> <y> excellent </y>")
+    p, _, schema = _parsed(text)
+    ex = data.Example("crimson sneakers", "nike sneakers color red size us_9", 3)
+    task = testbed.Task(schema, {}, testbed.Catalogue(), True, "abstain")
+    scores = gg.local_node_scores([p], [ex], schema, task.comparator, "verifier")
+    cb = gg.credit_batch([p], torch.tensor([1.0]), 1, schema, 60, scores)
+    cb.validate()
+    slots = schema.slots
+    color, cat, y, q = (slots.index(n) for n in ("f:color", "f:category", "y", "q"))
+    assert cb.judging.tolist() == [[False, schema.slot_info[n].type.role == "verdict"] for n in slots]
+    loose = credit.verified_steps(cb.scores, cb.present)[0]
+    complete = credit.verified_steps(cb.scores, cb.present, cb.judging)[0]
+    assert loose[color] == 1 and complete[color] == 0
+    assert loose[cat] == complete[cat] == 1 and loose[y] == complete[y] == 1 and loose[q] == complete[q] == 1
+    c = gg.Credit.from_config(load_config("configs/tiny.yaml", ["--credit.mode=graph", "--credit.shield=complete"]))
+    assert c.kwargs["shield"] == "complete" and c.scores == "verifier"
+
+
 def test_prompt_indices_follow_one_seeded_permutation_per_epoch():
     """Step 2 of 4 prompts in a pool of 10 spans epochs 0 and 1: positions 8, 9 of epoch 0's permutation, then
     0, 1 of epoch 1's (the per-epoch shuffle is computed once per step, the result is the plain definition)."""
