@@ -60,6 +60,7 @@ FORMS = (
     ("TaoSR-SHE stepwise (gold step labels)", ("--credit.mode=stepwise",)),
     ("gold step labels as verifier scores, group + verifier evidence, alpha 1",
      ("--credit.mode=graph", "--credit.evidence=both", "--credit.alpha_init=1", "--reward.local_scores=gold")),
+    ("the run's credit + complete shield (judged verdicts only)", ("--credit.shield=complete",)),
 )
 COLUMNS = (("credit/misassigned_correct", "P(A<0 \\| correct)"),
            ("credit/misassigned_correct/evidence", "same, understanding steps"),
@@ -68,7 +69,9 @@ COLUMNS = (("credit/misassigned_correct", "P(A<0 \\| correct)"),
            ("credit/misassigned_wrong", "P(A>0 \\| wrong)"),
            ("credit/misassigned_wrong/verdict", "same, verdict steps"),
            ("credit/wrong_mass_share", "\\|A\\| share on wrong steps of failed rollouts"),
-           ("screen/label_share_of_blamed", "labels' share of the correct steps given A<0"))
+           ("screen/label_share_of_blamed", "labels' share of the correct steps given A<0"),
+           ("screen/unjudged_wrong_blamed", "P(A<0 \\| wrong, unjudged)"),
+           ("screen/unjudged_right_blamed", "P(A<0 \\| correct, unjudged)"))
 
 
 def load_run(run_dir: str, checkpoint: str, overrides: list[str], seed: int) -> tuple:
@@ -126,20 +129,41 @@ def form_advantages(cfg, s, group, j: int, seed: int) -> tuple[torch.Tensor, cre
     return adv.detach(), cb, rewards
 
 
+def unjudged_blame_counts(node_adv: torch.Tensor, correct: torch.Tensor, outcome_adv: torch.Tensor,
+                          unjudged: torch.Tensor) -> torch.Tensor:
+    """(4,) counts on the steps a verifier kind that judges them left without a score (unjudged (B, N) bool; the
+    verdicts over forms the comparator does not know), in rollouts with a nonzero outcome advantage: wrong steps,
+    those given A < 0, correct steps, those given A < 0. node_adv (B, N), NaN where absent; correct (B, N) 1 / 0 /
+    NaN (no gold); outcome_adv (B,). results/LOG.md, "A shield that trusts only judged verdicts"."""
+    live = unjudged & ~torch.isnan(node_adv) & ~torch.isnan(correct) & (outcome_adv != 0)[:, None]
+    wrong, right, blamed = live & (correct == 0), live & (correct == 1), node_adv < 0
+    return torch.stack([wrong.sum(), (wrong & blamed).sum(), right.sum(), (right & blamed).sum()]).double()
+
+
 def screen_form(cfg, groups, s, seed: int) -> dict:
-    """credit_accuracy_metrics of one form summed over every chunk of groups, and screen/label_share_of_blamed: of the
+    """credit_accuracy_metrics of one form summed over every chunk of groups; screen/label_share_of_blamed: of the
     correct steps given A < 0, the share that are label nodes (where the outcome enters: under RL label noise a correct
-    label in a rollout a wrong RL label fails is blamed by every form that rewards the label by the outcome)."""
+    label in a rollout a wrong RL label fails is blamed by every form that rewards the label by the outcome); and
+    screen/unjudged_*_blamed: P(A < 0) of the wrong and of the correct steps the comparator did not judge
+    (unjudged_blame_counts; where the run's config scores steps)."""
     G, schema = cfg.rl.num_generations, s.task.schema
     sums = {k: torch.zeros(len(schema.slots), dtype=torch.float64) for k in credit.CREDIT_ACCURACY}
+    unjudged = torch.zeros(4, dtype=torch.float64)
     for j, group in enumerate(groups):
         adv, cb, rewards = form_advantages(cfg, s, group, j, seed)
         outcome = credit.outcome_advantages(rewards, G, "group", cfg.credit.eps)
-        acc = credit.credit_accuracy_sums(credit.node_applied_advantages(adv.double(), cb.spans, cb.present),
-                                          group[3], outcome.double())
+        node_adv = credit.node_applied_advantages(adv.double(), cb.spans, cb.present)
+        acc = credit.credit_accuracy_sums(node_adv, group[3], outcome.double())
         for k in sums:
             sums[k] += acc[k]
+        verifier = gg.credit_batch(group[0].parses, rewards, G, schema, adv.shape[1], group[2]["verifier"])
+        missing = cb.present & (verifier.judging[None] & torch.isnan(verifier.scores)).any(-1)  # (B, N)
+        unjudged += unjudged_blame_counts(node_adv, group[3], outcome.double(), missing)
     rec = gg.credit_accuracy_metrics(sums, schema, by="role")  # by role, whatever the node types are called
+    if unjudged[0] > 0:
+        rec["screen/unjudged_wrong_blamed"] = float(unjudged[1] / unjudged[0])
+    if unjudged[2] > 0:
+        rec["screen/unjudged_right_blamed"] = float(unjudged[3] / unjudged[2])
     label = [v for v, name in enumerate(schema.slots) if schema.slot_info[name].type.role == "label"]
     if sums["right_negative"].sum() > 0:
         rec["screen/label_share_of_blamed"] = float(sums["right_negative"][label].sum() / sums["right_negative"].sum())

@@ -837,6 +837,20 @@ def test_credit_screen_reads_every_form_on_the_same_rollouts(tmp_path, sft_ckpt)
     assert r.returncode == 2 and "no_data (from " in r.stderr and "does not exist" in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
+def test_unjudged_blame_counts_by_hand():
+    """credit_screen.unjudged_blame_counts: only unjudged steps with gold, in rollouts with a nonzero outcome
+    advantage; rollout 2 (outcome 0) and the NaN-gold / judged steps do not count."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import credit_screen
+    nan = float("nan")
+    node_adv = torch.tensor([[-1., 2., -3.], [0.5, -0.5, nan], [-1., -1., -1.]], dtype=torch.float64)
+    correct = torch.tensor([[0., 1., 1.], [0., 1., nan], [0., 0., 1.]], dtype=torch.float64)
+    unjudged = torch.tensor([[True, True, False], [True, True, True], [True, True, True]])
+    outcome = torch.tensor([-1., 1., 0.], dtype=torch.float64)
+    # wrong unjudged: (0,0) A<0, (1,0) A>0 -> 2, 1 blamed; correct unjudged: (0,1) A>0, (1,1) A<0 -> 2, 1 blamed
+    assert credit_screen.unjudged_blame_counts(node_adv, correct, outcome, unjudged).tolist() == [2., 1., 2., 1.]
+
+
 def test_reach_shares_by_hand():
     """experiments/reach_screen.reach_shares: 4 items, 2 samples each; an item is in reach only where a sample earns the
     full reward (a graded 0.5 is not a hit)."""
