@@ -2,7 +2,7 @@
 DESIGN 4.2; results/LOG.md, "Credit accuracy without training").
 
     python experiments/credit_screen.py RUN_DIR CHECKPOINT [--prompts 256] [--seed 0] [--rollout-samples 4]
-                                        [--forms 1,2,6] [--gradients] [--out results/credit_screen.md]
+                                        [--forms 1,2,6] [--by-verdict] [--gradients] [--out results/credit_screen.md]
                                         [--data.dir=DIR ...]
 
 RUN_DIR holds the config.yaml of a run (its data, graph and credit settings); CHECKPOINT is the policy to sample
@@ -140,15 +140,33 @@ def unjudged_blame_counts(node_adv: torch.Tensor, correct: torch.Tensor, outcome
     return torch.stack([wrong.sum(), (wrong & blamed).sum(), right.sum(), (right & blamed).sum()]).double()
 
 
+def verdict_breakdown_counts(node_adv: torch.Tensor, correct: torch.Tensor, outcome_adv: torch.Tensor,
+                             verdict: torch.Tensor, longtail: torch.Tensor, roles: list[str]) -> dict[tuple, list[int]]:
+    """{(role, 'long tail' | 'head', 'correct' | 'wrong', verifiers' verdict -1 / 0 / 1): [steps, given A < 0,
+    given A > 0]} over the steps with gold in rollouts with a nonzero outcome advantage. node_adv (B, N), NaN where
+    absent; correct (B, N) 1 / 0 / NaN; outcome_adv (B,); verdict (B, N) credit.verified_steps of the verifiers'
+    scores; longtail (B,) bool: the rollout's prompt carries a long-tail form; roles (N,) each slot's node role."""
+    live = ~torch.isnan(node_adv) & ~torch.isnan(correct) & (outcome_adv != 0)[:, None]
+    out: dict[tuple, list[int]] = {}
+    for i, v in live.nonzero().tolist():
+        key = (roles[v], "long tail" if longtail[i] else "head", "correct" if correct[i, v] == 1 else "wrong",
+               int(verdict[i, v]))
+        c = out.setdefault(key, [0, 0, 0])
+        c[0], c[1], c[2] = c[0] + 1, c[1] + int(node_adv[i, v] < 0), c[2] + int(node_adv[i, v] > 0)
+    return out
+
+
 def screen_form(cfg, groups, s, seed: int) -> dict:
     """credit_accuracy_metrics of one form summed over every chunk of groups; screen/label_share_of_blamed: of the
     correct steps given A < 0, the share that are label nodes (where the outcome enters: under RL label noise a correct
     label in a rollout a wrong RL label fails is blamed by every form that rewards the label by the outcome); and
     screen/unjudged_*_blamed: P(A < 0) of the wrong and of the correct steps the comparator did not judge
-    (unjudged_blame_counts; where the run's config scores steps)."""
+    (unjudged_blame_counts; where the run's config scores steps); under 'breakdown', verdict_breakdown_counts summed
+    over the chunks (--by-verdict prints it)."""
     G, schema = cfg.rl.num_generations, s.task.schema
     sums = {k: torch.zeros(len(schema.slots), dtype=torch.float64) for k in credit.CREDIT_ACCURACY}
     unjudged = torch.zeros(4, dtype=torch.float64)
+    roles, breakdown = [schema.slot_info[name].type.role for name in schema.slots], {}
     for j, group in enumerate(groups):
         adv, cb, rewards = form_advantages(cfg, s, group, j, seed)
         outcome = credit.outcome_advantages(rewards, G, "group", cfg.credit.eps)
@@ -159,11 +177,16 @@ def screen_form(cfg, groups, s, seed: int) -> dict:
         verifier = gg.credit_batch(group[0].parses, rewards, G, schema, adv.shape[1], group[2]["verifier"])
         missing = cb.present & (verifier.judging[None] & torch.isnan(verifier.scores)).any(-1)  # (B, N)
         unjudged += unjudged_blame_counts(node_adv, group[3], outcome.double(), missing)
+        longtail = torch.tensor([bool(ex.meta.get("longtail")) for ex in group[0].examples]).repeat_interleave(G)
+        verdict = credit.verified_steps(verifier.scores, verifier.present)
+        for k, c in verdict_breakdown_counts(node_adv, group[3], outcome.double(), verdict, longtail, roles).items():
+            breakdown[k] = [a + b for a, b in zip(breakdown.get(k, [0, 0, 0]), c)]
     rec = gg.credit_accuracy_metrics(sums, schema, by="role")  # by role, whatever the node types are called
     if unjudged[0] > 0:
         rec["screen/unjudged_wrong_blamed"] = float(unjudged[1] / unjudged[0])
     if unjudged[2] > 0:
         rec["screen/unjudged_right_blamed"] = float(unjudged[3] / unjudged[2])
+    rec["breakdown"] = breakdown
     label = [v for v, name in enumerate(schema.slots) if schema.slot_info[name].type.role == "label"]
     if sums["right_negative"].sum() > 0:
         rec["screen/label_share_of_blamed"] = float(sums["right_negative"][label].sum() / sums["right_negative"].sum())
@@ -230,6 +253,21 @@ def report(rows: list[tuple[str, dict]], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def breakdown_report(rows: list[tuple[str, dict]]) -> str:
+    """--by-verdict: per (node role, long-tail or head prompt, gold correctness, the verifiers' verdict), the steps
+    and each form's P(A<0) / P(A>0) there (the step counts are the same for every form: the same rollouts)."""
+    keys = sorted({k for _, m in rows for k in m["breakdown"]})
+    lines = ["", "By the verifiers' verdict (`--by-verdict`; verdict: credit.verified_steps, +1 right, -1 wrong, 0 no "
+             "score; rows with a nonzero outcome advantage): P(A<0) / P(A>0) per form", "",
+             "| role | prompt | gold | verifiers | steps | " + " | ".join(label for label, _ in rows) + " |",
+             "|---|---|---|---:|---:|" + "---:|" * len(rows)]
+    for k in keys:
+        n = rows[0][1]["breakdown"][k][0]
+        cells = [f"{m['breakdown'][k][1] / n:.2f} / {m['breakdown'][k][2] / n:.2f}" for _, m in rows]
+        lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {k[3]:+d} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def gradient_report(rows: list[tuple[str, dict]], chunks: int) -> str:
     lines = ["", f"Step gradients (`--gradients`; means over {chunks} chunks of one RL step's prompts each; ratio 1, "
              "no KL): cosine with GRPO's gradient on the same rollouts, cosine with the form's own gradient on a "
@@ -267,6 +305,8 @@ def main(argv=None) -> None:
     ap.add_argument("--forms", default="", help="comma-separated 1-based positions in FORMS to screen (default: all; "
                     "the Monte-Carlo rows cost the most)")
     ap.add_argument("--out", default="", help="append the table to this markdown file")
+    ap.add_argument("--by-verdict", action="store_true", help="also break P(A<0) and P(A>0) down by node role, "
+                    "long-tail or head prompt, gold correctness and the verifiers' verdict (verdict_breakdown_counts)")
     ap.add_argument("--gradients", action="store_true", help="also compare each form's step gradient with GRPO's "
                     "and with its own on a second sample of rollouts (the forms without Monte-Carlo values)")
     args, extra = ap.parse_known_args(argv)
@@ -287,6 +327,8 @@ def main(argv=None) -> None:
                         f"{args.prompts} --seed {args.seed} --rollout-samples {args.rollout_samples}`: "
                         f"{len(groups) * base.rl.prompts_per_step} prompts x {G} rollouts, rows with a nonzero "
                         f"outcome advantage")
+    if args.by_verdict:
+        text += breakdown_report(rows)
     if args.gradients:
         regroups = sample_groups(base, model, tok, task, vocab, args.prompts, args.seed + 1)
         cfgs = [(label, config.load_config(path, [*common, *overrides])) for label, overrides in forms

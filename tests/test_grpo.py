@@ -824,8 +824,15 @@ def test_credit_screen_reads_every_form_on_the_same_rollouts(tmp_path, sft_ckpt)
     assert cells["TaoSR-SHE stepwise (gold step labels)"][5] == "0.000"
     # --forms: only the named forms, in the order named, on the same rollouts (the same numbers as above)
     out2 = tmp_path / "screen2.md"
-    credit_screen.main([str(run), ckpt, "--prompts", "16", "--rollout-samples", "1", "--forms", "6,1", "--out", str(out2)])
-    picked = [line for line in out2.read_text().splitlines() if line.startswith("| ") and "credit form" not in line]
+    credit_screen.main([str(run), ckpt, "--prompts", "16", "--rollout-samples", "1", "--forms", "6,1", "--by-verdict",
+                        "--out", str(out2)])
+    main_table, by_verdict = out2.read_text().split("By the verifiers")
+    picked = [line for line in main_table.splitlines() if line.startswith("| ") and "credit form" not in line]
+    # --by-verdict: its correct steps are the hand count's; GRPO blames exactly those in failed rollouts
+    cells_v = [line.split(" | ") for line in by_verdict.splitlines() if line.startswith("| ") and " role " not in line]
+    assert sum(int(c[4]) for c in cells_v if c[2] == "correct") == right
+    blamed = sum(int(c[4]) * float(c[6].split(" / ")[0]) for c in cells_v if c[2] == "correct")  # 2-decimal shares
+    assert abs(blamed - in_failed) <= 0.005 * right
     assert [line.split(" | ")[0][2:] for line in picked] == [credit_screen.FORMS[5][0], "GRPO (outcome)"]
     assert picked[1].split(" | ")[1:] == cells["GRPO (outcome)"]
     r = _run([sys.executable, os.path.join("experiments", "credit_screen.py"), str(run), ckpt, "--forms", "1,99"])
@@ -837,9 +844,10 @@ def test_credit_screen_reads_every_form_on_the_same_rollouts(tmp_path, sft_ckpt)
     assert r.returncode == 2 and "no_data (from " in r.stderr and "does not exist" in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
-def test_unjudged_blame_counts_by_hand():
+def test_unjudged_blame_and_verdict_breakdown_counts_by_hand():
     """credit_screen.unjudged_blame_counts: only unjudged steps with gold, in rollouts with a nonzero outcome
-    advantage; rollout 2 (outcome 0) and the NaN-gold / judged steps do not count."""
+    advantage; rollout 2 (outcome 0) and the NaN-gold / judged steps do not count. verdict_breakdown_counts on the
+    same steps."""
     sys.path.insert(0, os.path.join(ROOT, "experiments"))
     import credit_screen
     nan = float("nan")
@@ -849,6 +857,13 @@ def test_unjudged_blame_counts_by_hand():
     outcome = torch.tensor([-1., 1., 0.], dtype=torch.float64)
     # wrong unjudged: (0,0) A<0, (1,0) A>0 -> 2, 1 blamed; correct unjudged: (0,1) A>0, (1,1) A<0 -> 2, 1 blamed
     assert credit_screen.unjudged_blame_counts(node_adv, correct, outcome, unjudged).tolist() == [2., 1., 2., 1.]
+    # the breakdown by role, prompt, gold and the verifiers' verdict, on the same steps (rollout 2 does not count)
+    verdict = torch.tensor([[-1, 1, 1], [1, 0, 1], [1, 1, 1]])
+    got = credit_screen.verdict_breakdown_counts(node_adv, correct, outcome, verdict, torch.tensor([True, False, True]),
+                                                 ["evidence", "verdict", "label"])
+    assert got == {("evidence", "long tail", "wrong", -1): [1, 1, 0], ("verdict", "long tail", "correct", 1): [1, 0, 1],
+                   ("label", "long tail", "correct", 1): [1, 1, 0], ("evidence", "head", "wrong", 1): [1, 0, 1],
+                   ("verdict", "head", "correct", 0): [1, 1, 0]}
 
 
 def test_reach_shares_by_hand():
