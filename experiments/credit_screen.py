@@ -70,6 +70,7 @@ COLUMNS = (("credit/misassigned_correct", "P(A<0 \\| correct)"),
            ("credit/misassigned_wrong/verdict", "same, verdict steps"),
            ("credit/wrong_mass_share", "\\|A\\| share on wrong steps of failed rollouts"),
            ("screen/label_share_of_blamed", "labels' share of the correct steps given A<0"),
+           ("screen/unjudged_share", "unjudged share of verdict steps"),
            ("screen/unjudged_wrong_blamed", "P(A<0 \\| wrong, unjudged)"),
            ("screen/unjudged_right_blamed", "P(A<0 \\| correct, unjudged)"))
 
@@ -160,9 +161,9 @@ def screen_form(cfg, groups, s, seed: int) -> dict:
     """credit_accuracy_metrics of one form summed over every chunk of groups; screen/label_share_of_blamed: of the
     correct steps given A < 0, the share that are label nodes (where the outcome enters: under RL label noise a correct
     label in a rollout a wrong RL label fails is blamed by every form that rewards the label by the outcome); and
-    screen/unjudged_*_blamed: P(A < 0) of the wrong and of the correct steps the comparator did not judge
-    (unjudged_blame_counts; where the run's config scores steps); under 'breakdown', verdict_breakdown_counts summed
-    over the chunks (--by-verdict prints it)."""
+    screen/unjudged_*_blamed: P(A < 0) of the wrong and of the correct steps the comparator did not judge, and
+    screen/unjudged_share: their share of the verdict steps with gold (unjudged_blame_counts); under 'breakdown',
+    verdict_breakdown_counts summed over the chunks (--by-verdict prints it)."""
     G, schema = cfg.rl.num_generations, s.task.schema
     sums = {k: torch.zeros(len(schema.slots), dtype=torch.float64) for k in credit.CREDIT_ACCURACY}
     unjudged = torch.zeros(4, dtype=torch.float64)
@@ -182,6 +183,10 @@ def screen_form(cfg, groups, s, seed: int) -> dict:
         for k, c in verdict_breakdown_counts(node_adv, group[3], outcome.double(), verdict, longtail, roles).items():
             breakdown[k] = [a + b for a, b in zip(breakdown.get(k, [0, 0, 0]), c)]
     rec = gg.credit_accuracy_metrics(sums, schema, by="role")  # by role, whatever the node types are called
+    verdicts = [v for v, role in enumerate(roles) if role == "verdict"]
+    if verdicts and (sums["right"][verdicts].sum() + sums["wrong"][verdicts].sum()) > 0:
+        rec["screen/unjudged_share"] = float((unjudged[0] + unjudged[2]) /
+                                             (sums["right"][verdicts].sum() + sums["wrong"][verdicts].sum()))
     if unjudged[0] > 0:
         rec["screen/unjudged_wrong_blamed"] = float(unjudged[1] / unjudged[0])
     if unjudged[2] > 0:
