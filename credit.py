@@ -74,6 +74,7 @@ class CreditBatch:
     parsed: Tensor               # (B,) bool: format valid; False rows get the outcome advantage on every token
     scores: Tensor | None = None  # (B, N, S) float in [0, 1] local verifier scores per kind; NaN where a kind does not apply
     judging: Tensor | None = None  # (N, S) bool: the kinds that judge slot v's content (a NaN there: the verifier abstained)
+    shielded_slots: Tensor | None = None  # (N,) bool: the slots the shield filters (credit.shield_roles); None: all
     values: Tensor | None = None  # (B, N, 2) Monte-Carlo values of the prefix before / after slot v (Eq. 1c)
     probes: Tensor | None = None  # (B, N) label-probe evidence of slot v (graph_grpo.step_probes); NaN where none
 
@@ -95,6 +96,8 @@ class CreditBatch:
             raise ValueError(f"CreditBatch.probes has shape {tuple(self.probes.shape)}, expected ({B}, {N})")
         if self.scores is not None and tuple(self.scores.shape[:2]) != (B, N):
             raise ValueError(f"CreditBatch.scores has shape {tuple(self.scores.shape)}, expected ({B}, {N}, S)")
+        if self.shielded_slots is not None and tuple(self.shielded_slots.shape) != (N,):
+            raise ValueError(f"CreditBatch.shielded_slots has shape {tuple(self.shielded_slots.shape)}, expected ({N},)")
         if self.judging is not None and (self.scores is None or tuple(self.judging.shape) != (N, self.scores.shape[2])):
             raise ValueError(f"CreditBatch.judging has shape {tuple(self.judging.shape)}, expected ({N}, S) with scores")
         check_schema(self.parents, self.edge_types, self.num_edge_types, N)
@@ -458,7 +461,8 @@ def graph_node_advantages(batch: CreditBatch, *, evidence: str = "group", gate: 
     'leave_one_out', or 'others' (leave_one_out for Q too; see group_values). shield: 'verifier' filters what
     each step receives from its children by the verifiers' local verdict (verified_steps, shielded; needs
     batch.scores); 'complete' the same, but a step is called right only where the kinds that judge its content
-    (batch.judging) all gave a score (needs batch.judging too); 'none' is Eq. 1b as written. probe_weight > 0 adds probe_weight * p to the own
+    (batch.judging) all gave a score (needs batch.judging too); 'none' is Eq. 1b as written. Either shield filters
+    only the slots batch.shielded_slots marks (None: every slot). probe_weight > 0 adds probe_weight * p to the own
     evidence of every step with a label-probe score p (batch.probes, graph_grpo.step_probes; ours, issue 14), before
     propagation.
     """
@@ -507,6 +511,8 @@ def graph_node_advantages(batch: CreditBatch, *, evidence: str = "group", gate: 
     g = b.gate if gate == "rule" else torch.ones_like(b.gate)
     verdict = None if shield == "none" else \
         verified_steps(b.scores, b.present, b.judging if shield == "complete" else None)  # (B, N) in {-1, 0, 1}
+    if verdict is not None and b.shielded_slots is not None:  # unshielded slots: verdict 0, Eq. 1b as written
+        verdict = verdict * b.shielded_slots.to(verdict.device)[None]
     c = propagate_credit(a, alpha, g, b.parents, b.edge_types, b.present, verdict)
     return node_advantages(c, b.rewards, G, scale, eps, b.present), a
 

@@ -242,9 +242,11 @@ class Credit:
 
 
 def credit_batch(parses: list[data.ParsedCoT], rewards: torch.Tensor, G: int, schema: data.GraphSchema,
-                 completion_len: int, verifier: list[dict] | None, with_values: bool = False) -> credit.CreditBatch:
+                 completion_len: int, verifier: list[dict] | None, with_values: bool = False,
+                 shield_roles: list[str] | tuple[str, ...] = data.ROLES) -> credit.CreditBatch:
     """Parsed rollouts -> the tensors credit.py consumes: node presence, canonical keys (ids that repeat within a
-    group, DESIGN §4), instance gates of the verdict -> label edges from the rule, node spans, verifier scores."""
+    group, DESIGN §4), instance gates of the verdict -> label edges from the rule, node spans, verifier scores, and
+    the slots whose role is in shield_roles (credit.shield_roles)."""
     slots, y = schema.slots, schema.slots.index(schema.label_slot)
     B, N = len(parses), len(slots)
     parents, etypes = schema.parents()
@@ -279,7 +281,8 @@ def credit_batch(parses: list[data.ParsedCoT], rewards: torch.Tensor, G: int, sc
                                  data.SCORE_KINDS] for name in slots], dtype=torch.bool).view(N, len(data.SCORE_KINDS))
     return credit.CreditBatch(rewards=rewards, group_size=G, present=present, keys=keys, parents=parents,
                               edge_types=etypes, num_edge_types=len(schema.edge_kinds), gate=gate, spans=spans,
-                              parsed=torch.tensor([p.valid for p in parses]), scores=scores, judging=judging)
+                              parsed=torch.tensor([p.valid for p in parses]), scores=scores, judging=judging,
+                              shielded_slots=torch.tensor([schema.slot_info[n].type.role in shield_roles for n in slots]))
 
 
 def monte_carlo_values(s: "RL", ro: Rollouts, prompts: list[list[int]], cb: credit.CreditBatch,
@@ -839,7 +842,7 @@ def rl_step(s: RL, step: int) -> tuple[dict, Rollouts, bool]:
     # ---- 3. credit
     tic = time.time()
     T = ro.completion_mask.shape[1]
-    cb = credit_batch(ro.parses, ro.rewards, G, schema, T, ro.scores)
+    cb = credit_batch(ro.parses, ro.rewards, G, schema, T, ro.scores, shield_roles=cfg.credit.shield_roles)
     mc_cost = {}
     if s.cr.monte_carlo:
         with policy.autocast(cfg.run.dtype, s.device), full_parameters(s.model):

@@ -45,6 +45,7 @@ report with paired tests in results/<study>.md (+ .png).
     python experiments/ablation.py --study shield_06_unseen  # the same and at exact labels, data.seed 9001 (unseen)
     python experiments/ablation.py --study shield_complete   # a shield that trusts only judged verdicts, data.seed 9001
     python experiments/ablation.py --study shield_complete_1234  # the same on the project's data
+    python experiments/ablation.py --study shield_roles      # the shield on verdict / understanding steps only, 9001
     python experiments/ablation.py --report-only           # only rebuild results/ from the run directories
     nohup python experiments/ablation.py > runs/ablation.log 2>&1 &     # the background-friendly way
 
@@ -828,6 +829,17 @@ SHIELD_COMPLETE_ROWS = SHIELD_UNSEEN_ROWS + tuple(
     Row(r.name.replace("shield", "complete"), r.title.replace("verifier shield", "complete shield (judged verdicts)"),
         "rl", "sft_masked", r.overrides[:-1] + ("--credit.shield=complete",), ref=r.ref)
     for r in SHIELD_UNSEEN_ROWS if r.name in ("shield_lr05", "shield_noise6"))
+# Which steps the shield's exact-label cost comes from (results/LOG.md, "Which steps the shield's cost comes from"): the
+# verifier shield restricted to the verdict steps and to the understanding steps (credit.shield_roles), exact labels,
+# data.seed 9001, seeds 0-7; the SFT start, base.yaml's row and the shield on every role are shield_06_unseen's runs,
+# linked.
+SHIELD_ROLES_ROWS = SHIELD_UNSEEN_ROWS[:1] + SHIELD_UNSEEN_ROWS[-2:] + tuple(
+    Row(f"shield_{role}_lr05", f"Graph-GRPO default at lr 5e-5, exact labels, verifier evidence + verifier shield on "
+        f"{what} steps only", "rl", "sft_masked", SHIELD_UNSEEN_ROWS[-1].overrides + (f"--credit.shield_roles=[{role}]",),
+        ref="grpo_lr05") for role, what in (("verdict", "verdict"), ("evidence", "understanding")))
+SHIELD_ROLES_CLAIMS = pair_claims((("shield_verdict_lr05", "verifier_lr05"), ("shield_evidence_lr05", "verifier_lr05"),
+                                   ("shield_verdict_lr05", "shield_lr05"), ("shield_evidence_lr05", "shield_lr05"),
+                                   ("shield_lr05", "verifier_lr05")))
 SHIELD_COMPLETE_CLAIMS = pair_claims((("complete_lr05", "shield_lr05"), ("complete_lr05", "verifier_lr05"),
                                       ("complete_noise6", "grpo_noise6"), ("complete_noise6", "verifier_noise6"),
                                       ("complete_noise6", "shield_noise6"), ("shield_lr05", "verifier_lr05"))) + \
@@ -962,6 +974,9 @@ STUDIES = {s.name: s for s in (
     Study("shield_complete", SHIELD_COMPLETE_ROWS, **BUDGET_200, claims=SHIELD_COMPLETE_CLAIMS, extra=SHIELD_DATA,
           what="a shield that calls right only the verdicts the comparator judged, exact labels and noise 0.6, "
           "data.seed 9001 (shield_06_unseen's runs linked)"),
+    Study("shield_roles", SHIELD_ROLES_ROWS, **BUDGET_200, claims=SHIELD_ROLES_CLAIMS, extra=SHIELD_DATA,
+          what="the verifier shield on verdict steps only and on understanding steps only, exact labels, data.seed "
+          "9001 (shield_06_unseen's runs linked)"),
     Study("shield_complete_1234", SHIELD_COMPLETE_ROWS, **BUDGET_200, claims=SHIELD_COMPLETE_CLAIMS,
           what="the same on the project's data (data.seed 1234; shield_06's runs linked, the exact-label rows anew)"),
     Study("fresh", FRESH_ROWS, **BUDGET_200, claims=FRESH_CLAIMS,

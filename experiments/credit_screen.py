@@ -61,6 +61,8 @@ FORMS = (
     ("gold step labels as verifier scores, group + verifier evidence, alpha 1",
      ("--credit.mode=graph", "--credit.evidence=both", "--credit.alpha_init=1", "--reward.local_scores=gold")),
     ("the run's credit + complete shield (judged verdicts only)", ("--credit.shield=complete",)),
+    ("the run's credit + verifier shield on verdict steps only",
+     ("--credit.shield=verifier", "--credit.shield_roles=[verdict]")),
 )
 COLUMNS = (("credit/misassigned_correct", "P(A<0 \\| correct)"),
            ("credit/misassigned_correct/evidence", "same, understanding steps"),
@@ -120,7 +122,8 @@ def form_advantages(cfg, s, group, j: int, seed: int) -> tuple[torch.Tensor, cre
     T = ro.completion_mask.shape[1]
     rewards = gg.shaped_rewards(ro.rewards, ro.parses, scores[cr.scores], cfg.reward.shaping_weights) \
         if cr.shaped else ro.rewards
-    cb = gg.credit_batch(ro.parses, rewards, G, schema, T, scores[cr.scores] if cr.scores else None)
+    cb = gg.credit_batch(ro.parses, rewards, G, schema, T, scores[cr.scores] if cr.scores else None,
+                         shield_roles=cfg.credit.shield_roles)
     if cr.monte_carlo:
         with torch.no_grad():
             cb.values, _ = gg.monte_carlo_values(s, ro, prompts, cb, seed + gg.MC_SEED + j)

@@ -490,6 +490,25 @@ def test_complete_shield_by_hand():
         graph_node_advantages(b, evidence="group", alpha=alpha, shield="complete")
 
 
+def test_shield_filters_only_the_shielded_slots_by_hand():
+    """credit.shield_roles: with X unshielded (shielded_slots False) X receives Eq. 1b's full .5 c_Z, where c_Z is
+    still the shielded one: c_X = a_X + .5 [1/6, 1/6, -1/3, 1/12] = [-1/12, -1/12, -1/3, 13/24]; Z and Y as under the
+    verifier shield; no slot shielded is Eq. 1b as written."""
+    b = make_batch(CHAIN_R, CHAIN_KEYS, CHAIN_PARENTS, CHAIN_TYPES, 4, scores=chain_scores())
+    alpha = t([.5, .25])
+    everywhere, _ = graph_node_advantages(b, evidence="group", scale="none", alpha=alpha, shield="verifier")
+    b.shielded_slots = torch.tensor([False, True, True])
+    c, _ = graph_node_advantages(b, evidence="group", scale="none", alpha=alpha, shield="verifier")
+    close(c[:, 0], [-1 / 12, -1 / 12, -1 / 3, 13 / 24])
+    close(c[:, 1:], everywhere[:, 1:])
+    b.shielded_slots = torch.zeros(3, dtype=torch.bool)
+    plain, _ = graph_node_advantages(b, evidence="group", scale="none", alpha=alpha, shield="none")
+    close(graph_node_advantages(b, evidence="group", scale="none", alpha=alpha, shield="verifier")[0], plain)
+    b.shielded_slots = torch.ones(2, dtype=torch.bool)
+    with pytest.raises(ValueError, match="shielded_slots"):
+        b.validate()
+
+
 # -----------------------------------------------------------------------------
 # Eq. 2 options and token advantages
 

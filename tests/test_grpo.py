@@ -579,6 +579,9 @@ def test_complete_shield_does_not_call_an_unjudged_verdict_right():
     complete = credit.verified_steps(cb.scores, cb.present, cb.judging)[0]
     assert loose[color] == 1 and complete[color] == 0
     assert loose[cat] == complete[cat] == 1 and loose[y] == complete[y] == 1 and loose[q] == complete[q] == 1
+    assert cb.shielded_slots.all()  # credit.shield_roles' default: every role that has children
+    only = gg.credit_batch([p], torch.tensor([1.0]), 1, schema, 60, scores, shield_roles=["verdict"]).shielded_slots
+    assert only.tolist() == [schema.slot_info[n].type.role == "verdict" for n in slots] and only.any()
     c = gg.Credit.from_config(load_config("configs/tiny.yaml", ["--credit.mode=graph", "--credit.shield=complete"]))
     assert c.kwargs["shield"] == "complete" and c.scores == "verifier"
 
