@@ -46,6 +46,7 @@ report with paired tests in results/<study>.md (+ .png).
     python experiments/ablation.py --study shield_complete   # a shield that trusts only judged verdicts, data.seed 9001
     python experiments/ablation.py --study shield_complete_1234  # the same on the project's data
     python experiments/ablation.py --study shield_roles      # the shield on verdict / understanding steps only, 9001
+    python experiments/ablation.py --study shield_roles_06   # the verdict-only shield at noise 0.6, 9001
     python experiments/ablation.py --report-only           # only rebuild results/ from the run directories
     nohup python experiments/ablation.py > runs/ablation.log 2>&1 &     # the background-friendly way
 
@@ -840,6 +841,15 @@ SHIELD_ROLES_ROWS = SHIELD_UNSEEN_ROWS[:1] + SHIELD_UNSEEN_ROWS[-2:] + tuple(
 SHIELD_ROLES_CLAIMS = pair_claims((("shield_verdict_lr05", "verifier_lr05"), ("shield_evidence_lr05", "verifier_lr05"),
                                    ("shield_verdict_lr05", "shield_lr05"), ("shield_evidence_lr05", "shield_lr05"),
                                    ("shield_lr05", "verifier_lr05")))
+# The verdict-only shield at uniform noise 0.6 on the same data (results/LOG.md, "The verdict-only shield at noise 0.6"):
+# the SFT start, GRPO, base.yaml's row and the shield on every role at 0.6 are shield_06_unseen's runs, linked.
+SHIELD_ROLES_06_ROWS = SHIELD_UNSEEN_ROWS[:4] + (
+    Row("shield_verdict_noise6", "Graph-GRPO default at lr 5e-5, noise 0.6, verifier evidence + verifier shield on "
+        "verdict steps only", "rl", "sft_masked", SHIELD_UNSEEN_ROWS[3].overrides + ("--credit.shield_roles=[verdict]",),
+        ref="grpo_noise6"),)
+SHIELD_ROLES_06_CLAIMS = pair_claims((("shield_verdict_noise6", "grpo_noise6"), ("shield_verdict_noise6", "verifier_noise6"),
+                                      ("shield_verdict_noise6", "shield_noise6"))) + \
+    half_budget_claims((("shield_verdict_noise6", "grpo_noise6"),))
 SHIELD_COMPLETE_CLAIMS = pair_claims((("complete_lr05", "shield_lr05"), ("complete_lr05", "verifier_lr05"),
                                       ("complete_noise6", "grpo_noise6"), ("complete_noise6", "verifier_noise6"),
                                       ("complete_noise6", "shield_noise6"), ("shield_lr05", "verifier_lr05"))) + \
@@ -977,6 +987,9 @@ STUDIES = {s.name: s for s in (
     Study("shield_roles", SHIELD_ROLES_ROWS, **BUDGET_200, claims=SHIELD_ROLES_CLAIMS, extra=SHIELD_DATA,
           what="the verifier shield on verdict steps only and on understanding steps only, exact labels, data.seed "
           "9001 (shield_06_unseen's runs linked)"),
+    Study("shield_roles_06", SHIELD_ROLES_06_ROWS, **BUDGET_200, claims=SHIELD_ROLES_06_CLAIMS, extra=SHIELD_DATA,
+          what="the verifier shield on verdict steps only at uniform noise 0.6, data.seed 9001 (shield_06_unseen's "
+          "runs linked)"),
     Study("shield_complete_1234", SHIELD_COMPLETE_ROWS, **BUDGET_200, claims=SHIELD_COMPLETE_CLAIMS,
           what="the same on the project's data (data.seed 1234; shield_06's runs linked, the exact-label rows anew)"),
     Study("fresh", FRESH_ROWS, **BUDGET_200, claims=FRESH_CLAIMS,
