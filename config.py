@@ -287,6 +287,8 @@ class CreditConfig:
     """Eq. 1b variant (ours, issue 14): verifier: a step the verifiers call right receives only the positive part of its children's credit, one they call wrong only the negative part (credit.shielded); complete: the same, but a verdict step whose comparator abstained (a form it does not know) is not called right, and receives all of its children's credit (data.JUDGING_KINDS); none: Eq. 1b as written. Graph mode with propagation only (ignored elsewhere, as evidence is)"""
     shield_roles: list[str] = field(default_factory=lambda: ["evidence", "verdict", "label"])
     """the node roles whose steps the shield filters (credit.shield other than none; data.ROLES); the others receive Eq. 1b's full credit. Ours, issue 14 (results/LOG.md, "Which steps the shield's cost comes from")"""
+    shield_verdicts: list[str] = field(default_factory=lambda: ["right", "wrong"])
+    """the verifiers' verdicts the shield acts on (credit.SHIELD_VERDICTS): right: a step called right receives no negative credit from its children (spared blame); wrong: a step called wrong receives no positive credit (denied reward); a verdict left out passes Eq. 1b's credit. Ours, issue 14 (results/LOG.md, "Which side of the shield costs")"""
     alpha_init: float = 1.0
     """initial alpha of every edge type (Eq. 1b); 1 behaves like the `baseline` form"""
     alpha_min: float = 0.0
@@ -702,6 +704,8 @@ def check_combinations(cfg: Config, origin: dict[str, str], fail) -> None:
         fail("credit.verifier_weights", f"must hold {n_scores} weights {data.SCORE_KINDS} in [0, credit.verifier_weight_max]")
     if not cfg.credit.shield_roles or any(r not in data.ROLES for r in cfg.credit.shield_roles):
         fail("credit.shield_roles", f"must list one or more of {list(data.ROLES)}")
+    if not cfg.credit.shield_verdicts or any(v not in ("right", "wrong") for v in cfg.credit.shield_verdicts):
+        fail("credit.shield_verdicts", "must list one or both of ['right', 'wrong']")  # credit.SHIELD_VERDICTS
     if len(cfg.reward.shaping_weights) != 2:
         fail("reward.shaping_weights", "must hold 2 weights (rule adherence, mean grounding)")
     graph_mode, scale = cfg.credit.mode not in ("outcome", "rule_shaped"), cfg.credit.scale

@@ -45,6 +45,7 @@ EVIDENCE_FORMS = ("group", "baseline", "verifier", "both", "rollout", "outcome")
 GATE_FORMS = ("rule", "none")
 VALUE_FORMS = ("include_self", "leave_one_out", "others")
 SHIELD_FORMS = ("none", "verifier", "complete")
+SHIELD_VERDICTS = ("right", "wrong")  # credit.shield_verdicts: the verifiers' verdicts the shield acts on
 GATE_RULES = ("window", "sequential")
 MODES = ("outcome", "graph")
 
@@ -448,7 +449,8 @@ def token_advantages(node_adv: Tensor, spans: Tensor, parsed: Tensor, outcome_ad
 def graph_node_advantages(batch: CreditBatch, *, evidence: str = "group", gate: str = "rule",
                           scale: str = "group_outcome", eps: float = DEFAULT_EPS, alpha: Tensor | None = None,
                           verifier_weights: Tensor | None = None, value: str = "include_self",
-                          shield: str = "none", probe_weight: float = 0.0) -> tuple[Tensor, Tensor]:
+                          shield: str = "none", shield_verdicts: tuple[str, ...] = SHIELD_VERDICTS,
+                          probe_weight: float = 0.0) -> tuple[Tensor, Tensor]:
     """(node advantages A (B, N), own evidence a (B, N)) of Graph-GRPO (Eqs. 1a, 1b, 2).
 
     evidence: 'group' Eq. 1a; 'baseline' c = R - V with no propagation (alpha unused); 'verifier'
@@ -462,7 +464,10 @@ def graph_node_advantages(batch: CreditBatch, *, evidence: str = "group", gate: 
     each step receives from its children by the verifiers' local verdict (verified_steps, shielded; needs
     batch.scores); 'complete' the same, but a step is called right only where the kinds that judge its content
     (batch.judging) all gave a score (needs batch.judging too); 'none' is Eq. 1b as written. Either shield filters
-    only the slots batch.shielded_slots marks (None: every slot). probe_weight > 0 adds probe_weight * p to the own
+    only the slots batch.shielded_slots marks (None: every slot), and acts only on the verdicts in shield_verdicts:
+    'right' (a step called right receives no negative credit from its children: the blame it is spared) and 'wrong'
+    (a step called wrong receives no positive credit: the reward it is denied); a verdict left out passes Eq. 1b's
+    credit as an unknown one does (credit.shield_verdicts; ours, issue 14). probe_weight > 0 adds probe_weight * p to the own
     evidence of every step with a label-probe score p (batch.probes, graph_grpo.step_probes; ours, issue 14), before
     propagation.
     """
@@ -472,6 +477,8 @@ def graph_node_advantages(batch: CreditBatch, *, evidence: str = "group", gate: 
         raise ValueError(f"shield={shield!r} needs batch.scores (the verifiers' local scores)")
     if shield == "complete" and batch.judging is None:
         raise ValueError("shield='complete' needs batch.judging (the score kinds that judge each slot)")
+    if not shield_verdicts or any(v not in SHIELD_VERDICTS for v in shield_verdicts):
+        raise ValueError(f"shield_verdicts={shield_verdicts!r}, expected one or both of {SHIELD_VERDICTS}")
     if value not in VALUE_FORMS:
         raise ValueError(f"value={value!r}, expected one of {VALUE_FORMS}")
     loo, q_others = value in ("leave_one_out", "others"), value == "others"
@@ -513,6 +520,10 @@ def graph_node_advantages(batch: CreditBatch, *, evidence: str = "group", gate: 
         verified_steps(b.scores, b.present, b.judging if shield == "complete" else None)  # (B, N) in {-1, 0, 1}
     if verdict is not None and b.shielded_slots is not None:  # unshielded slots: verdict 0, Eq. 1b as written
         verdict = verdict * b.shielded_slots.to(verdict.device)[None]
+    if verdict is not None and "right" not in shield_verdicts:  # steps called right: Eq. 1b as written
+        verdict = verdict.clamp(max=0)
+    if verdict is not None and "wrong" not in shield_verdicts:  # steps called wrong: Eq. 1b as written
+        verdict = verdict.clamp(min=0)
     c = propagate_credit(a, alpha, g, b.parents, b.edge_types, b.present, verdict)
     return node_advantages(c, b.rewards, G, scale, eps, b.present), a
 
@@ -587,6 +598,7 @@ def compute_advantages(batch: CreditBatch, *, num_tokens: int, mode: str = "grap
                        eps: float = DEFAULT_EPS, alpha: Tensor | None = None,
                        verifier_weights: Tensor | None = None, value: str = "include_self",
                        batch_std: float | None = None, shield: str = "none",
+                       shield_verdicts: tuple[str, ...] = SHIELD_VERDICTS,
                        probe_weight: float = 0.0) -> tuple[Tensor, dict]:
     """(B, T) token advantages and a stats dict: the one call the trainer makes (DESIGN sections 4, 6).
 
@@ -607,7 +619,7 @@ def compute_advantages(batch: CreditBatch, *, num_tokens: int, mode: str = "grap
         return token_adv, {"credit/outcome_abs_adv": float(outcome.abs().mean())}
     node_adv, own = graph_node_advantages(b, evidence=evidence, gate=gate, scale=scale, eps=eps, alpha=alpha,
                                           verifier_weights=verifier_weights, value=value, shield=shield,
-                                          probe_weight=probe_weight)
+                                          shield_verdicts=shield_verdicts, probe_weight=probe_weight)
     token_adv = token_advantages(node_adv, b.spans, b.parsed, outcome, num_tokens)
     stats = credit_stats(b, node_adv, own if evidence != "baseline" else None)
     stats["credit/outcome_abs_adv"] = float(outcome.abs().mean())

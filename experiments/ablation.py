@@ -47,6 +47,8 @@ report with paired tests in results/<study>.md (+ .png).
     python experiments/ablation.py --study shield_complete_1234  # the same on the project's data
     python experiments/ablation.py --study shield_roles      # the shield on verdict / understanding steps only, 9001
     python experiments/ablation.py --study shield_roles_06   # the verdict-only shield at noise 0.6, 9001
+    python experiments/ablation.py --study shield_sides      # the shield on steps called right / wrong only, 9001
+    python experiments/ablation.py --study shield_sides_06   # the same at noise 0.6, 9001
     python experiments/ablation.py --report-only           # only rebuild results/ from the run directories
     nohup python experiments/ablation.py > runs/ablation.log 2>&1 &     # the background-friendly way
 
@@ -850,6 +852,26 @@ SHIELD_ROLES_06_ROWS = SHIELD_UNSEEN_ROWS[:4] + (
 SHIELD_ROLES_06_CLAIMS = pair_claims((("shield_verdict_noise6", "grpo_noise6"), ("shield_verdict_noise6", "verifier_noise6"),
                                       ("shield_verdict_noise6", "shield_noise6"))) + \
     half_budget_claims((("shield_verdict_noise6", "grpo_noise6"),))
+# Which side of the shield costs at exact labels (results/LOG.md, "Which side of the shield costs"): the verifier shield
+# acting only on steps the verifiers call right (they are spared the blame of a failure downstream) or only on steps
+# they call wrong (they are denied the reward of a success downstream; credit.shield_verdicts), at exact labels
+# (shield_sides) and at uniform noise 0.6 (shield_sides_06), data.seed 9001, seeds 0-7; every other row is
+# shield_06_unseen's runs, linked.
+SHIELD_SIDES = {"right": "called right only (spares blame)", "wrong": "called wrong only (denies reward)"}
+SHIELD_SIDES_ROWS = (SHIELD_UNSEEN_ROWS[0],) + SHIELD_UNSEEN_ROWS[-2:] + tuple(
+    Row(f"shield_{side}_lr05", f"Graph-GRPO default at lr 5e-5, exact labels, verifier evidence + verifier shield on "
+        f"steps {what}", "rl", "sft_masked", SHIELD_UNSEEN_ROWS[-1].overrides + (f"--credit.shield_verdicts=[{side}]",),
+        ref="grpo_lr05") for side, what in SHIELD_SIDES.items())
+SHIELD_SIDES_CLAIMS = pair_claims((("shield_right_lr05", "verifier_lr05"), ("shield_wrong_lr05", "verifier_lr05"),
+                                   ("shield_right_lr05", "shield_lr05"), ("shield_wrong_lr05", "shield_lr05"),
+                                   ("shield_lr05", "verifier_lr05")))
+SHIELD_SIDES_06_ROWS = SHIELD_UNSEEN_ROWS[:4] + tuple(
+    Row(f"shield_{side}_noise6", f"Graph-GRPO default at lr 5e-5, noise 0.6, verifier evidence + verifier shield on "
+        f"steps {what}", "rl", "sft_masked", SHIELD_UNSEEN_ROWS[3].overrides + (f"--credit.shield_verdicts=[{side}]",),
+        ref="grpo_noise6") for side, what in SHIELD_SIDES.items())
+SHIELD_SIDES_06_CLAIMS = pair_claims(tuple((f"shield_{side}_noise6", other) for side in SHIELD_SIDES
+                                           for other in ("grpo_noise6", "verifier_noise6", "shield_noise6"))) + \
+    half_budget_claims(tuple((f"shield_{side}_noise6", "grpo_noise6") for side in SHIELD_SIDES))
 SHIELD_COMPLETE_CLAIMS = pair_claims((("complete_lr05", "shield_lr05"), ("complete_lr05", "verifier_lr05"),
                                       ("complete_noise6", "grpo_noise6"), ("complete_noise6", "verifier_noise6"),
                                       ("complete_noise6", "shield_noise6"), ("shield_lr05", "verifier_lr05"))) + \
@@ -990,6 +1012,11 @@ STUDIES = {s.name: s for s in (
     Study("shield_roles_06", SHIELD_ROLES_06_ROWS, **BUDGET_200, claims=SHIELD_ROLES_06_CLAIMS, extra=SHIELD_DATA,
           what="the verifier shield on verdict steps only at uniform noise 0.6, data.seed 9001 (shield_06_unseen's "
           "runs linked)"),
+    Study("shield_sides", SHIELD_SIDES_ROWS, **BUDGET_200, claims=SHIELD_SIDES_CLAIMS, extra=SHIELD_DATA,
+          what="the verifier shield on steps called right only and on steps called wrong only, exact labels, "
+          "data.seed 9001 (shield_06_unseen's runs linked)"),
+    Study("shield_sides_06", SHIELD_SIDES_06_ROWS, **BUDGET_200, claims=SHIELD_SIDES_06_CLAIMS, extra=SHIELD_DATA,
+          what="the same two one-sided shields at uniform noise 0.6, data.seed 9001 (shield_06_unseen's runs linked)"),
     Study("shield_complete_1234", SHIELD_COMPLETE_ROWS, **BUDGET_200, claims=SHIELD_COMPLETE_CLAIMS,
           what="the same on the project's data (data.seed 1234; shield_06's runs linked, the exact-label rows anew)"),
     Study("fresh", FRESH_ROWS, **BUDGET_200, claims=FRESH_CLAIMS,

@@ -200,7 +200,8 @@ def test_every_row_of_every_study_makes_a_valid_config(study, tmp_path, monkeypa
                                  "label_free": 5772, "label_free_3141": 3141,
                                  "label_free_06": 5772, "label_free_3141_06": 3141,
                                  "shield_06_unseen": 9001, "shield_complete": 9001,
-                                 "shield_roles": 9001, "shield_roles_06": 9001}.get(study, 1234)
+                                 "shield_roles": 9001, "shield_roles_06": 9001,
+                                 "shield_sides": 9001, "shield_sides_06": 9001}.get(study, 1234)
         # every study ran with the guessing comparator but the rows that test abstaining (PINNED)
         assert cfg.reward.comparator_unknown == ("abstain" if job.row.name in ("others_abstain", "abstain_heavy",
                                                                              "abstain_b32", "default_probe",
@@ -218,7 +219,9 @@ def test_every_row_of_every_study_makes_a_valid_config(study, tmp_path, monkeypa
                                                                              "verifier_noise6", "shield_noise6", "shield_lr05",
                                                                              "complete_noise6", "complete_lr05",
                                                                              "shield_verdict_lr05", "shield_evidence_lr05",
-                                                                             "shield_verdict_noise6")
+                                                                             "shield_verdict_noise6",
+                                                                             "shield_right_lr05", "shield_wrong_lr05",
+                                                                             "shield_right_noise6", "shield_wrong_noise6")
                                                  else "mismatch"), job.row.name
         # every study ran at rl.lr 1e-4 (PINNED) but the rows that set their own rate
         own = [o.split("=", 1)[1] for o in job.row.overrides if o.startswith("--rl.lr=")]

@@ -509,6 +509,27 @@ def test_shield_filters_only_the_shielded_slots_by_hand():
         b.validate()
 
 
+def test_shield_acts_only_on_the_chosen_verdicts_by_hand():
+    """credit.shield_verdicts on the chain (verdicts X: wrong, -, right, -; Z: wrong, right, -, -). Only 'wrong':
+    rollout 1's Z (called right) gets .25 c_Y's -1/6 -> c_Z = [1/6, 0, -1/3, 1/12], and rollout 2's X (right) gets
+    .5 c_Z's -1/6 -> c_X = [-1/6, -1/6, -1/3, 13/24]. Only 'right': rollout 0's Z and X (called wrong) get their
+    positive parts, +1/12 and .5 (1/6 + 1/12) = 1/8 -> c_Z = [1/4, 1/6, -1/3, 1/12], c_X = [-1/24, -1/12, -1/6,
+    13/24]. Both: the verifier shield (test_verifier_shield_by_hand)."""
+    b = make_batch(CHAIN_R, CHAIN_KEYS, CHAIN_PARENTS, CHAIN_TYPES, 4, scores=chain_scores())
+    alpha = t([.5, .25])
+    kw = dict(evidence="group", scale="none", alpha=alpha, shield="verifier")
+    wrong, _ = graph_node_advantages(b, shield_verdicts=("wrong",), **kw)
+    close(wrong[:, 0], [-1 / 6, -1 / 6, -1 / 3, 13 / 24])
+    close(wrong[:, 1], [1 / 6, 0, -1 / 3, 1 / 12])
+    right, _ = graph_node_advantages(b, shield_verdicts=("right",), **kw)
+    close(right[:, 0], [-1 / 24, -1 / 12, -1 / 6, 13 / 24])
+    close(right[:, 1], [1 / 4, 1 / 6, -1 / 3, 1 / 12])
+    close(graph_node_advantages(b, shield_verdicts=("wrong", "right"), **kw)[0], graph_node_advantages(b, **kw)[0])
+    for bad in ((), ("blame",)):
+        with pytest.raises(ValueError, match="shield_verdicts"):
+            graph_node_advantages(b, shield_verdicts=bad, **kw)
+
+
 # -----------------------------------------------------------------------------
 # Eq. 2 options and token advantages
 

@@ -20,7 +20,7 @@ import graph_grpo as gg
 import parallel
 import policy
 import testbed
-from config import load_config
+from config import ConfigError, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -502,6 +502,11 @@ def test_credit_modes_map_onto_one_machinery():
         cr("--credit.mode=outcome", "--credit.scale=node")
     c = cr("--credit.mode=graph", "--credit.evidence=group", "--credit.shield=verifier")
     assert c.kwargs["shield"] == "verifier" and c.scores == "verifier" and not c.uses_verifier_weights
+    assert c.kwargs["shield_verdicts"] == ("right", "wrong")
+    assert cr("--credit.mode=graph", "--credit.shield=verifier", "--credit.shield_verdicts=[wrong]"
+              ).kwargs["shield_verdicts"] == ("wrong",)
+    with pytest.raises(ConfigError, match="credit.shield_verdicts"):
+        cr("--credit.shield_verdicts=[blame]")
     assert "shield" not in cr("--credit.mode=outcome", "--credit.shield=verifier").kwargs  # no propagation there
 
 
