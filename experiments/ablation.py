@@ -49,6 +49,7 @@ report with paired tests in results/<study>.md (+ .png).
     python experiments/ablation.py --study shield_roles_06   # the verdict-only shield at noise 0.6, 9001
     python experiments/ablation.py --study shield_sides      # the shield on steps called right / wrong only, 9001
     python experiments/ablation.py --study shield_sides_06   # the same at noise 0.6, 9001
+    python experiments/ablation.py --study shield_sides_1234  # the right-side shield on the project's data
     python experiments/ablation.py --report-only           # only rebuild results/ from the run directories
     nohup python experiments/ablation.py > runs/ablation.log 2>&1 &     # the background-friendly way
 
@@ -872,6 +873,12 @@ SHIELD_SIDES_06_ROWS = SHIELD_UNSEEN_ROWS[:4] + tuple(
 SHIELD_SIDES_06_CLAIMS = pair_claims(tuple((f"shield_{side}_noise6", other) for side in SHIELD_SIDES
                                            for other in ("grpo_noise6", "verifier_noise6", "shield_noise6"))) + \
     half_budget_claims(tuple((f"shield_{side}_noise6", "grpo_noise6") for side in SHIELD_SIDES))
+# The shield on steps called right only on the project's data (data.seed 1234), at exact labels and at noise 0.6
+# (results/LOG.md, "The right-side shield on the project's data"): the other rows are shield_complete_1234's runs
+# (verifier_lr05, shield_lr05) and shield_06's (the SFT start and the noise-0.6 rows), linked.
+SHIELD_SIDES_1234_ROWS = SHIELD_COMPLETE_ROWS[:6] + SHIELD_SIDES_ROWS[3:4] + SHIELD_SIDES_06_ROWS[4:5]
+SHIELD_SIDES_1234_CLAIMS = SHIELD_SIDES_CLAIMS[:2] + SHIELD_SIDES_CLAIMS[4:6] + SHIELD_SIDES_CLAIMS[-2:] + \
+    tuple(c for c in SHIELD_SIDES_06_CLAIMS if c[0].startswith("shield_right_noise6"))
 SHIELD_COMPLETE_CLAIMS = pair_claims((("complete_lr05", "shield_lr05"), ("complete_lr05", "verifier_lr05"),
                                       ("complete_noise6", "grpo_noise6"), ("complete_noise6", "verifier_noise6"),
                                       ("complete_noise6", "shield_noise6"), ("shield_lr05", "verifier_lr05"))) + \
@@ -1017,6 +1024,9 @@ STUDIES = {s.name: s for s in (
           "data.seed 9001 (shield_06_unseen's runs linked)"),
     Study("shield_sides_06", SHIELD_SIDES_06_ROWS, **BUDGET_200, claims=SHIELD_SIDES_06_CLAIMS, extra=SHIELD_DATA,
           what="the same two one-sided shields at uniform noise 0.6, data.seed 9001 (shield_06_unseen's runs linked)"),
+    Study("shield_sides_1234", SHIELD_SIDES_1234_ROWS, **BUDGET_200, claims=SHIELD_SIDES_1234_CLAIMS,
+          what="the shield on steps called right only, exact labels and noise 0.6, the project's data (data.seed 1234; "
+          "shield_complete_1234's and shield_06's runs linked)"),
     Study("shield_complete_1234", SHIELD_COMPLETE_ROWS, **BUDGET_200, claims=SHIELD_COMPLETE_CLAIMS,
           what="the same on the project's data (data.seed 1234; shield_06's runs linked, the exact-label rows anew)"),
     Study("fresh", FRESH_ROWS, **BUDGET_200, claims=FRESH_CLAIMS,
