@@ -467,9 +467,9 @@ def graph_node_advantages(batch: CreditBatch, *, evidence: str = "group", gate: 
     only the slots batch.shielded_slots marks (None: every slot), and acts only on the verdicts in shield_verdicts:
     'right' (a step called right receives no negative credit from its children: the blame it is spared) and 'wrong'
     (a step called wrong receives no positive credit: the reward it is denied); a verdict left out passes Eq. 1b's
-    credit as an unknown one does (credit.shield_verdicts; ours, issue 14). probe_weight > 0 adds probe_weight * p to the own
-    evidence of every step with a label-probe score p (batch.probes, graph_grpo.step_probes; ours, issue 14), before
-    propagation.
+    credit as an unknown one does (credit.shield_verdicts; ours, issue 14). probe_weight > 0 adds probe_weight * p to
+    the own evidence of every step with a label-probe score p (batch.probes, graph_grpo.step_probes; ours, issue 14),
+    before propagation.
     """
     if shield not in SHIELD_FORMS:
         raise ValueError(f"shield={shield!r}, expected one of {SHIELD_FORMS}")
