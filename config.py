@@ -289,6 +289,8 @@ class CreditConfig:
     """the node roles whose steps the shield filters (credit.shield other than none; data.ROLES); the others receive Eq. 1b's full credit. Ours, issue 14 (results/LOG.md, "Which steps the shield's cost comes from")"""
     shield_verdicts: list[str] = field(default_factory=lambda: ["right", "wrong"])
     """the verifiers' verdicts the shield acts on (credit.SHIELD_VERDICTS): right: a step called right receives no negative credit from its children (spared blame); wrong: a step called wrong receives no positive credit (denied reward); a verdict left out passes Eq. 1b's credit. Ours, issue 14 (results/LOG.md, "Which side of the shield costs")"""
+    shield_label: bool = False
+    """with credit.shield verifier or complete: the label step's own evidence (the outcome) keeps only its positive part where the verifiers vouch for the whole answer (the label follows the rule from the rollout's verdicts, and every present step is called right; credit.vouched_sinks), so a low reward that contradicts every verifier does not blame the label (with verifier evidence and the shield on steps called right, no step of that rollout). Ours, issue 14 (results/LOG.md, "A shield for the vouched label")"""
     alpha_init: float = 1.0
     """initial alpha of every edge type (Eq. 1b); 1 behaves like the `baseline` form"""
     alpha_min: float = 0.0
@@ -706,6 +708,8 @@ def check_combinations(cfg: Config, origin: dict[str, str], fail) -> None:
         fail("credit.shield_roles", f"must list one or more of {list(data.ROLES)}")
     if not cfg.credit.shield_verdicts or any(v not in ("right", "wrong") for v in cfg.credit.shield_verdicts):
         fail("credit.shield_verdicts", "must list one or both of ['right', 'wrong']")  # credit.SHIELD_VERDICTS
+    if cfg.credit.shield_label and cfg.credit.shield == "none":
+        fail("credit.shield_label", "needs credit.shield verifier or complete (the verifiers' verdicts)")
     if len(cfg.reward.shaping_weights) != 2:
         fail("reward.shaping_weights", "must hold 2 weights (rule adherence, mean grounding)")
     graph_mode, scale = cfg.credit.mode not in ("outcome", "rule_shaped"), cfg.credit.scale

@@ -357,6 +357,28 @@ def shielded(propagated: Tensor, verdict: Tensor) -> Tensor:
                        torch.where(verdict < 0, propagated.clamp(max=0), propagated))
 
 
+def vouched_sinks(verdict: Tensor, present: Tensor, parents: list[list[int]]) -> Tensor:
+    """(B, N) bool: the sinks (the label) the verifiers vouch for whole (credit.shield_label; ours, issue 14): the sink
+    is present with a present parent, it is called right (the label's verdict: it follows the rule from the rollout's
+    own verdicts), and so is every present step it depends on (its ancestors). verdict (B, N) in {-1, 0, 1}
+    (verified_steps, before any slot or side filter). A step the rollout left out is not judged: an answer that omits a
+    facet can still be vouched for (the screen counts how often a vouched label is wrong)."""
+    chain: list[Tensor] = [None] * len(parents)  # chain[v] (B,): v and every present ancestor called right or absent
+    for v in topological_order(parents):
+        ok = (verdict[:, v] > 0) | ~present[:, v]
+        for u in parents[v]:
+            ok = ok & chain[u]
+        chain[v] = ok
+    sinks = sink_slots(parents, present.device)
+    out = torch.zeros_like(present)
+    for v in sinks.nonzero().flatten().tolist():
+        has_parent = torch.zeros_like(present[:, v])
+        for u in parents[v]:
+            has_parent = has_parent | present[:, u]
+        out[:, v] = present[:, v] & (verdict[:, v] > 0) & has_parent & chain[v]
+    return out
+
+
 def propagate_credit(a: Tensor, alpha: Tensor, gate: Tensor, parents: list[list[int]],
                      edge_types: list[list[int]], present: Tensor, shield: Tensor | None = None) -> Tensor:
     """(B, N) Eq. 1b c_{i,v} = a_{i,v} + sum_{u in children(v)} alpha_{e(v,u)} g_{i,v,u} c_{i,u}.
@@ -450,7 +472,7 @@ def graph_node_advantages(batch: CreditBatch, *, evidence: str = "group", gate: 
                           scale: str = "group_outcome", eps: float = DEFAULT_EPS, alpha: Tensor | None = None,
                           verifier_weights: Tensor | None = None, value: str = "include_self",
                           shield: str = "none", shield_verdicts: tuple[str, ...] = SHIELD_VERDICTS,
-                          probe_weight: float = 0.0) -> tuple[Tensor, Tensor]:
+                          shield_label: bool = False, probe_weight: float = 0.0) -> tuple[Tensor, Tensor]:
     """(node advantages A (B, N), own evidence a (B, N)) of Graph-GRPO (Eqs. 1a, 1b, 2).
 
     evidence: 'group' Eq. 1a; 'baseline' c = R - V with no propagation (alpha unused); 'verifier'
@@ -467,7 +489,12 @@ def graph_node_advantages(batch: CreditBatch, *, evidence: str = "group", gate: 
     only the slots batch.shielded_slots marks (None: every slot), and acts only on the verdicts in shield_verdicts:
     'right' (a step called right receives no negative credit from its children: the blame it is spared) and 'wrong'
     (a step called wrong receives no positive credit: the reward it is denied); a verdict left out passes Eq. 1b's
-    credit as an unknown one does (credit.shield_verdicts; ours, issue 14). probe_weight > 0 adds probe_weight * p to
+    credit as an unknown one does (credit.shield_verdicts; ours, issue 14). shield_label (needs a shield and
+    batch.judging): the own evidence of a sink the verifiers vouch for whole (vouched_sinks on verified_steps with
+    judging, whatever the shield: the label follows the rule from verdicts the comparator judged and called right,
+    and the understanding steps are grounded) keeps only its positive part, so that a low reward which
+    contradicts every verifier does not blame the label (nor, with verifier evidence and the shield on steps called
+    right, any step of that rollout; credit.shield_label; ours, issue 14). probe_weight > 0 adds probe_weight * p to
     the own evidence of every step with a label-probe score p (batch.probes, graph_grpo.step_probes; ours, issue 14),
     before propagation.
     """
@@ -475,8 +502,11 @@ def graph_node_advantages(batch: CreditBatch, *, evidence: str = "group", gate: 
         raise ValueError(f"shield={shield!r}, expected one of {SHIELD_FORMS}")
     if shield != "none" and batch.scores is None:
         raise ValueError(f"shield={shield!r} needs batch.scores (the verifiers' local scores)")
-    if shield == "complete" and batch.judging is None:
-        raise ValueError("shield='complete' needs batch.judging (the score kinds that judge each slot)")
+    if (shield == "complete" or shield_label) and batch.judging is None:
+        raise ValueError(f"shield={shield!r}, shield_label={shield_label} needs batch.judging (the score kinds that "
+                         "judge each slot)")
+    if shield_label and shield == "none":
+        raise ValueError("shield_label needs shield='verifier' or 'complete' (the verifiers' verdicts)")
     if not shield_verdicts or any(v not in SHIELD_VERDICTS for v in shield_verdicts):
         raise ValueError(f"shield_verdicts={shield_verdicts!r}, expected one or both of {SHIELD_VERDICTS}")
     if value not in VALUE_FORMS:
@@ -518,6 +548,9 @@ def graph_node_advantages(batch: CreditBatch, *, evidence: str = "group", gate: 
     g = b.gate if gate == "rule" else torch.ones_like(b.gate)
     verdict = None if shield == "none" else \
         verified_steps(b.scores, b.present, b.judging if shield == "complete" else None)  # (B, N) in {-1, 0, 1}
+    if shield_label:  # a vouched label: no negative own evidence (the outcome a noisy label may have turned)
+        judged = verdict if shield == "complete" else verified_steps(b.scores, b.present, b.judging)
+        a = torch.where(vouched_sinks(judged, b.present, b.parents), a.clamp(min=0), a)
     if verdict is not None and b.shielded_slots is not None:  # unshielded slots: verdict 0, Eq. 1b as written
         verdict = verdict * b.shielded_slots.to(verdict.device)[None]
     if verdict is not None and "right" not in shield_verdicts:  # steps called right: Eq. 1b as written
@@ -598,7 +631,7 @@ def compute_advantages(batch: CreditBatch, *, num_tokens: int, mode: str = "grap
                        eps: float = DEFAULT_EPS, alpha: Tensor | None = None,
                        verifier_weights: Tensor | None = None, value: str = "include_self",
                        batch_std: float | None = None, shield: str = "none",
-                       shield_verdicts: tuple[str, ...] = SHIELD_VERDICTS,
+                       shield_verdicts: tuple[str, ...] = SHIELD_VERDICTS, shield_label: bool = False,
                        probe_weight: float = 0.0) -> tuple[Tensor, dict]:
     """(B, T) token advantages and a stats dict: the one call the trainer makes (DESIGN sections 4, 6).
 
@@ -619,7 +652,8 @@ def compute_advantages(batch: CreditBatch, *, num_tokens: int, mode: str = "grap
         return token_adv, {"credit/outcome_abs_adv": float(outcome.abs().mean())}
     node_adv, own = graph_node_advantages(b, evidence=evidence, gate=gate, scale=scale, eps=eps, alpha=alpha,
                                           verifier_weights=verifier_weights, value=value, shield=shield,
-                                          shield_verdicts=shield_verdicts, probe_weight=probe_weight)
+                                          shield_verdicts=shield_verdicts, shield_label=shield_label,
+                                          probe_weight=probe_weight)
     token_adv = token_advantages(node_adv, b.spans, b.parsed, outcome, num_tokens)
     stats = credit_stats(b, node_adv, own if evidence != "baseline" else None)
     stats["credit/outcome_abs_adv"] = float(outcome.abs().mean())

@@ -217,6 +217,7 @@ class Credit:
         if mode == "graph" and c.evidence != "baseline" and c.shield != "none":  # only where Eq. 1b propagates
             kw["shield"] = c.shield
             kw["shield_verdicts"] = tuple(c.shield_verdicts)
+            kw["shield_label"] = c.shield_label
         if mode == "graph" and c.evidence != "baseline" and c.probe_weight > 0:
             kw["probe_weight"] = c.probe_weight
         uses_weights = kw.get("evidence") in ("verifier", "both")

@@ -63,6 +63,10 @@ FORMS = (
     ("the run's credit + complete shield (judged verdicts only)", ("--credit.shield=complete",)),
     ("the run's credit + verifier shield on verdict steps only",
      ("--credit.shield=verifier", "--credit.shield_roles=[verdict]")),
+    ("the run's credit + verifier shield on steps called right", ("--credit.shield=verifier",
+                                                                  "--credit.shield_verdicts=[right]")),
+    ("the run's credit + verifier shield on steps called right + vouched label",
+     ("--credit.shield=verifier", "--credit.shield_verdicts=[right]", "--credit.shield_label=true")),
 )
 COLUMNS = (("credit/misassigned_correct", "P(A<0 \\| correct)"),
            ("credit/misassigned_correct/evidence", "same, understanding steps"),
@@ -74,7 +78,13 @@ COLUMNS = (("credit/misassigned_correct", "P(A<0 \\| correct)"),
            ("screen/label_share_of_blamed", "labels' share of the correct steps given A<0"),
            ("screen/unjudged_share", "unjudged share of verdict steps"),
            ("screen/unjudged_wrong_blamed", "P(A<0 \\| wrong, unjudged)"),
-           ("screen/unjudged_right_blamed", "P(A<0 \\| correct, unjudged)"))
+           ("screen/unjudged_right_blamed", "P(A<0 \\| correct, unjudged)"),
+           ("screen/blame_parsed", "P(A<0 \\| correct), answers that parse"),
+           ("screen/blamed_unparsed_share", "blamed correct steps: share in answers that do not parse"),
+           ("screen/blamed_called_wrong_share", "share called wrong by the verifiers"),
+           ("screen/blamed_label_share", "share on labels (answers that parse)"),
+           ("screen/vouched_failed_correct", "vouched \\| correct label, failed"),
+           ("screen/vouched_failed_wrong", "vouched \\| wrong label, failed"))
 
 
 def load_run(run_dir: str, checkpoint: str, overrides: list[str], seed: int) -> tuple:
@@ -144,6 +154,35 @@ def unjudged_blame_counts(node_adv: torch.Tensor, correct: torch.Tensor, outcome
     return torch.stack([wrong.sum(), (wrong & blamed).sum(), right.sum(), (right & blamed).sum()]).double()
 
 
+def blame_parts_counts(node_adv: torch.Tensor, correct: torch.Tensor, outcome_adv: torch.Tensor, parsed: torch.Tensor,
+                       verdict: torch.Tensor, label: list[int]) -> torch.Tensor:
+    """(5,) where the blame of correct steps sits, in rollouts with a nonzero outcome advantage: correct steps of
+    answers that parse, those given A < 0; and of every correct step given A < 0, those in answers that do not parse
+    (their tokens all take the outcome advantage, credit.token_advantages), and in answers that parse those the
+    verifiers call wrong (verdict -1) and those on a label slot (where the outcome enters). node_adv (B, N), NaN
+    where absent; correct (B, N) 1 / 0 / NaN; outcome_adv (B,); parsed (B,) bool; verdict (B, N) in {-1, 0, 1}
+    (credit.verified_steps). results/LOG.md, "Where the blame of correct steps sits"."""
+    live = ~torch.isnan(node_adv) & (correct == 1) & (outcome_adv != 0)[:, None]
+    blamed, ok = live & (node_adv < 0), parsed[:, None].expand_as(live)
+    is_label = torch.zeros_like(live)
+    is_label[:, label] = True
+    return torch.stack([(live & ok).sum(), (blamed & ok).sum(), (blamed & ~ok).sum(),
+                        (blamed & ok & (verdict < 0)).sum(), (blamed & ok & is_label).sum()]).double()
+
+
+def vouched_label_counts(correct: torch.Tensor, outcome_adv: torch.Tensor, vouched: torch.Tensor,
+                         label: list[int]) -> torch.Tensor:
+    """(4,) counts over the label slots of failed rollouts (outcome advantage < 0) with a gold label: correct labels,
+    those the verifiers vouch for (credit.vouched_sinks: credit.shield_label spares their blame), wrong labels, those
+    vouched for. correct (B, N) 1 / 0 / NaN; outcome_adv (B,); vouched (B, N) bool. Under RL label noise a vouched
+    correct label is one a wrong RL label failed; a vouched wrong label is blame the label shield loses
+    (results/LOG.md, "A shield for the vouched label")."""
+    c, v = correct[:, label], vouched[:, label]
+    failed = ~torch.isnan(c) & (outcome_adv < 0)[:, None]
+    right, wrong = failed & (c == 1), failed & (c == 0)
+    return torch.stack([right.sum(), (right & v).sum(), wrong.sum(), (wrong & v).sum()]).double()
+
+
 def verdict_breakdown_counts(node_adv: torch.Tensor, correct: torch.Tensor, outcome_adv: torch.Tensor,
                              verdict: torch.Tensor, longtail: torch.Tensor, roles: list[str]) -> dict[tuple, list[int]]:
     """{(role, 'long tail' | 'head', 'correct' | 'wrong', verifiers' verdict -1 / 0 / 1): [steps, given A < 0,
@@ -161,7 +200,10 @@ def verdict_breakdown_counts(node_adv: torch.Tensor, correct: torch.Tensor, outc
 
 
 def screen_form(cfg, groups, s, seed: int) -> dict:
-    """credit_accuracy_metrics of one form summed over every chunk of groups; screen/label_share_of_blamed: of the
+    """credit_accuracy_metrics of one form summed over every chunk of groups; screen/vouched_failed_correct |
+    _wrong: of the correct and of the wrong labels of failed rollouts, the share the verifiers vouch for
+    (vouched_label_counts; the same for every form); screen/blame_parsed and screen/blamed_*_share: where the blamed
+    correct steps sit (blame_parts_counts); screen/label_share_of_blamed: of the
     correct steps given A < 0, the share that are label nodes (where the outcome enters: under RL label noise a correct
     label in a rollout a wrong RL label fails is blamed by every form that rewards the label by the outcome); and
     screen/unjudged_*_blamed: P(A < 0) of the wrong and of the correct steps the comparator did not judge, and
@@ -169,8 +211,10 @@ def screen_form(cfg, groups, s, seed: int) -> dict:
     verdict_breakdown_counts summed over the chunks (--by-verdict prints it)."""
     G, schema = cfg.rl.num_generations, s.task.schema
     sums = {k: torch.zeros(len(schema.slots), dtype=torch.float64) for k in credit.CREDIT_ACCURACY}
-    unjudged = torch.zeros(4, dtype=torch.float64)
+    unjudged, vouched = torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
+    parts = torch.zeros(5, dtype=torch.float64)
     roles, breakdown = [schema.slot_info[name].type.role for name in schema.slots], {}
+    label = [v for v, role in enumerate(roles) if role == "label"]
     for j, group in enumerate(groups):
         adv, cb, rewards = form_advantages(cfg, s, group, j, seed)
         outcome = credit.outcome_advantages(rewards, G, "group", cfg.credit.eps)
@@ -183,6 +227,10 @@ def screen_form(cfg, groups, s, seed: int) -> dict:
         unjudged += unjudged_blame_counts(node_adv, group[3], outcome.double(), missing)
         longtail = torch.tensor([bool(ex.meta.get("longtail")) for ex in group[0].examples]).repeat_interleave(G)
         verdict = credit.verified_steps(verifier.scores, verifier.present)
+        parts += blame_parts_counts(node_adv, group[3], outcome.double(), cb.parsed, verdict, label)
+        judged = credit.verified_steps(verifier.scores, verifier.present, verifier.judging)  # as credit.shield_label
+        vouched += vouched_label_counts(group[3], outcome.double(), credit.vouched_sinks(judged, verifier.present,
+                                                                                          verifier.parents), label)
         for k, c in verdict_breakdown_counts(node_adv, group[3], outcome.double(), verdict, longtail, roles).items():
             breakdown[k] = [a + b for a, b in zip(breakdown.get(k, [0, 0, 0]), c)]
     rec = gg.credit_accuracy_metrics(sums, schema, by="role")  # by role, whatever the node types are called
@@ -194,8 +242,15 @@ def screen_form(cfg, groups, s, seed: int) -> dict:
         rec["screen/unjudged_wrong_blamed"] = float(unjudged[1] / unjudged[0])
     if unjudged[2] > 0:
         rec["screen/unjudged_right_blamed"] = float(unjudged[3] / unjudged[2])
+    if parts[0] > 0:
+        rec["screen/blame_parsed"] = float(parts[1] / parts[0])
+    if parts[1] + parts[2] > 0:
+        for name, k in (("unparsed", 2), ("called_wrong", 3), ("label", 4)):
+            rec[f"screen/blamed_{name}_share"] = float(parts[k] / (parts[1] + parts[2]))
+    for name, (n, k) in (("correct", (0, 1)), ("wrong", (2, 3))):
+        if vouched[n] > 0:
+            rec[f"screen/vouched_failed_{name}"] = float(vouched[k] / vouched[n])
     rec["breakdown"] = breakdown
-    label = [v for v, name in enumerate(schema.slots) if schema.slot_info[name].type.role == "label"]
     if sums["right_negative"].sum() > 0:
         rec["screen/label_share_of_blamed"] = float(sums["right_negative"][label].sum() / sums["right_negative"].sum())
     return rec

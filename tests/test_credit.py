@@ -15,7 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from credit import (CreditBatch, EdgeController, alignment_token_dots, baseline_credit, compute_advantages, credit_stats,  # noqa: E402
                     graph_node_advantages, group_own_evidence, lookahead_alpha_surrogate, node_advantages,
                     outcome_advantages, output_layer_grad, output_layer_token_dots, propagate_credit,
-                    token_advantages, topological_order, verified_steps, verifier_evidence, zero_std_groups)
+                    token_advantages, topological_order, verified_steps, verifier_evidence, vouched_sinks,
+                    zero_std_groups)
 from graph_grpo import aggregate_loss, aggregation_weights  # noqa: E402  (the trainer's loss aggregation)
 
 f64 = torch.float64
@@ -528,6 +529,55 @@ def test_shield_acts_only_on_the_chosen_verdicts_by_hand():
     for bad in ((), ("blame",)):
         with pytest.raises(ValueError, match="shield_verdicts"):
             graph_node_advantages(b, shield_verdicts=bad, **kw)
+
+
+def test_vouched_label_keeps_only_positive_own_evidence_by_hand():
+    """credit.shield_label on the chain X -> Z -> Y. Added to chain_scores: X right in rollout 1, Y (the label) right
+    in rollouts 0, 1 and 3. Vouched: rollout 1 only (X, Z and Y all called right); rollout 0 has X and Z wrong,
+    rollout 3 X and Z unknown, rollout 2 Y unknown. Rollout 1's a_Y = -2/3 (test_verifier_shield_by_hand's c_Y)
+    becomes 0; everything else is the verifier shield's. An absent ancestor is not judged; a sink without a present
+    parent is not vouched."""
+    s = chain_scores()
+    s[1, 0, 0], s[[0, 1, 3], 2, 1] = 1., 1.
+    b = make_batch(CHAIN_R, CHAIN_KEYS, CHAIN_PARENTS, CHAIN_TYPES, 4, scores=s)
+    b.judging = torch.zeros(3, 2, dtype=torch.bool)  # no kind must be known: every known score judges
+    verdict = verified_steps(b.scores, b.present)
+    assert verdict.tolist() == [[-1, -1, 1], [1, 1, 1], [1, 0, 0], [0, 0, 1]]
+    assert vouched_sinks(verdict, b.present, CHAIN_PARENTS).tolist() == [[False, False, False], [False, False, True],
+                                                                           [False, False, False], [False, False, False]]
+    alpha = t([.5, .25])
+    kw = dict(evidence="group", scale="none", alpha=alpha, shield="verifier")
+    plain, _ = graph_node_advantages(b, **kw)
+    c, a = graph_node_advantages(b, shield_label=True, **kw)
+    close(plain[:, 2], [1 / 3, -2 / 3, 0, 1 / 3])
+    close(c[:, 2], [1 / 3, 0, 0, 1 / 3])
+    close(a[:, 2], [1 / 3, 0, 0, 1 / 3])
+    close(c[:, :2], plain[:, :2])  # rollout 1's Z, called right, already dropped the -1/6 from Y
+    # vouching needs judged verdicts whatever the shield: with the comparator judging X, rollout 1's X (grounding 1,
+    # no comparator score) is not called right, and nothing is vouched for
+    b.judging = torch.tensor([[False, True], [False, False], [False, False]])
+    close(graph_node_advantages(b, shield_label=True, **kw)[0], plain)
+    b.judging = None
+    with pytest.raises(ValueError, match="needs batch.judging"):
+        graph_node_advantages(b, shield_label=True, **kw)
+    b.judging = torch.zeros(3, 2, dtype=torch.bool)
+    # on the wrong side only, rollout 1's Z (called right) took Y's blame: .25 (-2/3) = -1/6; vouched, none
+    wrong_side, _ = graph_node_advantages(b, shield_verdicts=("wrong",), **kw)
+    vouched_wrong_side, _ = graph_node_advantages(b, shield_verdicts=("wrong",), shield_label=True, **kw)
+    close(wrong_side[1, 1] - vouched_wrong_side[1, 1], -1 / 6)
+    # an absent ancestor is not judged: rollout 3 with Z right and X absent is vouched, with X present and unknown
+    # not; with Z absent, Y has no present parent and is not vouched whatever X says
+    v2 = verdict.clone()
+    v2[3, 1] = 1
+    present = torch.ones(4, 3, dtype=torch.bool)
+    assert not vouched_sinks(v2, present, CHAIN_PARENTS)[3, 2]
+    present[3, 0] = False
+    assert vouched_sinks(v2, present, CHAIN_PARENTS)[3].tolist() == [False, False, True]
+    present[3] = torch.tensor([True, False, True])
+    v2[3, 0] = 1
+    assert not vouched_sinks(v2, present, CHAIN_PARENTS)[3, 2]
+    with pytest.raises(ValueError, match="shield_label"):
+        graph_node_advantages(b, evidence="group", alpha=alpha, shield_label=True)
 
 
 # -----------------------------------------------------------------------------

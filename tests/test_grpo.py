@@ -507,6 +507,10 @@ def test_credit_modes_map_onto_one_machinery():
               ).kwargs["shield_verdicts"] == ("wrong",)
     with pytest.raises(ConfigError, match="credit.shield_verdicts"):
         cr("--credit.shield_verdicts=[blame]")
+    assert c.kwargs["shield_label"] is False
+    assert cr("--credit.mode=graph", "--credit.shield=verifier", "--credit.shield_label=true").kwargs["shield_label"]
+    with pytest.raises(ConfigError, match="credit.shield_label"):
+        cr("--credit.shield_label=true")  # base.yaml's shield is none
     assert "shield" not in cr("--credit.mode=outcome", "--credit.shield=verifier").kwargs  # no propagation there
 
 
@@ -855,7 +859,7 @@ def test_credit_screen_reads_every_form_on_the_same_rollouts(tmp_path, sft_ckpt)
 def test_unjudged_blame_and_verdict_breakdown_counts_by_hand():
     """credit_screen.unjudged_blame_counts: only unjudged steps with gold, in rollouts with a nonzero outcome
     advantage; rollout 2 (outcome 0) and the NaN-gold / judged steps do not count. verdict_breakdown_counts on the
-    same steps."""
+    same steps; vouched_label_counts on the label slot of failed rollouts; blame_parts_counts."""
     sys.path.insert(0, os.path.join(ROOT, "experiments"))
     import credit_screen
     nan = float("nan")
@@ -872,6 +876,22 @@ def test_unjudged_blame_and_verdict_breakdown_counts_by_hand():
     assert got == {("evidence", "long tail", "wrong", -1): [1, 1, 0], ("verdict", "long tail", "correct", 1): [1, 0, 1],
                    ("label", "long tail", "correct", 1): [1, 1, 0], ("evidence", "head", "wrong", 1): [1, 0, 1],
                    ("verdict", "head", "correct", 0): [1, 1, 0]}
+    # vouched_label_counts on the label slot (2): failed rollouts with a gold label only (rollout 0; rollout 1 has no
+    # gold label, 2 outcome 0, 5 succeeded); rollout 3 fails with a wrong label, rollout 4 with a correct label the
+    # verifiers do not vouch for
+    correct = torch.cat([correct, torch.tensor([[1., 1., 0.], [1., 1., 1.], [1., 1., 1.]], dtype=torch.float64)])
+    vouched = torch.tensor([[False, False, True]] * 4 + [[False, False, False], [False, False, True]])
+    outcome = torch.tensor([-1., 1., 0., -1., -.5, 1.], dtype=torch.float64)
+    assert credit_screen.vouched_label_counts(correct, outcome, vouched, [2]).tolist() == [2., 1., 1., 1.]
+    # blame_parts_counts: rollout 0 parses (correct steps 1, 2: slot 1 A>0, label slot 2 A<0); rollout 1 does not
+    # (correct slots 0 and 1 both A<0); rollout 2 parses, outcome 0 (not counted); rollout 3 parses, correct slot 0
+    # called wrong and blamed, slot 1 called right and not blamed
+    node_adv = torch.tensor([[-1., 2., -3.], [-.5, -.5, nan], [-1., -1., -1.], [-2., 1., nan]], dtype=torch.float64)
+    correct = torch.tensor([[0., 1., 1.], [1., 1., nan], [1., 1., 1.], [1., 1., 0.]], dtype=torch.float64)
+    verdict = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1], [-1, 1, 0]])
+    got = credit_screen.blame_parts_counts(node_adv, correct, torch.tensor([-1., -1., 0., 1.], dtype=torch.float64),
+                                           torch.tensor([True, False, True, True]), verdict, [2])
+    assert got.tolist() == [4., 2., 2., 1., 1.]  # parsed correct 4, blamed 2; unparsed 2; called wrong 1; label 1
 
 
 def test_reach_shares_by_hand():
