@@ -291,6 +291,8 @@ class CreditConfig:
     """the verifiers' verdicts the shield acts on (credit.SHIELD_VERDICTS): right: a step called right receives no negative credit from its children (spared blame); wrong: a step called wrong receives no positive credit (denied reward); a verdict left out passes Eq. 1b's credit. Ours, issue 14 (results/LOG.md, "Which side of the shield costs")"""
     shield_label: bool = False
     """with credit.shield verifier or complete: the label step's own evidence (the outcome) keeps only its positive part where the verifiers vouch for the whole answer (the label follows the rule from the rollout's verdicts, and every present step is called right; credit.vouched_sinks), so a low reward that contradicts every verifier does not blame the label (with verifier evidence and the shield on steps called right, no step of that rollout). Ours, issue 14 (results/LOG.md, "A shield for the vouched label")"""
+    unparsed: Literal["outcome", "nodes"] = "outcome"
+    """the tokens of an answer that does not parse (graph-family modes): outcome: every one gets the outcome advantage (the format penalty), as under GRPO; nodes: its steps that are well-formed and that no parse problem names keep their node advantage, the other tokens get the outcome (credit.unparsed_usable_spans). Ours, issue 14 (results/LOG.md, "Where the blame of correct steps sits")"""
     alpha_init: float = 1.0
     """initial alpha of every edge type (Eq. 1b); 1 behaves like the `baseline` form"""
     alpha_min: float = 0.0

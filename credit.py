@@ -46,6 +46,7 @@ GATE_FORMS = ("rule", "none")
 VALUE_FORMS = ("include_self", "leave_one_out", "others")
 SHIELD_FORMS = ("none", "verifier", "complete")
 SHIELD_VERDICTS = ("right", "wrong")  # credit.shield_verdicts: the verifiers' verdicts the shield acts on
+UNPARSED_FORMS = ("outcome", "nodes")  # credit.unparsed: what the tokens of an answer that does not parse get
 GATE_RULES = ("window", "sequential")
 MODES = ("outcome", "graph")
 
@@ -78,6 +79,7 @@ class CreditBatch:
     shielded_slots: Tensor | None = None  # (N,) bool: the slots the shield filters (credit.shield_roles); None: all
     values: Tensor | None = None  # (B, N, 2) Monte-Carlo values of the prefix before / after slot v (Eq. 1c)
     probes: Tensor | None = None  # (B, N) label-probe evidence of slot v (graph_grpo.step_probes); NaN where none
+    clean: Tensor | None = None  # (B, N) bool: slot v is well-formed and no parse problem names it (credit.unparsed)
 
     @property
     def num_slots(self) -> int:
@@ -93,8 +95,9 @@ class CreditBatch:
         for name, shape in expect.items():
             if tuple(getattr(self, name).shape) != shape:
                 raise ValueError(f"CreditBatch.{name} has shape {tuple(getattr(self, name).shape)}, expected {shape}")
-        if self.probes is not None and tuple(self.probes.shape) != (B, N):
-            raise ValueError(f"CreditBatch.probes has shape {tuple(self.probes.shape)}, expected ({B}, {N})")
+        for name in ("probes", "clean"):
+            if getattr(self, name) is not None and tuple(getattr(self, name).shape) != (B, N):
+                raise ValueError(f"CreditBatch.{name} has shape {tuple(getattr(self, name).shape)}, expected ({B}, {N})")
         if self.scores is not None and tuple(self.scores.shape[:2]) != (B, N):
             raise ValueError(f"CreditBatch.scores has shape {tuple(self.scores.shape)}, expected ({B}, {N}, S)")
         if self.shielded_slots is not None and tuple(self.shielded_slots.shape) != (N,):
@@ -450,12 +453,14 @@ def token_advantages(node_adv: Tensor, spans: Tensor, parsed: Tensor, outcome_ad
 
     Tokens outside every span (separators, end of sequence) and every token of a rollout that does
     not parse get the outcome advantage. Differentiable w.r.t. node_adv (Eq. 3 needs dA_t/dalpha).
-    Spans with start < 0 are absent; overlapping spans are an error.
+    Spans with start < 0 are absent; overlapping spans are an error. parsed (B,) bool, or (B, N) bool for the
+    spans that take their node advantage slot by slot (credit.unparsed = nodes: unparsed_usable_spans).
     """
     B, N = node_adv.shape
     t = torch.arange(num_tokens, device=spans.device)
     start, end = spans[..., 0:1], spans[..., 1:2]  # (B, N, 1)
-    in_span = (t >= start) & (t < end) & (start >= 0) & parsed[:, None, None]  # (B, N, T)
+    use = parsed[:, None].expand(B, N) if parsed.dim() == 1 else parsed  # (B, N)
+    in_span = (t >= start) & (t < end) & (start >= 0) & use[..., None]  # (B, N, T)
     count = in_span.sum(1)  # (B, T)
     if (count > 1).any():
         i, tt = (count > 1).nonzero()[0].tolist()
@@ -626,24 +631,36 @@ def credit_accuracy_sums(node_adv: Tensor, correct: Tensor, outcome_adv: Tensor)
             "failed_mass": mass.sum(0).to(f64), "failed_wrong_mass": (mass * wrong).sum(0).to(f64)}
 
 
+def unparsed_usable_spans(present: Tensor, parsed: Tensor, clean: Tensor) -> Tensor:
+    """(B, N) bool: the spans whose tokens take their node advantage under credit.unparsed = nodes (ours, issue 14):
+    every present slot of an answer that parses, and in one that does not, the slots that are well-formed and that no
+    parse problem names (clean); every other token of such an answer keeps the outcome advantage (the format penalty),
+    so the format is blamed where it fails and not on the steps that parsed. present, clean (B, N); parsed (B,)."""
+    return present & (parsed[:, None] | clean)
+
+
 def compute_advantages(batch: CreditBatch, *, num_tokens: int, mode: str = "graph", evidence: str = "group",
                        gate: str = "rule", scale: str = "group_outcome", outcome_scale: str = "group",
                        eps: float = DEFAULT_EPS, alpha: Tensor | None = None,
                        verifier_weights: Tensor | None = None, value: str = "include_self",
                        batch_std: float | None = None, shield: str = "none",
                        shield_verdicts: tuple[str, ...] = SHIELD_VERDICTS, shield_label: bool = False,
-                       probe_weight: float = 0.0) -> tuple[Tensor, dict]:
+                       probe_weight: float = 0.0, unparsed: str = "outcome") -> tuple[Tensor, dict]:
     """(B, T) token advantages and a stats dict: the one call the trainer makes (DESIGN sections 4, 6).
 
     mode 'outcome': plain GRPO, outcome_advantages(scale=outcome_scale) on every token.
     mode 'graph': Eqs. 1a/1b/2 with `evidence`, `gate`, node `scale`; tokens outside every node span
     and unparsed rollouts get outcome_advantages(scale=outcome_scale). Keep outcome_scale='group' with
     scale='group_outcome' (the default pair): both then divide by the same group std.
+    unparsed: 'outcome' (every token of an answer that does not parse gets the outcome advantage, as GRPO does) or
+    'nodes' (its clean steps keep their node advantage: unparsed_usable_spans; needs batch.clean).
     The result stays attached to alpha / verifier_weights: detach it for the policy loss, keep it
     attached for the Eq. 3 surrogate.
     """
     if mode not in MODES:
         raise ValueError(f"credit mode={mode!r}, expected one of {MODES}")
+    if unparsed not in UNPARSED_FORMS:
+        raise ValueError(f"unparsed={unparsed!r}, expected one of {UNPARSED_FORMS}")
     b = batch
     b.validate()
     outcome = outcome_advantages(b.rewards, b.group_size, outcome_scale, eps, batch_std)  # (B,)
@@ -654,7 +671,10 @@ def compute_advantages(batch: CreditBatch, *, num_tokens: int, mode: str = "grap
                                           verifier_weights=verifier_weights, value=value, shield=shield,
                                           shield_verdicts=shield_verdicts, shield_label=shield_label,
                                           probe_weight=probe_weight)
-    token_adv = token_advantages(node_adv, b.spans, b.parsed, outcome, num_tokens)
+    if unparsed == "nodes" and b.clean is None:
+        raise ValueError("unparsed='nodes' needs batch.clean (the slots no parse problem names)")
+    use = b.parsed if unparsed == "outcome" else unparsed_usable_spans(b.present, b.parsed, b.clean)
+    token_adv = token_advantages(node_adv, b.spans, use, outcome, num_tokens)
     stats = credit_stats(b, node_adv, own if evidence != "baseline" else None)
     stats["credit/outcome_abs_adv"] = float(outcome.abs().mean())
     return token_adv, stats

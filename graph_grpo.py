@@ -214,6 +214,8 @@ class Credit:
                       scale={"group": "group_outcome", "node": "node", "none": "none"}[c.scale],
                       outcome_scale="none" if c.scale == "none" else "group")
         kw.update(eps=c.eps, gate=c.gate)
+        if kw["mode"] == "graph" and c.unparsed != "outcome":  # GRPO has no node spans to keep
+            kw["unparsed"] = c.unparsed
         if mode == "graph" and c.evidence != "baseline" and c.shield != "none":  # only where Eq. 1b propagates
             kw["shield"] = c.shield
             kw["shield_verdicts"] = tuple(c.shield_verdicts)
@@ -247,13 +249,15 @@ def credit_batch(parses: list[data.ParsedCoT], rewards: torch.Tensor, G: int, sc
                  completion_len: int, verifier: list[dict] | None, with_values: bool = False,
                  shield_roles: list[str] | tuple[str, ...] = data.ROLES) -> credit.CreditBatch:
     """Parsed rollouts -> the tensors credit.py consumes: node presence, canonical keys (ids that repeat within a
-    group, DESIGN §4), instance gates of the verdict -> label edges from the rule, node spans, verifier scores, and
-    the slots whose role is in shield_roles (credit.shield_roles)."""
+    group, DESIGN §4), instance gates of the verdict -> label edges from the rule, node spans, verifier scores, the
+    slots whose role is in shield_roles (credit.shield_roles), and the clean slots (well-formed, named by no parse
+    problem: credit.unparsed)."""
     slots, y = schema.slots, schema.slots.index(schema.label_slot)
     B, N = len(parses), len(slots)
     parents, etypes = schema.parents()
     # filled as Python lists, converted once (element-wise writes into tensors cost microseconds each)
     present, keys = [[False] * N for _ in range(B)], [[0] * N for _ in range(B)]
+    clean = [[False] * N for _ in range(B)]  # well-formed and named by no parse problem (credit.unparsed = nodes)
     spans = [[[-1, -1]] * N for _ in range(B)]
     label_gate = [[1.0] * N for _ in range(B)]  # gate[i, v, y]: the verdict -> label edge of this instance
     nan = float("nan")
@@ -266,6 +270,7 @@ def credit_batch(parses: list[data.ParsedCoT], rewards: torch.Tensor, G: int, sc
             if name not in k:
                 continue
             present[i][v] = True
+            clean[i][v] = not any(pr.startswith(name + ":") for pr in p.problems)
             keys[i][v] = key_ids.setdefault((name, k[name]), len(key_ids))
             spans[i][v] = [p.nodes[name].start, p.nodes[name].end]
             if not dep.get(name, True):
@@ -284,7 +289,8 @@ def credit_batch(parses: list[data.ParsedCoT], rewards: torch.Tensor, G: int, sc
     return credit.CreditBatch(rewards=rewards, group_size=G, present=present, keys=keys, parents=parents,
                               edge_types=etypes, num_edge_types=len(schema.edge_kinds), gate=gate, spans=spans,
                               parsed=torch.tensor([p.valid for p in parses]), scores=scores, judging=judging,
-                              shielded_slots=torch.tensor([schema.slot_info[n].type.role in shield_roles for n in slots]))
+                              shielded_slots=torch.tensor([schema.slot_info[n].type.role in shield_roles for n in slots]),
+                              clean=torch.tensor(clean, dtype=torch.bool).view(B, N))
 
 
 def monte_carlo_values(s: "RL", ro: Rollouts, prompts: list[list[int]], cb: credit.CreditBatch,

@@ -67,6 +67,8 @@ FORMS = (
                                                                   "--credit.shield_verdicts=[right]")),
     ("the run's credit + verifier shield on steps called right + vouched label",
      ("--credit.shield=verifier", "--credit.shield_verdicts=[right]", "--credit.shield_label=true")),
+    ("the run's credit + verifier shield on steps called right, clean steps of unparsed answers keep node credit",
+     ("--credit.shield=verifier", "--credit.shield_verdicts=[right]", "--credit.unparsed=nodes")),
 )
 COLUMNS = (("credit/misassigned_correct", "P(A<0 \\| correct)"),
            ("credit/misassigned_correct/evidence", "same, understanding steps"),

@@ -221,7 +221,8 @@ def test_every_row_of_every_study_makes_a_valid_config(study, tmp_path, monkeypa
                                                                              "shield_verdict_lr05", "shield_evidence_lr05",
                                                                              "shield_verdict_noise6",
                                                                              "shield_right_lr05", "shield_wrong_lr05",
-                                                                             "shield_right_noise6", "shield_wrong_noise6")
+                                                                             "shield_right_noise6", "shield_wrong_noise6",
+                                                                             "unparsed_right_lr05", "unparsed_right_noise6")
                                                  else "mismatch"), job.row.name
         # every study ran at rl.lr 1e-4 (PINNED) but the rows that set their own rate
         own = [o.split("=", 1)[1] for o in job.row.overrides if o.startswith("--rl.lr=")]

@@ -15,8 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from credit import (CreditBatch, EdgeController, alignment_token_dots, baseline_credit, compute_advantages, credit_stats,  # noqa: E402
                     graph_node_advantages, group_own_evidence, lookahead_alpha_surrogate, node_advantages,
                     outcome_advantages, output_layer_grad, output_layer_token_dots, propagate_credit,
-                    token_advantages, topological_order, verified_steps, verifier_evidence, vouched_sinks,
-                    zero_std_groups)
+                    token_advantages, topological_order, unparsed_usable_spans, verified_steps, verifier_evidence,
+                    vouched_sinks, zero_std_groups)
 from graph_grpo import aggregate_loss, aggregation_weights  # noqa: E402  (the trainer's loss aggregation)
 
 f64 = torch.float64
@@ -613,6 +613,37 @@ def test_token_advantages_layout_by_hand():
     close(tok, [[1, 1, 10, 2, 2, 10],
                 [20, 20, 20, 20, 20, 20],   # unparsed: the outcome advantage everywhere
                 [30, 6, 6, 30, 30, 30]])    # absent node: its tokens (none) take nothing
+
+
+def test_unparsed_nodes_keep_their_node_advantage_by_hand():
+    """credit.unparsed = nodes: in rollout 1 (does not parse) slot 0 is clean and keeps its node advantage 3, slot 1
+    (named by a parse problem) and the tokens between take the outcome 20; answers that parse are as before."""
+    node_adv = t([[1., 2.], [3., 4.], [5., 6.]])
+    spans = torch.tensor([[[0, 2], [3, 5]], [[0, 2], [3, 5]], [[-1, -1], [1, 3]]])
+    parsed = torch.tensor([True, False, True])
+    present = torch.tensor([[True, True], [True, True], [False, True]])
+    clean = torch.tensor([[True, False], [True, False], [False, False]])
+    use = unparsed_usable_spans(present, parsed, clean)
+    assert use.tolist() == [[True, True], [True, False], [False, True]]
+    close(token_advantages(node_adv, spans, use, t([10., 20., 30.]), 6), [[1, 1, 10, 2, 2, 10],
+                                                                            [3, 3, 20, 20, 20, 20],
+                                                                            [30, 6, 6, 30, 30, 30]])
+    # through compute_advantages: outcome mode gives the unparsed rollout the outcome everywhere, nodes mode not
+    b = make_batch(CHAIN_R, CHAIN_KEYS, CHAIN_PARENTS, CHAIN_TYPES, 4, parsed=torch.tensor([True, False, True, True]))
+    b.clean = torch.tensor([[True] * 3, [True, False, True], [True] * 3, [True] * 3])
+    kw = dict(num_tokens=3, evidence="group", scale="none", outcome_scale="none", alpha=t([.5, .25]))
+    plain, _ = compute_advantages(b, **kw)
+    nodes, _ = compute_advantages(b, unparsed="nodes", **kw)
+    outcome = CHAIN_R[1] - sum(CHAIN_R) / 4
+    close(plain[1], [outcome] * 3)
+    node_adv, _ = graph_node_advantages(b, evidence="group", scale="none", alpha=t([.5, .25]))
+    close(nodes[1], [node_adv[1, 0], outcome, node_adv[1, 2]])  # slot v spans token v (make_batch)
+    close(nodes[[0, 2, 3]], plain[[0, 2, 3]])
+    b.clean = None
+    with pytest.raises(ValueError, match="needs batch.clean"):
+        compute_advantages(b, unparsed="nodes", **kw)
+    with pytest.raises(ValueError, match="unparsed="):
+        compute_advantages(b, unparsed="garbage", **kw)
 
 
 def test_token_advantages_differentiable_and_overlap_is_error():

@@ -569,6 +569,28 @@ def test_credit_batch_gate_follows_the_schema_label_rule():
         assert cb.gate[0, brand, y].item() == want
 
 
+def test_credit_batch_marks_the_steps_a_parse_problem_names():
+    """credit_batch's clean slots (credit.unparsed = nodes): a colour verdict the query evidence did not ask for makes
+    the answer fail to parse, and only that step is not clean; in an answer that parses every present step is."""
+    text = ("<q> category sneakers </q> <p> category sneakers color red </p> "
+            "<f:category> sneakers sneakers match </f:category> <f:color> crimson red match </f:color> <y> excellent </y>")
+    p, _, schema = _parsed(text)
+    assert not p.valid and any(pr.startswith("f:color:") for pr in p.problems)
+    good, _, _ = _parsed(text.replace("<f:color> crimson red match </f:color> ", ""))
+    assert good.valid
+    cb = gg.credit_batch([p, good], torch.tensor([0.0, 1.0]), 2, schema, 60, None)
+    cb.validate()
+    clean = {n: cb.clean[0, v].item() for v, n in enumerate(schema.slots) if cb.present[0, v]}
+    assert clean == {"q": True, "p": True, "f:category": True, "f:color": False, "y": True}
+    assert cb.clean[1][cb.present[1]].all()
+    c = gg.Credit.from_config(load_config("configs/tiny.yaml", ["--credit.mode=graph", "--credit.unparsed=nodes"]))
+    assert c.kwargs["unparsed"] == "nodes"
+    assert "unparsed" not in gg.Credit.from_config(load_config("configs/tiny.yaml", ["--credit.mode=outcome",
+                                                                                     "--credit.unparsed=nodes"])).kwargs
+    with pytest.raises(ConfigError, match="credit.unparsed"):
+        load_config("configs/tiny.yaml", ["--credit.unparsed=tokens"])
+
+
 def test_complete_shield_does_not_call_an_unjudged_verdict_right():
     """credit.shield = complete on a parsed CoT: the colour verdict's comparator abstains on 'crimson' (a form the
     head-only comparator does not know), so its grounding 1 alone does not make it right (the verifier shield calls
