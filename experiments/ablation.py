@@ -51,6 +51,7 @@ report with paired tests in results/<study>.md (+ .png).
     python experiments/ablation.py --study shield_sides_06   # the same at noise 0.6, 9001
     python experiments/ablation.py --study shield_sides_1234  # the right-side shield on the project's data
     python experiments/ablation.py --study unparsed_1234     # + clean steps of unparsed answers keep node credit
+    python experiments/ablation.py --study unparsed_9001     # the same on data.seed 9001
     python experiments/ablation.py --report-only           # only rebuild results/ from the run directories
     nohup python experiments/ablation.py > runs/ablation.log 2>&1 &     # the background-friendly way
 
@@ -882,7 +883,8 @@ SHIELD_SIDES_1234_CLAIMS = SHIELD_SIDES_CLAIMS[:2] + SHIELD_SIDES_CLAIMS[4:6] + 
     tuple(c for c in SHIELD_SIDES_06_CLAIMS if c[0].startswith("shield_right_noise6"))
 # The right-side shield whose answers that do not parse keep the node advantage of their clean steps (credit.unparsed =
 # nodes; results/LOG.md, "Clean steps of answers that do not parse"), at exact labels and at noise 0.6 on the project's
-# data (data.seed 1234), seeds 0-7; every other row is shield_sides_1234's, linked.
+# data (data.seed 1234), seeds 0-7; every other row is shield_sides_1234's, linked. unparsed_9001: the same rows on
+# data.seed 9001, the others shield_sides' and shield_sides_06's (linked).
 UNPARSED_ROWS = SHIELD_SIDES_1234_ROWS + tuple(
     Row(r.name.replace("shield_right", "unparsed_right"), r.title + ", clean steps of answers that do not parse keep "
         "their node advantage", "rl", "sft_masked", r.overrides + ("--credit.unparsed=nodes",), ref=r.ref)
@@ -1042,6 +1044,9 @@ STUDIES = {s.name: s for s in (
     Study("unparsed_1234", UNPARSED_ROWS, **BUDGET_200, claims=UNPARSED_CLAIMS,
           what="the right-side shield with the clean steps of answers that do not parse keeping their node advantage, "
           "exact labels and noise 0.6, the project's data (shield_sides_1234's runs linked)"),
+    Study("unparsed_9001", UNPARSED_ROWS, **BUDGET_200, claims=UNPARSED_CLAIMS, extra=SHIELD_DATA,
+          what="the same on testbed data the project has not used for it (data.seed 9001; shield_sides' and "
+          "shield_sides_06's runs linked)"),
     Study("shield_complete_1234", SHIELD_COMPLETE_ROWS, **BUDGET_200, claims=SHIELD_COMPLETE_CLAIMS,
           what="the same on the project's data (data.seed 1234; shield_06's runs linked, the exact-label rows anew)"),
     Study("fresh", FRESH_ROWS, **BUDGET_200, claims=FRESH_CLAIMS,
