@@ -69,6 +69,7 @@ FORMS = (
      ("--credit.shield=verifier", "--credit.shield_verdicts=[right]", "--credit.shield_label=true")),
     ("the run's credit + verifier shield on steps called right, clean steps of unparsed answers keep node credit",
      ("--credit.shield=verifier", "--credit.shield_verdicts=[right]", "--credit.unparsed=nodes")),
+    ("the run's credit, clean steps of unparsed answers keep node credit", ("--credit.unparsed=nodes",)),
 )
 COLUMNS = (("credit/misassigned_correct", "P(A<0 \\| correct)"),
            ("credit/misassigned_correct/evidence", "same, understanding steps"),
