@@ -179,7 +179,7 @@ def vouched_label_counts(correct: torch.Tensor, outcome_adv: torch.Tensor, vouch
     those the verifiers vouch for (credit.vouched_sinks: credit.shield_label spares their blame), wrong labels, those
     vouched for. correct (B, N) 1 / 0 / NaN; outcome_adv (B,); vouched (B, N) bool. Under RL label noise a vouched
     correct label is one a wrong RL label failed; a vouched wrong label is blame the label shield loses
-    (results/LOG.md, "A shield for the vouched label")."""
+    (results/LOG.md, "Where the blame of correct steps sits, and a shield for the vouched label")."""
     c, v = correct[:, label], vouched[:, label]
     failed = ~torch.isnan(c) & (outcome_adv < 0)[:, None]
     right, wrong = failed & (c == 1), failed & (c == 0)
