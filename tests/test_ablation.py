@@ -202,7 +202,7 @@ def test_every_row_of_every_study_makes_a_valid_config(study, tmp_path, monkeypa
                                  "shield_06_unseen": 9001, "shield_complete": 9001,
                                  "shield_roles": 9001, "shield_roles_06": 9001,
                                  "shield_sides": 9001, "shield_sides_06": 9001,
-                                 "unparsed_9001": 9001}.get(study, 1234)
+                                 "unparsed_9001": 9001, "unparsed_1618": 1618}.get(study, 1234)
         # every study ran with the guessing comparator but the rows that test abstaining (PINNED)
         assert cfg.reward.comparator_unknown == ("abstain" if job.row.name in ("others_abstain", "abstain_heavy",
                                                                              "abstain_b32", "default_probe",
