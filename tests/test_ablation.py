@@ -6,10 +6,11 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import eval as evaluation
-from experiments import ablation, gate_replay
+from experiments import ablation, gate_replay, pooled
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -173,6 +174,40 @@ def test_scoring_by_the_last_evaluations_and_confidence_intervals(tmp_path):
     assert "| graph_meta vs grpo, test_longtail macro-F1 | 1 | +0.1000 |" in md   # at all steps: 0.85 - 0.75
     assert ablation.mean_ci([1.0, 2.0, 3.0]) == "2.00 ± 2.48"          # 4.30 * 1 / sqrt(3)
     assert ablation.mean_ci([0.5]) == "0.50" and ablation.mean_ci([]) == "-"
+
+
+def test_pooled_differences_over_studies_by_hand(tmp_path):
+    """experiments/pooled.py: t quantiles (table, then Cornish-Fisher), the sign-flip p (exact to 16 pairs, drawn
+    beyond), the t-interval, and A - B paired per (study, seed) over two studies' fake runs, scored by their last 3
+    evaluations; a seed with one run missing is left out and counted."""
+    t975 = ablation.t975
+    assert t975(1) == 12.706 and t975(15) == 2.131 and t975(30) == 2.042
+    assert t975(31) == pytest.approx(2.0395, abs=1e-3) and t975(120) == pytest.approx(1.9799, abs=1e-3)
+    with pytest.raises(ValueError):
+        t975(0)
+    assert pooled.signflip_p(np.array([0.01, 0.02, 0.03])) == pytest.approx(0.25)   # as paired_test's (1, 2, 3)
+    assert pooled.signflip_p(np.ones(20)) < 1e-4            # exact 2 / 2^20; 200k random patterns find ~0.4 of them
+    assert pooled.signflip_p(np.array([1.0, -1.0] * 10)) == 1.0
+    r = pooled.pooled_difference([0.01, 0.02, 0.03])
+    assert (r["n"], r["wins"]) == (3, 3) and r["mean"] == pytest.approx(0.02)
+    assert r["low"] == pytest.approx(0.02 - 4.303 * 0.01 / math.sqrt(3))             # std 0.01, df 2
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    ident = [0.9] * 5
+    _fake_rl_run(f"{a}/unparsed_right_lr05_s0", ident, [0.5, 0.6, 0.7, 0.8, 0.9], 0.0)  # last 3: 0.80
+    _fake_rl_run(f"{a}/verifier_lr05_s0", ident, [0.5, 0.6, 0.6, 0.7, 0.8], 0.0)        # 0.70
+    _fake_rl_run(f"{a}/verifier_lr05_s1", ident, [0.5] * 5, 0.0)                           # no partner: left out
+    _fake_rl_run(f"{b}/unparsed_right_lr05_s3", ident, [0.5, 0.6, 0.6, 0.6, 0.6], 0.0)  # 0.60
+    _fake_rl_run(f"{b}/verifier_lr05_s3", ident, [0.5, 0.6, 0.7, 0.7, 0.7], 0.0)        # 0.70
+    md = pooled.main(["unparsed_right_lr05", "verifier_lr05", "--runs", f"unparsed_9001:{a}:0-1",
+                      f"unparsed_1618:{b}:3"])
+    lt = md.split("## test_longtail")[1].split("## test_id")[0]
+    assert "| unparsed_9001 | 1 | +10.00 | 1 |" in lt and "| unparsed_1618 | 1 | -10.00 | 0 |" in lt
+    assert "| **pooled** | 2 | +0.00 | 1 | -127.06 to +127.06 | 1.000 |" in lt     # std 0.1414, 12.706 * 0.1 = 1.2706
+    assert "one of the two runs missing (left out): 1." in lt
+    with pytest.raises(SystemExit, match="not a row of study"):
+        pooled.main(["grpo", "verifier_lr05", "--runs", f"unparsed_9001:{a}:0"])
+    with pytest.raises(SystemExit, match="no directory"):
+        pooled.main(["unparsed_right_lr05", "verifier_lr05", "--runs", f"unparsed_9001:{a}/nope:0"])
 
 
 @pytest.mark.parametrize("study", sorted(ablation.STUDIES))
