@@ -1110,10 +1110,13 @@ def eval_json_of(out: str, row: Row, seed: int) -> str:
 # Every study before 2026-12-01's 'abstain' study ran with the comparator guessing on forms it does not know; since
 # then configs/base.yaml has it abstain. Every study before the 'rate' study's rule (2026-12-01) ran at rl.lr 1e-4;
 # since then base.yaml (and paper.yaml) say 5e-5. Every study before the label_free studies' rule (2026-12-02) ran with
-# base.yaml's credit.evidence both; since then base.yaml says verifier. All three pinned for every run, so that a study
-# re-run from scratch makes the runs it made; a row that tests abstaining, another rate or other evidence sets it itself
-# (its overrides come after these).
-PINNED = ("--reward.comparator_unknown=mismatch", "--rl.lr=1e-4", "--credit.evidence=both")
+# base.yaml's credit.evidence both; since then base.yaml says verifier. Every study before the unparsed_1618 study's rule
+# (2026-12-03) ran without the verifier shield and with the outcome on every token of an answer that does not parse;
+# since then base.yaml has the shield on steps called right and credit.unparsed nodes. All pinned for every run, so
+# that a study re-run from scratch makes the runs it made; a row that tests abstaining, another rate, other evidence, a
+# shield or credit.unparsed sets it itself (its overrides come after these).
+PINNED = ("--reward.comparator_unknown=mismatch", "--rl.lr=1e-4", "--credit.evidence=both", "--credit.shield=none",
+          "--credit.shield_verdicts=[right,wrong]", "--credit.unparsed=outcome")
 
 
 def make_jobs(args) -> list[Job]:

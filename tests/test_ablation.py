@@ -266,6 +266,13 @@ def test_every_row_of_every_study_makes_a_valid_config(study, tmp_path, monkeypa
         # every study ran with group + verifier evidence (PINNED) but the rows that set their own
         own = [o.split("=", 1)[1] for o in job.row.overrides if o.startswith("--credit.evidence=")]
         assert cfg.credit.evidence == (own[-1] if own else "both"), job.row.name
+        # every study ran without the shield, on both sides, with the outcome on every token of an unparsed answer
+        # (PINNED) but the rows that set their own
+        for key, pinned in (("shield", "none"), ("shield_verdicts", "[right,wrong]"), ("unparsed", "outcome")):
+            own = [o.split("=", 1)[1] for o in job.row.overrides if o.startswith(f"--credit.{key}=")]
+            value = own[-1] if own else pinned
+            want = value.strip("[]").split(",") if value.startswith("[") else value
+            assert getattr(cfg.credit, key) == want, (job.row.name, key)
 
 
 def test_gate_replay_moves_down_on_a_positive_trace_and_names_a_run_without_gradients(tmp_path):

@@ -510,7 +510,7 @@ def test_credit_modes_map_onto_one_machinery():
     assert c.kwargs["shield_label"] is False
     assert cr("--credit.mode=graph", "--credit.shield=verifier", "--credit.shield_label=true").kwargs["shield_label"]
     with pytest.raises(ConfigError, match="credit.shield_label"):
-        cr("--credit.shield_label=true")  # base.yaml's shield is none
+        cr("--credit.shield_label=true")  # tiny.yaml has no credit section: the dataclass default shield none
     assert "shield" not in cr("--credit.mode=outcome", "--credit.shield=verifier").kwargs  # no propagation there
 
 
