@@ -60,14 +60,19 @@ def paired_differences(found: dict, a: str, b: str, split: str) -> tuple[list[fl
     return d, sorted(set(ra) ^ set(rb))
 
 
+def fail(msg: str) -> None:
+    """A user's mistake: one line on stderr naming what is wrong, exit code 2."""
+    print(f"pooled.py: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
 def parse_runs(entry: str) -> tuple[str, str, list[int]]:
     study, _, rest = entry.partition(":")
     out, _, seeds = rest.rpartition(":")
     if study not in ablation.STUDIES or not out or not seeds:
-        raise SystemExit(f"pooled.py: --runs {entry!r}: want STUDY:RUN_DIR:SEEDS with a study of "
-                         f"experiments/ablation.py")
+        fail(f"--runs {entry!r}: want STUDY:RUN_DIR:SEEDS with a study of experiments/ablation.py")
     if not os.path.isdir(out):
-        raise SystemExit(f"pooled.py: --runs {entry!r}: no directory {out}")
+        fail(f"--runs {entry!r}: no directory {out}")
     return study, out, ablation.parse_seeds(seeds)
 
 
@@ -88,7 +93,7 @@ def main(argv=None) -> str:
         rows = ablation.rows_of(study)
         for name in (args.row_a, args.row_b):
             if name not in rows:
-                raise SystemExit(f"pooled.py: row {name!r} is not a row of study {study!r}")
+                fail(f"row {name!r} is not a row of study {study!r}")
         found = ablation.collect(out, seeds, [rows[args.row_a], rows[args.row_b]], ablation.STUDIES[study].score_last)
         per_study.append((study, found))
     text = [f"# {args.row_a} - {args.row_b}, macro-F1 points, paired per (study, seed)\n",

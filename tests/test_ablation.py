@@ -176,10 +176,11 @@ def test_scoring_by_the_last_evaluations_and_confidence_intervals(tmp_path):
     assert ablation.mean_ci([0.5]) == "0.50" and ablation.mean_ci([]) == "-"
 
 
-def test_pooled_differences_over_studies_by_hand(tmp_path):
+def test_pooled_differences_over_studies_by_hand(tmp_path, capsys):
     """experiments/pooled.py: t quantiles (table, then Cornish-Fisher), the sign-flip p (exact to 16 pairs, drawn
     beyond), the t-interval, and A - B paired per (study, seed) over two studies' fake runs, scored by their last 3
-    evaluations; a seed with one run missing is left out and counted."""
+    evaluations; a seed with one run missing is left out and counted; a wrong row, directory or study is one line on
+    stderr naming it, exit code 2."""
     t975 = ablation.t975
     assert t975(1) == 12.706 and t975(15) == 2.131 and t975(30) == 2.042
     assert t975(31) == pytest.approx(2.0395, abs=1e-3) and t975(120) == pytest.approx(1.9799, abs=1e-3)
@@ -204,10 +205,14 @@ def test_pooled_differences_over_studies_by_hand(tmp_path):
     assert "| unparsed_9001 | 1 | +10.00 | 1 |" in lt and "| unparsed_1618 | 1 | -10.00 | 0 |" in lt
     assert "| **pooled** | 2 | +0.00 | 1 | -127.06 to +127.06 | 1.000 |" in lt     # std 0.1414, 12.706 * 0.1 = 1.2706
     assert "one of the two runs missing (left out): 1." in lt
-    with pytest.raises(SystemExit, match="not a row of study"):
-        pooled.main(["grpo", "verifier_lr05", "--runs", f"unparsed_9001:{a}:0"])
-    with pytest.raises(SystemExit, match="no directory"):
-        pooled.main(["unparsed_right_lr05", "verifier_lr05", "--runs", f"unparsed_9001:{a}/nope:0"])
+    for argv, named in ((["grpo", "verifier_lr05", "--runs", f"unparsed_9001:{a}:0"], "not a row of study"),
+                        (["unparsed_right_lr05", "verifier_lr05", "--runs", f"unparsed_9001:{a}/nope:0"], "no directory"),
+                        (["unparsed_right_lr05", "verifier_lr05", "--runs", f"no_such_study:{a}:0"], "STUDY:RUN_DIR:SEEDS")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            pooled.main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and named in err and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize("study", sorted(ablation.STUDIES))
