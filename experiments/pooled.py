@@ -8,13 +8,12 @@ Each --runs entry is STUDY:RUN_DIR:SEEDS: the study (experiments/ablation.py) wh
 the runs were made under, the directory that holds them, and the seeds to read. A run of row A and the run of row B
 with the same study and seed form one pair; a seed that lacks either is left out and counted. Per split it prints
 the pairs, the mean difference A - B, the seeds A wins, the 95% t-interval of the mean, and a sign-flip p-value
-(exact over every sign pattern up to 16 pairs; beyond, SIGNFLIP_DRAWS random patterns from a fixed seed), pooled
+(ablation.signflip_p: exact over every sign pattern up to 16 pairs; beyond, random patterns from a fixed seed), pooled
 and per study. It runs nothing; the studies' own reports hold the per-study tests that their rules name.
 """
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
 import os
 import sys
@@ -23,23 +22,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import ablation  # noqa: E402
-from experiments.ablation import t975  # noqa: E402
+from experiments.ablation import signflip_p, t975  # noqa: E402
 
 SPLITS = ("test_longtail", "test_id")
-SIGNFLIP_DRAWS = 200_000  # random sign patterns where 2^n is too many (n > 16)
-
-
-def signflip_p(d: np.ndarray, draws: int = SIGNFLIP_DRAWS, seed: int = 0) -> float:
-    """Two-sided sign-flip p-value of the mean of the paired differences d (n,): the share of sign patterns whose
-    |mean| reaches |mean(d)|; every pattern when n <= 16, else `draws` random ones (numpy seed `seed`)."""
-    n = len(d)
-    if n == 0:
-        return float("nan")
-    if n <= 16:
-        signs = np.array(list(itertools.product((1.0, -1.0), repeat=n)))            # (2^n, n)
-    else:
-        signs = np.random.default_rng(seed).choice((1.0, -1.0), size=(draws, n))    # (draws, n)
-    return float((np.abs((signs * d).mean(axis=1)) >= abs(d.mean()) - 1e-12).mean())
 
 
 def pooled_difference(d: list[float]) -> dict:

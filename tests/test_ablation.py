@@ -186,9 +186,9 @@ def test_pooled_differences_over_studies_by_hand(tmp_path, capsys):
     assert t975(31) == pytest.approx(2.0395, abs=1e-3) and t975(120) == pytest.approx(1.9799, abs=1e-3)
     with pytest.raises(ValueError):
         t975(0)
-    assert pooled.signflip_p(np.array([0.01, 0.02, 0.03])) == pytest.approx(0.25)   # as paired_test's (1, 2, 3)
-    assert pooled.signflip_p(np.ones(20)) < 1e-4            # exact 2 / 2^20; 200k random patterns find ~0.4 of them
-    assert pooled.signflip_p(np.array([1.0, -1.0] * 10)) == 1.0
+    assert ablation.signflip_p(np.array([0.01, 0.02, 0.03])) == pytest.approx(0.25)   # as paired_test's (1, 2, 3)
+    assert ablation.signflip_p(np.ones(20)) < 1e-4            # exact 2 / 2^20; 200k random patterns find ~0.4 of them
+    assert ablation.signflip_p(np.array([1.0, -1.0] * 10)) == 1.0
     r = pooled.pooled_difference([0.01, 0.02, 0.03])
     assert (r["n"], r["wins"]) == (3, 3) and r["mean"] == pytest.approx(0.02)
     assert r["low"] == pytest.approx(0.02 - 4.303 * 0.01 / math.sqrt(3))             # std 0.01, df 2
